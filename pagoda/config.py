@@ -1,0 +1,321 @@
+"""Configuration: frozen dataclasses per stage, named presets, JSON round trip, validation.
+
+A config is data, never a CLI namespace: constructors elsewhere take its fields as keyword
+arguments. `resolve(preset, overrides)` is what every command calls; `--dry-run` prints the
+result of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from pagoda.errors import UserError
+
+# Sorted class names of the bundled `photos` data set (one per photograph); kept here so a config
+# can state its number of classes without building the data. pagoda.data checks it agrees.
+PHOTOS_NUM_CLASSES = 16
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training images come from and how they are brought to the base resolution."""
+
+    source: str = "photos"  # "photos" (bundled), an ImageNet-layout folder, or an ADM .npz
+    resolution: int = 16  # base resolution (the teacher's and the one-step generator's input)
+    xflip: bool = True  # dataset of 2N: index i >= N is the mirror of i - N
+    num_workers: int = 0  # DataLoader workers per rank
+
+    def validate(self) -> None:
+        _check(self.resolution >= 4 and self.resolution & (self.resolution - 1) == 0,
+               f"data.resolution={self.resolution} must be a power of two >= 4 (e.g. 16, 64)")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(bool(self.source), "data.source is empty: give 'photos', an image folder or an .npz file")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """ADM UNet architecture; field names are the keyword arguments of pagoda.networks.unet.UNet."""
+
+    resolution: int = 16
+    in_channels: int = 3
+    out_channels: int = 3
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)
+    num_head_channels: int = 32
+    dropout: float = 0.0
+    num_classes: int = PHOTOS_NUM_CLASSES  # 0 = unconditional; index num_classes is the null class
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    emb_noise_scale: float = 1000.0  # the UNet embeds emb_noise_scale * c_noise (ADM / EDM-IN64 import)
+    guidance_embed: bool = False  # embed the CFG scale w (one-step generators with guidance)
+
+    def validate(self) -> None:
+        levels = len(self.channel_mult)
+        _check(levels >= 1, "network.channel_mult must have at least one level, e.g. [1, 2, 2]")
+        _check(self.resolution % 2 ** (levels - 1) == 0,
+               f"network.resolution={self.resolution} is not divisible by 2^(levels-1)="
+               f"{2 ** (levels - 1)}: use fewer channel_mult levels or a larger resolution")
+        _check(self.model_channels > 0 and self.num_res_blocks >= 1,
+               "network.model_channels and network.num_res_blocks must be positive")
+        widths = {self.model_channels * m for m in self.channel_mult}
+        _check(all(w % 32 == 0 for w in widths),
+               f"network widths {sorted(widths)} must be multiples of 32 (GroupNorm with 32 groups)")
+        _check(all(w % self.num_head_channels == 0 for w in widths),
+               f"network.num_head_channels={self.num_head_channels} must divide every width {sorted(widths)}")
+        res = {self.resolution // 2**i for i in range(levels)}
+        bad = [r for r in self.attention_resolutions if r not in res]
+        _check(not bad, f"network.attention_resolutions {bad} are not among the UNet's resolutions {sorted(res)}")
+        _check(0.0 <= self.dropout < 1.0, f"network.dropout={self.dropout} must be in [0, 1)")
+        _check(self.num_classes >= 0, f"network.num_classes={self.num_classes} must be >= 0")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """EDM (variance exploding) diffusion constants and the Stage-1 noise distribution (METHOD §1)."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    label_dropout: float = 0.1  # p of replacing the label by the null class (enables CFG)
+
+    def validate(self) -> None:
+        _check(0 < self.sigma_min < self.sigma_max, "diffusion: need 0 < sigma_min < sigma_max")
+        _check(self.sigma_data > 0 and self.rho > 0 and self.P_std > 0,
+               "diffusion: sigma_data, rho and P_std must be positive")
+        _check(0.0 <= self.label_dropout < 1.0, f"diffusion.label_dropout={self.label_dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of one training run (shared by every stage)."""
+
+    batch: int = 32  # global batch per optimizer step (all ranks, all accumulation rounds)
+    micro_batch: int = 0  # per-rank batch per forward pass; 0 = batch / world_size (no accumulation)
+    steps: int = 400  # optimizer steps in total
+    lr: float = 2e-3
+    lr_warmup: int = 50  # linear warm-up steps
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    ema_rate: float = 0.999  # EMA decay per step (0 = no EMA)
+    snapshot_every: int = 100  # steps between training-state + model snapshots
+    log_every: int = 10  # steps between JSONL log rows
+    seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | float16 (autocast + grad scaler)
+
+    def validate(self) -> None:
+        _check(self.batch >= 1 and self.steps >= 1, "train.batch and train.steps must be >= 1")
+        _check(self.micro_batch >= 0, "train.micro_batch must be >= 0 (0 = no accumulation)")
+        _check(self.micro_batch == 0 or self.batch % self.micro_batch == 0,
+               f"train.batch={self.batch} must be a multiple of train.micro_batch={self.micro_batch}")
+        _check(self.lr > 0 and self.lr_warmup >= 0, "train.lr must be > 0 and train.lr_warmup >= 0")
+        _check(0.0 <= self.ema_rate < 1.0, f"train.ema_rate={self.ema_rate} must be in [0, 1)")
+        _check(self.snapshot_every >= 1 and self.log_every >= 1,
+               "train.snapshot_every and train.log_every must be >= 1")
+        _check(self.dtype in ("float32", "bfloat16", "float16"),
+               f"train.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How a diffusion model is sampled when it is evaluated or demoed."""
+
+    sampler: str = "heun"  # heun | euler (= DDIM, eta 0)
+    steps: int = 18  # grid points with nonzero sigma; Heun costs 2*steps - 1 NFE
+    guidance: float = 1.0  # CFG scale w (1 = no guidance)
+
+    def validate(self) -> None:
+        _check(self.sampler in ("heun", "euler", "ddim"),
+               f"sample.sampler={self.sampler!r} is unknown: use heun, euler or ddim")
+        _check(self.steps >= 1, f"sample.steps={self.steps} must be >= 1")
+        _check(self.guidance >= 0, f"sample.guidance={self.guidance} must be >= 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Stage 1: EDM diffusion teacher at the base resolution."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    network: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        _check(self.network.resolution == self.data.resolution,
+               f"network.resolution={self.network.resolution} differs from data.resolution="
+               f"{self.data.resolution}: the teacher works at the base resolution")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named experiment: one config per stage (later stages are added by their issues)."""
+
+    name: str
+    description: str
+    teacher: TeacherConfig
+
+    def validate(self) -> None:
+        self.teacher.validate()
+
+
+STAGES = ("teacher",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets.
+
+def _imagenet64() -> Preset:
+    # The paper's teacher = the public EDM ImageNet-64 checkpoint architecture (~296M params);
+    # optimiser settings follow the consistency-models EDM run (Adam 1e-4, batch 4096, EMA 0.9999).
+    net = UNetConfig(resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                     attention_resolutions=(32, 16, 8), num_head_channels=64, dropout=0.1,
+                     num_classes=1000)
+    train = TrainConfig(batch=4096, micro_batch=32, steps=600_000, lr=1e-4, lr_warmup=1000,
+                        ema_rate=0.9999, snapshot_every=5000, log_every=100, dtype="bfloat16")
+    data = DataConfig(source="data/imagenet/train", resolution=64, num_workers=8)
+    return Preset("imagenet64", "ImageNet 64x64 EDM teacher (paper architecture, ~296M parameters)",
+                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)))
+
+
+def _photos() -> Preset:
+    # Sized for a 2-core CPU: a ~1.3M-parameter UNet at 16 px trains at ~100 img/s.
+    return Preset("photos", "bundled photographs at 16 px, ~1.3M-parameter UNet, minutes on a CPU",
+                  TeacherConfig())
+
+
+def _smoke() -> Preset:
+    # The smallest thing that exercises every code path: seconds on a CPU.
+    net = UNetConfig(resolution=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(4,), num_head_channels=32)
+    train = TrainConfig(batch=16, steps=20, lr=2e-3, lr_warmup=5, snapshot_every=10, log_every=5)
+    return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds",
+                  TeacherConfig(data=DataConfig(resolution=8), network=net, train=train,
+                                sample=SampleConfig(steps=8)))
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (_imagenet64(), _photos(), _smoke())}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round trip and dotted overrides.
+
+def to_dict(cfg: Any) -> dict:
+    """A plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        if inner is None:
+            _check(len(value) == len(args), f"{where} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is bool:
+        _check(isinstance(value, bool), f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), f"{where} must be a string, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Rebuild a config dataclass from a dict; unknown or mistyped keys are UserErrors."""
+    _check(isinstance(data, dict), f"{where} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    name = path[0]
+    names = [f.name for f in fields(obj)]
+    _check(name in names, f"--set {full}: {name!r} is not a field here; choose one of {names}")
+    if len(path) == 1:
+        hints = typing.get_type_hints(type(obj))
+        return replace(obj, **{name: _coerce(hints[name], value, full)})
+    return replace(obj, **{name: _set_path(getattr(obj, name), path[1:], value, full)})
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.steps=100` -> (['train', 'steps'], 100); values are JSON, bare words are strings."""
+    _check("=" in text, f"--set {text!r} must look like key.path=value (e.g. train.steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def resolve(stage: str, preset: str, overrides: list[str] = (), config_file: str | None = None) -> Any:
+    """The validated config of one stage: a preset (or a JSON file) plus `--set` overrides."""
+    _check(stage in STAGES, f"unknown stage {stage!r}: choose one of {', '.join(STAGES)}")
+    cfg = getattr(get_preset(preset), stage)
+    if config_file is not None:
+        cfg = load_json(stage, config_file)
+    for text in overrides:
+        path, value = parse_override(text)
+        cfg = _set_path(cfg, path, value, text)
+    cfg.validate()
+    return cfg
+
+
+STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig}
+
+
+def load_json(stage: str, path: str) -> Any:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid JSON ({e}): fix or regenerate it") from None
+    return from_dict(STAGE_CLASSES[stage], data, where=path)
+
+
+def dumps(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
