@@ -1,0 +1,249 @@
+"""ADM UNet (Dhariwal & Nichol 2021, as used by consistency-models and PaGoDA) with class and guidance embeddings.
+
+This is the raw network F of EDM: `F(x; c_noise, y[, w])`. Preconditioning (c_skip, c_out, c_in) lives in the
+denoiser wrapper, never here. Module names and parameter shapes follow ADM's `cm/unet.py` key for key, so the
+public EDM ImageNet-64 checkpoint loads almost as is (pagoda.importers); the one difference is the extra
+null-class row of `label_emb`. `output_blocks` is a plain ModuleList and the head `out` is separate, so Stage 3
+can append up-blocks (they take no skip connection) and swap the head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CFG scale meaning "no guidance" (D_w = D_u + w (D_c - D_u), METHOD §1); what guidance=None embeds.
+NO_GUIDANCE = 1.0
+# The guidance scale w is embedded like a timestep: sinusoids of W_EMB_SCALE * w (w in [0, ~10] spans them).
+W_EMB_SCALE = 1000.0
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not) of a module; works on the meta device."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """ADM sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half), in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters (ADM: residual branches and the head start as the identity / zero)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm with 32 groups computed in float32 whatever the input dtype (stable under bf16 / fp16)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class TimestepBlock(nn.Module):
+    """Marker: a block whose forward takes the embedding as a second argument."""
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Sequential that hands the embedding to the children that take one."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class ResBlock(TimestepBlock):
+    """ADM residual block: GN-SiLU-conv, embedding as scale/shift of the second GN (or a bias), optional 2x up/down."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None, *,
+                 use_scale_shift_norm: bool = True, up: bool = False, down: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        # Resampling without parameters, applied to both paths between the in-norm and the in-conv (ADM).
+        if up:
+            self.h_upd, self.x_upd = nn.Upsample(scale_factor=2, mode="nearest"), nn.Upsample(scale_factor=2, mode="nearest")
+        elif down:
+            self.h_upd, self.x_upd = nn.AvgPool2d(2), nn.AvgPool2d(2)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h, x = self.h_upd(h), self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels; qkv channels are laid out (q, k, v) x heads x head_dim like the released EDM-IN64.
+
+    The consistency-models checkpoints were trained with its flash-attention path, whose layout is
+    "b (three h d) s"; ADM's legacy layout (heads x (q, k, v)) would scramble them. 1x1 Conv2d for qkv and
+    proj_out, as in that code (its AttentionBlock builds them with dims=2).
+    """
+
+    def __init__(self, channels: int, num_head_channels: int):
+        super().__init__()
+        self.num_heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(N, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [N, heads, HW, d]
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        h = h.transpose(-1, -2).reshape(N, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Upsample(nn.Module):
+    """ADM Upsample with conv (used only when resblock_updown=False): nearest 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    """ADM Downsample with conv (used only when resblock_updown=False): a stride-2 3x3 conv named `op`."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class UNet(nn.Module):
+    """ADM UNet F(x; c_noise, y, w) -> same shape as x with out_channels (keyword arguments = UNetConfig fields).
+
+    - c_noise [N] float (EDM: ln(sigma)/4) is scaled by emb_noise_scale before the sinusoidal embedding
+      (1000 reproduces the public EDM ImageNet-64 teacher, which embeds 1000 * ln(sigma) / 4).
+    - labels [N] int64 in [0, num_classes]; num_classes is the null class, labels=None means all null.
+      num_classes=0 builds no label embedding at all and labels must be None.
+    - guidance [N] float CFG scale w, only with guidance_embed=True; None means w = NO_GUIDANCE (1.0).
+      The w-MLP's last layer starts at zero, so a fresh w-conditioned copy of a teacher equals the teacher.
+    """
+
+    def __init__(self, *, resolution: int, in_channels: int = 3, out_channels: int = 3, model_channels: int = 192,
+                 channel_mult: tuple[int, ...] = (1, 2, 3, 4), num_res_blocks: int = 3,
+                 attention_resolutions: tuple[int, ...] = (32, 16, 8), num_head_channels: int = 64,
+                 dropout: float = 0.0, num_classes: int = 0, use_scale_shift_norm: bool = True,
+                 resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False):
+        super().__init__()
+        self.resolution, self.model_channels, self.num_classes = resolution, model_channels, num_classes
+        self.emb_noise_scale = emb_noise_scale
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        self.guidance_emb = None
+        if guidance_embed:
+            self.guidance_emb = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
+                                              zero_module(nn.Linear(emb_dim, emb_dim)))
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm=use_scale_shift_norm, **kw)
+
+        def attn(ch, ds):
+            return [AttentionBlock(ch, num_head_channels)] if resolution // ds in attention_resolutions else []
+
+        # Encoder: a stem conv, num_res_blocks blocks per level, a down-block between levels.
+        ch = model_channels * channel_mult[0]
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.input_blocks.append(TimestepEmbedSequential(res(ch, model_channels * mult), *attn(model_channels * mult, ds)))
+                ch = model_channels * mult
+                skips.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skips.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), AttentionBlock(ch, num_head_channels), res(ch, ch))
+
+        # Decoder: num_res_blocks + 1 blocks per level, each eating one skip; an up-block ends each level but the last.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), model_channels * mult), *attn(model_channels * mult, ds)]
+                ch = model_channels * mult
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
+              N: int) -> torch.Tensor:
+        """The embedding every ResBlock sees: time_embed(noise) + label_emb(y) [+ guidance_emb(w)]."""
+        t = self.emb_noise_scale * c_noise.float().reshape(-1).expand(N)
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if self.label_emb is not None:
+            if labels is None:
+                labels = torch.full((N,), self.num_classes, dtype=torch.long, device=emb.device)
+            emb = emb + self.label_emb(labels.reshape(-1).expand(N))
+        elif labels is not None:
+            raise ValueError("this UNet is unconditional (num_classes=0) but labels were given")
+        if self.guidance_emb is not None:
+            w = torch.full((N,), NO_GUIDANCE, device=emb.device) if guidance is None else guidance.float().reshape(-1).expand(N)
+            emb = emb + self.guidance_emb(timestep_embedding(W_EMB_SCALE * w, self.model_channels))
+        elif guidance is not None:
+            raise ValueError("this UNet has no guidance embedding (guidance_embed=False) but guidance was given")
+        return emb
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(c_noise, labels, guidance, x.shape[0])
+        h, hs = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            # Blocks appended by Stage 3 come after the last skip and take h alone.
+            h = block(torch.cat([h, hs.pop()], dim=1) if hs else h, emb)
+        return self.out(h).to(x.dtype)
+
