@@ -1,0 +1,274 @@
+"""`python -m pagoda <command>`: train a stage, sample a checkpoint, inspect one, list presets.
+
+Every mistake a user can make ends as one line `error: ...` and exit status 2 (argparse's own
+errors included). Stages are a dict: a later stage adds one entry to STAGES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from pagoda.errors import UserError, run_cli
+
+# stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
+STAGES = {"teacher": "pagoda.stages.teacher"}
+# commands whose module parses its own arguments: name -> (module with main(argv), help)
+DELEGATED = {
+    "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
+    "import-edm": ("pagoda.importers", "import the public EDM ImageNet-64 teacher (python -m pagoda import-edm -h)"),
+}
+MAX_SEEDS = 1_000_000
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line on stderr, exit status 2, like every other mistake."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def int_list(text: str) -> list[int]:
+    """`0-63` or `1,5,7` or `0-9,20` -> a list of non-negative integers (ranges are inclusive)."""
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0-63 or 1,5,7") from None
+        if lo < 0 or hi < lo:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a range a-b with 0 <= a <= b")
+        if len(out) + hi - lo + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"{text!r} lists more than {MAX_SEEDS} values")
+        out += range(lo, hi + 1)
+    return out
+
+
+def labels_arg(text: str) -> str | list[int]:
+    """`seed` (drawn per seed), `uniform` (i mod num_classes) or class ids like `int_list`."""
+    return text if text in ("seed", "uniform") else int_list(text)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (1 = no guidance)")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """A torch device that exists here (cpu, cuda, cuda:1, ...)."""
+    import torch
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine; use cpu")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands.
+
+def cmd_stage(args) -> int:
+    """Resolve the stage config; print it (--dry-run) or train (resuming when the run directory has state)."""
+    from pagoda.config import dumps, resolve
+    cfg = resolve(args.command, args.preset, args.set, args.config)
+    if args.dry_run:
+        print(dumps(cfg))
+        return 0
+    out_dir = args.out or f"runs/{args.preset}-{args.command}"
+    path = importlib.import_module(STAGES[args.command]).run(cfg, out_dir=out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line under torchrun, not one per process
+        print(f"model: {path}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    """Name and description of every preset."""
+    from pagoda.config import PRESETS
+    width = max(map(len, PRESETS))
+    for name, preset in PRESETS.items():
+        print(f"{name:<{width}}  {preset.description}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    """The checkpoint's meta: kind, resolution, parameter count, step, provenance and its config."""
+    from pagoda.checkpoint import check_meta, num_parameters, read_meta
+    meta = read_meta(args.ckpt)
+    check_meta(args.ckpt, meta, kind=args.kind)
+    print(f"{'file:':<16}{args.ckpt}")
+    for key in ("kind", "stage", "resolution", "num_classes", "step", "ema_rate", "git_commit", "pagoda_version",
+                "time", "source"):
+        if key in meta:
+            print(f"{key + ':':<16}{meta[key]}")
+    print(f"{'parameters:':<16}{num_parameters(args.ckpt):,}")
+    config = meta.get("config") or {k: meta[k] for k in ("network", "diffusion", "sample") if k in meta}
+    print("config:")
+    print(json.dumps(config, indent=2, sort_keys=True))
+    return 0
+
+
+def _sample_labels(gen, seeds, labels):
+    """The labels of the samples (int64 [N]) or None for an unconditional model."""
+    import torch
+    if gen.num_classes == 0:
+        if labels != "seed":
+            raise UserError(f"--labels {labels}: the model is unconditional (num_classes=0): drop --labels")
+        return None
+    if labels == "seed":
+        return gen.seed_labels(seeds)
+    if labels == "uniform":
+        return torch.arange(len(seeds)) % gen.num_classes
+    return gen.check_labels(torch.tensor(labels), len(seeds))
+
+
+def write_grid(path: Path, images) -> None:
+    """A PNG grid of uint8 images [N, 3, H, W], ceil(sqrt(N)) columns; atomic."""
+    import numpy as np
+    from PIL import Image
+
+    from pagoda.checkpoint import write_atomic
+    n, _, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_atomic(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+
+
+def write_npz(path: Path, images, labels) -> None:
+    """ADM sample file: arr_0 uint8 NHWC, arr_1 int64 labels (when conditional); atomic."""
+    import numpy as np
+
+    from pagoda.checkpoint import write_atomic
+    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+    if labels is not None:
+        arrays["arr_1"] = labels.numpy()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    write_atomic(path, write)
+
+
+def cmd_sample(args) -> int:
+    """Generate images of --seeds with a checkpoint and write them as .npz or .png."""
+    import torch
+
+    from pagoda.generator import load_generator
+    out = Path(args.output)
+    if out.suffix.lower() not in (".npz", ".png"):
+        raise UserError(f"-o {out}: the output must end in .npz (ADM sample file) or .png (image grid)")
+    gen = load_generator(args.ckpt, sampler=args.sampler, steps=args.steps, device=args.device)
+    if args.resolution is not None and gen.resolution != args.resolution:
+        raise UserError(f"--ckpt {args.ckpt} is at resolution {gen.resolution}, not --resolution "
+                        f"{args.resolution}: pass a {args.resolution} px checkpoint or drop --resolution")
+    if args.guidance not in (None, 1.0) and not gen.supports_guidance:
+        raise UserError(f"--guidance {args.guidance}: {args.ckpt} was not trained for classifier-free guidance "
+                        f"(unconditional, or no label dropout): drop --guidance")
+    seeds = torch.tensor(args.seeds, dtype=torch.int64)
+    labels = _sample_labels(gen, seeds, args.labels)
+    images = torch.cat([x.cpu() for x in gen.sample_batches(seeds, labels, args.guidance, batch=args.batch)])
+    if out.suffix.lower() == ".npz":
+        write_npz(out, images, labels)
+    else:
+        write_grid(out, images)
+    print(f"wrote {out}: {len(images)} images at {gen.resolution} px, {gen.nfe_for(args.guidance):g} NFE each "
+          f"({gen.name})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser.
+
+def _add_stage(sub, stage: str) -> None:
+    p = sub.add_parser(stage, help=f"train the {stage} stage (resumes when run again)",
+                       description=f"Train the {stage} stage. Rerunning the same command resumes its run directory.")
+    p.add_argument("--preset", required=True, help="named configuration (see `python -m pagoda presets`)")
+    p.add_argument("--config", metavar="FILE.json", help="a full stage config in JSON (e.g. a run's config.json); "
+                   "replaces the preset's config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config value, e.g. --set train.steps=100 (repeatable; values are JSON)")
+    p.add_argument("--out", metavar="DIR", help=f"run directory (default runs/<preset>-{stage})")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    p.set_defaults(func=cmd_stage)
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with a checkpoint", description="Generate images of the "
+                       "given seeds with a checkpoint; sample i depends on seed i only.")
+    p.add_argument("--ckpt", required=True, help="model checkpoint (.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output: .npz (ADM: arr_0 uint8 NHWC, arr_1 labels) "
+                   "or .png (grid)")
+    p.add_argument("--seeds", type=int_list, default=list(range(64)), help="seeds, e.g. 0-63 or 1,5,7 (default 0-63)")
+    p.add_argument("--labels", type=labels_arg, default="seed", help="class ids (one, or one per seed, e.g. 3 or "
+                   "0-63), 'uniform' (seed index mod classes) or 'seed' (drawn from each seed; default)")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (1 = none; default: the "
+                   "checkpoint's)")
+    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None,
+                   help="ODE sampler of a diffusion checkpoint (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's)")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per forward batch (default 64)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="refuse a checkpoint not at this "
+                   "resolution")
+    p.add_argument("--device", type=device_arg, default=None, help="torch device (default cuda when available, else cpu)")
+    p.set_defaults(func=cmd_sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pagoda", description="PaGoDA: train one-step generators and their teachers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        _add_stage(sub, stage)
+    _add_sample(sub)
+    p = sub.add_parser("info", help="print a checkpoint's metadata", description="Print a checkpoint's metadata.")
+    p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--kind", default=None, help="refuse a checkpoint of another kind (e.g. teacher)")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("presets", help="list the named configurations", description="List the presets.")
+    p.set_defaults(func=cmd_presets)
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if getattr(args, "device", "cpu") is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,202 @@
+"""One interface for every model that makes images: `Generator.sample(seeds, labels, guidance) -> uint8`.
+
+eval/ and bench/ see only this. Sample i is a function of seed i alone (its noise, and its label
+when none is given, come from a torch.Generator seeded with it, on the CPU), so results do not
+depend on the batch size, the device count or the order of the seeds.
+
+`load_generator(path)` reads a checkpoint's meta and dispatches on its kind: "teacher" becomes a
+`DiffusionGenerator` (EDM denoiser + Heun or Euler/DDIM on the Karras grid). One-step generators
+add a line to `LOADERS`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from pagoda.checkpoint import load_network, read_meta
+from pagoda.config import DiffusionConfig, SampleConfig, from_dict
+from pagoda.data import to_uint8
+from pagoda.diffusion import EDMPrecond, karras_sigmas
+from pagoda.errors import UserError
+from pagoda.samplers import get_sampler
+
+
+# Per-seed draws on the CPU (EDM generate.py's convention): eps_i ~ N(0, I) of `shape` from
+# torch.Generator(seed_i), then, when num_classes > 0, label_i = randint(num_classes) from the same
+# generator. Returns (eps float32 [N, *shape] on device, labels int64 [N] on device or None).
+def seeded_draws(seeds: torch.Tensor, shape, device, num_classes: int = 0):
+    eps, labels = [], []
+    for seed in seeds.tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        eps.append(torch.randn(tuple(shape), generator=g, dtype=torch.float32))
+        if num_classes > 0:
+            labels.append(torch.randint(num_classes, (), generator=g))
+    eps = torch.stack(eps).to(device) if eps else torch.empty(0, *shape, device=device)
+    return eps, (torch.stack(labels).to(device) if labels else None)
+
+
+# The noise of sample i depends on seed i only: identical across devices, batch sizes and GPU counts.
+def seeded_noise(seeds: torch.Tensor, shape, device="cpu") -> torch.Tensor:
+    return seeded_draws(as_seeds(seeds), shape, device)[0]
+
+
+# Seeds as a 1-D int64 CPU tensor of non-negative values (a list, range or tensor is accepted).
+def as_seeds(seeds) -> torch.Tensor:
+    seeds = torch.as_tensor(seeds if isinstance(seeds, torch.Tensor) else list(seeds)).cpu()
+    if seeds.ndim != 1 or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+        raise UserError(f"seeds must be a 1-D list of integers, got a {seeds.dtype} tensor of shape "
+                        f"{tuple(seeds.shape)}: pass e.g. torch.arange(64)")
+    if len(seeds) and int(seeds.min()) < 0:
+        raise UserError(f"seed {int(seeds.min())} is negative: seeds must be integers >= 0")
+    return seeds.to(torch.int64)
+
+
+class Generator(abc.ABC):
+    """Anything that turns seeds (and labels, a CFG scale) into uint8 images [N, 3, H, W]."""
+
+    name: str  # how result rows name the model
+    kind: str  # the checkpoint kind it was loaded from
+    resolution: int
+    num_classes: int  # 0 = unconditional
+    nfe: float  # declared network evaluations per sample at the default guidance
+    guidance: float = 1.0  # the default CFG scale (used when sample() gets guidance=None)
+    supports_guidance: bool = False  # whether a CFG scale w != 1 means anything to this model
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    @abc.abstractmethod
+    def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
+        """uint8 [N, 3, resolution, resolution] on self.device; sample i depends on seeds[i] (and labels[i])."""
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the per-seed noise (a grown generator keeps its base resolution's, so z stays the same)."""
+        return (3, self.resolution, self.resolution)
+
+    def nfe_for(self, guidance: float | None) -> float:
+        """Declared NFE per sample at CFG scale `guidance` (None = the default)."""
+        return self.nfe
+
+    def seed_labels(self, seeds) -> torch.Tensor | None:
+        """The labels sample() draws from the seeds when given none (None for unconditional models)."""
+        return seeded_draws(as_seeds(seeds), self.noise_shape, "cpu", self.num_classes)[1]
+
+    def check_labels(self, labels, n: int) -> torch.Tensor | None:
+        """Labels as int64 [n] in [0, num_classes] (num_classes = the null class), or None."""
+        if labels is None:
+            return None
+        if self.num_classes == 0:
+            raise UserError(f"{self.name} is unconditional (num_classes=0) but labels were given: drop them")
+        labels = torch.as_tensor(labels).reshape(-1).to(torch.int64).cpu()
+        if labels.numel() == 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise UserError(f"got {labels.numel()} labels for {n} seeds: give one label or one per seed")
+        if n and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            raise UserError(f"labels must be class ids in [0, {self.num_classes - 1}] ({self.num_classes} = "
+                            f"unconditional) for {self.name}, got {labels.min().item()}..{labels.max().item()}")
+        return labels.contiguous()
+
+    def sample_batches(self, seeds, labels=None, guidance: float | None = None,
+                       batch: int = 64) -> Iterator[torch.Tensor]:
+        """sample() over consecutive chunks of `batch` seeds; the images equal one big call's."""
+        seeds = as_seeds(seeds)
+        if batch < 1:
+            raise UserError(f"batch={batch} must be >= 1")
+        labels = self.check_labels(labels, len(seeds))
+        for i in range(0, len(seeds), batch):
+            yield self.sample(seeds[i:i + batch], None if labels is None else labels[i:i + batch], guidance)
+
+
+class DiffusionGenerator(Generator):
+    """An EDM denoiser sampled by a deterministic ODE solver on the Karras grid (EDM Alg. 1, S_churn = 0).
+
+    NFE per sample: `steps` (euler / ddim) or 2 * steps - 1 (heun), doubled under CFG (w != 1).
+    """
+
+    kind = "teacher"
+
+    def __init__(self, denoiser: EDMPrecond, *, resolution: int, num_classes: int, sampler: str = "heun",
+                 steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                 guidance: float = 1.0, supports_guidance: bool | None = None, name: str = "diffusion",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.sampler_fn = get_sampler(sampler)
+        self.sigmas = karras_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+        self.sampler, self.steps, self.name = sampler, int(steps), name
+        self.resolution, self.num_classes, self.guidance = int(resolution), int(num_classes), float(guidance)
+        self.supports_guidance = num_classes > 0 if supports_guidance is None else bool(supports_guidance)
+        self.device, self.dtype = torch.device(device), dtype
+        self.denoiser = denoiser.to(self.device).eval().requires_grad_(False)
+
+    def nfe_for(self, guidance: float | None) -> float:
+        w = self.guidance if guidance is None else float(guidance)
+        nfe = 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+        return float(nfe * (2 if w != 1 and self.num_classes > 0 else 1))
+
+    @property
+    def nfe(self) -> float:
+        return self.nfe_for(None)
+
+    @property
+    def method(self) -> str:
+        """How result rows name the sampling method: "heun" (EDM) or "ddim" (Euler on the PF-ODE)."""
+        return "heun" if self.sampler == "heun" else "ddim"
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
+        """Images of the seeds. To count NFE, wrap the denoiser: `gen.denoiser = NFECounter(gen.denoiser)`."""
+        seeds = as_seeds(seeds)
+        labels = self.check_labels(labels, len(seeds))
+        w = self.guidance if guidance is None else float(guidance)
+        eps, drawn = seeded_draws(seeds, self.noise_shape, self.device, self.num_classes if labels is None else 0)
+        labels = drawn if labels is None else labels.to(self.device)
+        with self._autocast():
+            x = self.sampler_fn(self.denoiser, eps * self.sigmas[0].item(), self.sigmas,
+                                labels=labels, guidance=None if w == 1 else w)
+        return to_uint8(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading by checkpoint kind.
+
+def _load_teacher(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
+                  dtype: torch.dtype) -> DiffusionGenerator:
+    """A teacher file -> DiffusionGenerator with the file's `sample` settings unless overridden."""
+    net, meta = load_network(path, kind="teacher", device=device)
+    diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    sample = from_dict(SampleConfig, meta.get("sample", {}), where=f"checkpoint {path} sample")
+    steps = sample.steps if steps is None else int(steps)
+    if steps < 1:
+        raise UserError(f"steps={steps} must be >= 1 for {path}")
+    # CFG needs a teacher trained with label dropout; the imported EDM teacher (no 'diffusion' entry) was not.
+    label_dropout = meta.get("diffusion", {}).get("label_dropout", 0.0)
+    return DiffusionGenerator(EDMPrecond(net, sigma_data=diffusion.sigma_data), resolution=meta.get("resolution", net.resolution),
+                              num_classes=net.num_classes, sampler=sampler or sample.sampler, steps=steps,
+                              sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, rho=diffusion.rho,
+                              guidance=sample.guidance, supports_guidance=net.num_classes > 0 and label_dropout > 0,
+                              name=Path(path).stem, device=device, dtype=dtype)
+
+
+LOADERS = {"teacher": _load_teacher}
+
+
+def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps: int | None = None,
+                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Generator:
+    """The Generator stored in a checkpoint file, picked by the kind in its metadata."""
+    meta = read_meta(path)
+    kind = meta.get("kind")
+    if kind not in LOADERS:
+        raise UserError(f"checkpoint {path} holds kind={kind!r}, which is not an image generator: pass a "
+                        f"checkpoint of kind {' or '.join(repr(k) for k in sorted(LOADERS))}")
+    return LOADERS[kind](str(path), meta, sampler=sampler, steps=steps, device=device, dtype=dtype)
