@@ -1,0 +1,169 @@
+"""`python -m eval.gate`: compare result rows with a baseline and fail on a regression.
+
+    python -m eval.gate --results new.jsonl --baseline base.jsonl --tolerance fid=+0.05,is=-1%
+
+Rows are matched on (model, method, resolution, guidance, sampler, steps, metric) and the
+identity entries of `extra` (IS style, class, k; not results such as `std`); when a
+file holds the same key twice the last row wins (the latest measurement). A tolerance names the
+direction that is worse and how far a value may move that way: `fid=+0.05` = FID may rise by at
+most 0.05 (absolute), `is=-1%` = IS may fall by at most 1% of the baseline (relative). Without a
+sign (`fid=0.05`) the metric's known direction is used. Metrics not named in --tolerance get
+tolerance 0 in their known direction (any worsening fails); metrics of unknown direction that are
+not named are shown as `unchecked` and never fail.
+
+Exit status: 0 all pass; 1 a regression, or a baseline row missing from the results (unless
+--allow-missing); 2 malformed input: a bad JSONL line, a tolerance that does not parse, or a
+tolerance for a metric that appears in neither file (most likely a typo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+
+from eval.rows import MATCH_KEYS, read_rows, row_key
+from pagoda.errors import UserError, run_cli
+
+# +1: lower is better (a rise is a regression); -1: higher is better.
+LOWER_IS_BETTER = ("fid", "kid", "fd_", "latency", "memory", "nfe")
+HIGHER_IS_BETTER = ("is", "precision", "recall", "clip", "img_per_s", "throughput")
+
+
+def known_direction(metric: str) -> int | None:
+    """+1 if a larger value of `metric` is worse, -1 if a smaller one is worse, None if unknown."""
+    m = metric.lower()
+    if any(m == p or m.startswith(p) for p in LOWER_IS_BETTER):
+        return +1
+    if any(m == p or m.startswith(p + "_") for p in HIGHER_IS_BETTER):
+        return -1
+    return None
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far `metric` may move in its worse direction: `amount` absolute, or a fraction if relative."""
+
+    direction: int  # +1: may rise by at most amount; -1: may fall by at most amount
+    amount: float
+    relative: bool
+
+    def bound(self, base: float) -> float:
+        """The worst value still accepted for a baseline value `base`."""
+        step = self.amount * abs(base) if self.relative else self.amount
+        return base + self.direction * step
+
+    def accepts(self, base: float, new: float) -> bool:
+        if not math.isfinite(new):
+            return False
+        limit = self.bound(base)
+        slack = 1e-12 * max(1.0, abs(limit))  # float noise of the JSON round trip is not a regression
+        return new <= limit + slack if self.direction > 0 else new >= limit - slack
+
+    def text(self) -> str:
+        return f"{'+' if self.direction > 0 else '-'}{self.amount * 100:g}%" if self.relative else \
+            f"{'+' if self.direction > 0 else '-'}{self.amount:g}"
+
+
+_TOL = re.compile(r"^([A-Za-z0-9_./@-]+)=([+-]?)(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?(%?)$")
+
+
+def parse_tolerances(text: str) -> dict[str, Tolerance]:
+    """`fid=+0.05,is=-1%` -> {metric: Tolerance}; anything else is a UserError."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        m = _TOL.match(item)
+        if not m:
+            raise UserError(f"--tolerance item {item!r} does not parse: write metric=+ABS or metric=-REL% "
+                            "(e.g. fid=+0.05,is=-1%)")
+        metric, sign, num, exp, pct = m.groups()
+        amount = float(num) * 10 ** int(exp or 0)
+        direction = {"+": 1, "-": -1}.get(sign) or known_direction(metric)
+        if direction is None:
+            raise UserError(f"--tolerance {item!r}: the better direction of {metric!r} is unknown: "
+                            f"give a sign ({metric}=+{num}{pct} if lower is better, -{num}{pct} if higher)")
+        out[metric] = Tolerance(direction, amount / 100 if pct else amount, bool(pct))
+    return out
+
+
+def _latest(rows: list[dict]) -> dict[tuple, dict]:
+    return {row_key(r): r for r in rows}
+
+
+def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tolerance], *,
+            allow_missing: bool = False) -> list[dict]:
+    """One verdict per key of either file: baseline, new, delta, allowed bound and status."""
+    new, base = _latest(results), _latest(baseline)
+    verdicts = []
+    for key in list(base) + [k for k in new if k not in base]:
+        b, n = base.get(key), new.get(key)
+        row = dict(zip(MATCH_KEYS, key), extra=key[-1])
+        metric = row["metric"]
+        tol = tolerances.get(metric)
+        if tol is None and known_direction(metric) is not None:
+            tol = Tolerance(known_direction(metric), 0.0, False)
+        bv, nv = (b or {}).get("value"), (n or {}).get("value")
+        row.update(baseline=bv, new=nv, delta=None if b is None or n is None else nv - bv,
+                   allowed=None if tol is None or b is None else tol.bound(bv))
+        if n is None:
+            row["status"] = "missing (allowed)" if allow_missing else "MISSING"
+        elif b is None:
+            row["status"] = "new"
+        elif tol is None:
+            row["status"] = "unchecked"
+        else:
+            row["status"] = "ok" if tol.accepts(bv, nv) else "REGRESSION"
+        row["tolerance"] = tol.text() if tol is not None else "-"
+        verdicts.append(row)
+    return verdicts
+
+
+def failed(verdicts: list[dict]) -> bool:
+    return any(v["status"] in ("REGRESSION", "MISSING") for v in verdicts)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.4g}" if isinstance(v, float) and v != 0 and abs(v) < 1e-2 else \
+        (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def format_diff(verdicts: list[dict]) -> str:
+    """The diff table: which cell, baseline, new, delta, allowed bound, tolerance, status."""
+    cols = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric", "baseline", "new",
+            "delta", "allowed", "tolerance", "status")
+    cells = [[_fmt(v.get(c)) for c in cols] for v in verdicts]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.gate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", required=True, help="JSONL rows of the new measurement")
+    p.add_argument("--baseline", required=True, help="JSONL rows to compare against")
+    p.add_argument("--tolerance", default="", help="per-metric tolerances, e.g. fid=+0.05,is=-1%%")
+    p.add_argument("--allow-missing", action="store_true", help="a baseline row absent from the results is not a failure")
+    args = p.parse_args(argv)
+    tolerances = parse_tolerances(args.tolerance)
+    results, baseline = read_rows(args.results), read_rows(args.baseline)
+    present = {r["metric"] for r in results + baseline}
+    absent = sorted(set(tolerances) - present)
+    if absent:
+        raise UserError(f"--tolerance names metric(s) {absent} found in neither {args.results} nor {args.baseline}; "
+                        f"metrics present: {sorted(present)}")
+    verdicts = compare(results, baseline, tolerances, allow_missing=args.allow_missing)
+    print(format_diff(verdicts))
+    bad = failed(verdicts)
+    print(f"gate: {'FAIL' if bad else 'pass'} ({sum(v['status'] == 'ok' for v in verdicts)} ok, "
+          f"{sum(v['status'] == 'REGRESSION' for v in verdicts)} regressed, "
+          f"{sum(v['status'] == 'MISSING' for v in verdicts)} missing)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

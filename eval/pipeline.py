@@ -1,0 +1,138 @@
+"""The one streaming pass shared by eval.ref, eval.fid and eval.run: source -> extractors -> statistics.
+
+Images are generated or read batch by batch, each extractor runs once per batch, and what is kept
+is bounded: float64 sums of features and outer products (FeatureStats, all-reduced across ranks),
+plus, only when a metric needs them, per-sample features / logits / CLIP cosines in FeatureStores
+of a fixed capacity (gathered to every rank at the end). Memory does not grow with the sample count
+beyond those stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eval.sources import Source, dist_info
+from eval.stats import FeatureStats, FeatureStore
+from pagoda import dist
+from pagoda.dist import is_main
+
+
+@dataclass(frozen=True)
+class Want:
+    """What to keep from one extractor besides the mean / covariance sums."""
+
+    store: int = 0  # keep features of the first `store` samples (KID, P/R, bootstrap CIs)
+    logits: bool = False  # keep every sample's logits (IS)
+    texts: list[str] | None = None  # CLIP: prompt per class; keep each sample's image-text cosine
+
+
+@dataclass
+class Extraction:
+    """Everything one extractor produced over a source."""
+
+    extractor: object
+    stats: FeatureStats
+    store: FeatureStore | None = None
+    logits: FeatureStore | None = None
+    cos: FeatureStore | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun process group if there is one; the device this rank extracts on."""
+    dist.init()
+    return dist.device()
+
+
+@contextlib.contextmanager
+def exact_math():
+    """No TF32 and no cudnn autotuning while extracting (METHOD §5: numbers must not depend on the run)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
+def _start(ex, want: Want, num_samples: int) -> Extraction:
+    out = Extraction(ex, FeatureStats(ex.feature_dim))
+    if want.store:
+        out.store = FeatureStore(ex.feature_dim, min(want.store, num_samples))
+    if want.logits:
+        if not getattr(ex, "num_logits", 0):
+            raise ValueError(f"extractor {ex.name} has no logits")
+        out.logits = FeatureStore(ex.num_logits, num_samples)
+    if want.texts is not None:
+        out.cos = FeatureStore(1, num_samples)
+        out.extra["text_features"] = F.normalize(ex.encode_text(want.texts).double(), dim=-1).cpu()
+    return out
+
+
+def _update(out: Extraction, res: dict, labels: torch.Tensor | None, index: torch.Tensor) -> None:
+    feats = res["features"].detach().to("cpu", torch.float64)
+    out.stats.update(feats)
+    if out.store is not None:
+        keep = index < out.store.capacity
+        if keep.any():
+            out.store.update(feats[keep], index[keep])
+    if out.logits is not None:
+        out.logits.update(res["logits"].detach().to("cpu", torch.float64), index)
+    if out.cos is not None:
+        text = out.extra["text_features"][labels]
+        out.cos.update((F.normalize(feats, dim=-1) * text).sum(-1, keepdim=True), index)
+
+
+def extract(source: Source, extractors: dict[str, object], wants: dict[str, Want] | None = None, *,
+            batch: int = 64, device: str | torch.device = "cpu", progress: bool | None = None,
+            on_batch=None) -> dict[str, Extraction]:
+    """Run every extractor over this rank's shard of `source`; reduce / gather across ranks at the end.
+
+    `on_batch(images, labels, index)` sees each batch (e.g. to save samples). Progress goes to stderr
+    on rank 0 when it is a terminal (progress=None) or when asked.
+    """
+    wants = wants or {}
+    outs = {name: _start(ex, wants.get(name, Want()), source.num_samples) for name, ex in extractors.items()}
+    rank, world = dist_info()
+    show = is_main() and (sys.stderr.isatty() if progress is None else progress)
+    bar = tqdm(total=source.num_samples, disable=not show, unit="img", desc=source.name[-40:], file=sys.stderr)
+    with exact_math():
+        for x, y, index in source.batches(batch, rank=rank, world=world):
+            if on_batch is not None:
+                on_batch(x, y, index)
+            for name, ex in extractors.items():
+                if outs[name].cos is not None and y is None:
+                    raise ValueError("CLIP score needs labels")
+                _update(outs[name], ex(x.to(device)), y, index)
+            bar.update(len(x) * world)
+    bar.close()
+    for out in outs.values():
+        _finish(out)
+    return outs
+
+
+def _finish(out: Extraction) -> None:
+    out.stats.all_reduce()
+    for store in (out.store, out.logits, out.cos):
+        if store is not None:
+            store.gather()
+
+
+def check_sample_count(n: int, dim: int, *, allow_small: bool, what: str) -> None:
+    """Refuse (UserError) fewer samples than feature dimensions: the covariance is singular, FID meaningless."""
+    from pagoda.errors import UserError
+    if n >= dim:
+        return
+    if not allow_small:
+        raise UserError(f"{what}: {n} samples is fewer than the feature dimension {dim}, so the covariance is "
+                        f"singular and FID is not comparable: use --num-samples >= {dim} or pass --allow-small")
+    if is_main():
+        print(f"warning: {what}: {n} samples < feature dimension {dim}: FID is biased and not comparable "
+              "(--allow-small)", file=sys.stderr)

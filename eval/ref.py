@@ -1,0 +1,99 @@
+"""`python -m eval.ref`: reference statistics of a data set for FID / KID / P-R, with provenance.
+
+    python -m eval.ref photos:train:16 -o refs/photos-16-domain.npz --extractor domain
+    python -m eval.ref data/imagenet64_val.npz -o refs/in64.npz --weights-dir weights/
+
+Stores the float64 mean and covariance of the features, the features of the first
+--store-features images (for KID and precision / recall), and the provenance: a content
+fingerprint of the inputs, the extractor, its weights' SHA-256, its resize mode, the sample count
+and the pagoda version. Running the command again on an up-to-date output does nothing; an output
+whose provenance differs is stale and is rebuilt only with --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eval.fid import make_extractor, positive_int
+from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
+from eval.sources import open_source
+from eval.stats import Reference, check_fresh, load_reference, save_reference
+from pagoda.errors import UserError, run_cli
+from pagoda.version import __version__
+
+
+def provenance_of(spec: str, source, ex) -> dict:
+    """What the statistics depend on; two references with equal provenance are interchangeable."""
+    return dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
+                num_samples=source.num_samples, extractor=ex.name, feature_dim=ex.feature_dim,
+                extractor_sha256=getattr(ex, "weights_sha256", None), resize=str(getattr(ex, "resize", None)),
+                pagoda_version=__version__)
+
+
+def stale_reason(path: Path, provenance: dict) -> str | None:
+    """None if the reference at `path` was built from exactly `provenance`, else what differs."""
+    try:
+        old = load_reference(path)
+    except UserError as e:
+        return f"is stale: it cannot be read ({e}); rebuild it with --force"
+    try:
+        check_fresh(old, **provenance)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def build(source, ex, *, batch: int, store: int, device, provenance: dict):
+    """Stream the source once through the extractor; a Reference with mean, covariance and stored features."""
+    out = extract(source, {ex.name: ex}, {ex.name: Want(store=store)}, batch=batch, device=device)[ex.name]
+    features = out.store.features() if out.store is not None else None
+    return Reference(mu=out.stats.mean(), sigma=out.stats.cov(), n=out.stats.n, features=features,
+                     provenance=provenance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.ref", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", help="an image folder, an ADM .npz, or photos[:split[:resolution]]")
+    p.add_argument("-o", "--out", required=True, help="output reference .npz")
+    p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
+    p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set")
+    p.add_argument("--split", default="train", help="split of the bundled data set (default train)")
+    p.add_argument("--batch", type=positive_int, default=250, help="images per batch (no effect on results)")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="use only the first N images")
+    p.add_argument("--store-features", type=int, default=10_000,
+                   help="keep the features of the first N images for KID and P/R (default 10000, 0 = none)")
+    p.add_argument("--allow-small", action="store_true", help="accept fewer images than feature dimensions")
+    p.add_argument("--force", action="store_true", help="rebuild an existing output whose provenance differs")
+    args = p.parse_args(argv)
+    if args.store_features < 0:
+        raise UserError(f"--store-features={args.store_features} must be >= 0")
+    device = init_distributed()
+    ex = make_extractor(args.extractor, args.weights_dir, device)
+    spec = args.dataset
+    if ":" not in spec and spec == "photos":
+        spec = f"photos:{args.split}"
+    source = open_source(spec, num_samples=args.max_samples, resolution=args.resolution, split=args.split)
+    provenance = provenance_of(spec, source, ex)
+    out = Path(args.out)
+    if out.exists():
+        why = stale_reason(out, provenance)
+        if why is None:
+            print(f"{out} is up to date ({source.num_samples} images, {ex.name}); nothing to do")
+            return 0
+        if not args.force:
+            raise UserError(f"{out}: {why} (or write to another -o)")
+    check_sample_count(source.num_samples, ex.feature_dim, allow_small=args.allow_small, what=spec)
+    ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance)
+    if is_main():
+        save_reference(out, ref)
+        print(f"wrote {out}: {ref.n} images, {ex.name} ({ex.feature_dim}-d), "
+              f"{0 if ref.features is None else len(ref.features)} features stored")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

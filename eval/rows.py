@@ -1,0 +1,130 @@
+"""Result rows: one JSON object per measurement, appended to a JSONL file (ARCHITECTURE.md).
+
+Every producer (eval.fid, eval.run, bench) writes rows of the same schema, and reports/ and
+eval.gate read nothing else. Optional per-row detail that is not part of the fixed schema (the
+IS style, the class of a per-class FID, the bootstrap size) goes into `extra`, a flat dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagoda.errors import UserError
+from pagoda.version import git_commit
+
+# The fixed schema, in the order a table shows it.
+ROW_KEYS = ("run", "model", "method", "resolution", "guidance", "sampler", "steps", "nfe", "metric", "value",
+            "ci_low", "ci_high", "num_samples", "reference", "extractor", "extractor_sha256", "batch", "dtype",
+            "device", "torch", "commit", "seed", "time")
+# Keys that say WHAT was measured (two rows with equal keys measure the same thing); eval.gate matches on them.
+MATCH_KEYS = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric")
+# Entries of `extra` that are part of what was measured (IS style, class of a per-class metric, P/R k);
+# the others (e.g. `std`) are results and never take part in matching.
+MATCH_EXTRA = ("style", "class", "k")
+REQUIRED = ("model", "metric", "value")
+
+
+def run_id() -> str:
+    """One id per process (start time + host) so the rows of one invocation can be grouped."""
+    return _RUN_ID
+
+
+_RUN_ID = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + socket.gethostname()
+
+
+def make_row(*, model: str, metric: str, value: float, **fields: Any) -> dict:
+    """A complete row: the given fields, environment fields filled in, every schema key present."""
+    unknown = set(fields) - set(ROW_KEYS) - {"extra"}
+    if unknown:
+        raise TypeError(f"make_row: unknown row field(s) {sorted(unknown)}")
+    row = dict.fromkeys(ROW_KEYS)
+    row.update(run=run_id(), torch=torch.__version__, commit=git_commit(),
+               time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    row.update(fields, model=model, metric=metric, value=float(value))
+    row["extra"] = dict(fields.get("extra") or {})
+    return row
+
+
+def row_key(row: dict) -> tuple:
+    """What a row measures: the MATCH_KEYS plus the MATCH_EXTRA entries of its `extra`."""
+    extra = json.dumps({k: v for k, v in (row.get("extra") or {}).items() if k in MATCH_EXTRA}, sort_keys=True)
+    return tuple(row.get(k) for k in MATCH_KEYS) + (extra,)
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append rows atomically: the old content plus the new lines go to a temp file that replaces `path`."""
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    new = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(old + new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All rows of a JSONL file; a malformed line is a UserError naming the file and line number."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"results file {path} does not exist: check the path") from None
+    except UnicodeDecodeError:
+        raise UserError(f"results file {path} is not UTF-8 text: give a .jsonl file of result rows") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}: fix that line")
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise UserError(f"{path}:{n}: row lacks key(s) {missing}: fix that line or regenerate the file")
+        if not isinstance(row["value"], (int, float)) or isinstance(row["value"], bool):
+            raise UserError(f"{path}:{n}: 'value' must be a number, got {row['value']!r}: fix that line")
+        rows.append(row)
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={_cell(x)}" for k, x in sorted(v.items())) or "-"
+    return str(v)
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "resolution", "guidance", "sampler",
+                                                                "steps", "nfe", "metric", "value", "ci_low",
+                                                                "ci_high", "num_samples", "extra")) -> str:
+    """A plain-text table of rows for stdout (columns with no value in any row are dropped)."""
+    cols = [c for c in columns if any(r.get(c) not in (None, {}) for r in rows)]
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in cells]
+    return "\n".join(out)

@@ -1,0 +1,237 @@
+"""`python -m eval.run`: several metrics of several models over a sweep, one generation pass per cell.
+
+    python -m eval.run --ckpt teacher.safetensors --ckpt G16.safetensors --ref refs/photos-16.npz \\
+        --extractor domain --metrics fid,kid,is,pr --guidance 1,2 --sampler heun,euler --steps 8,18
+
+A cell is (checkpoint, guidance, sampler, steps). Options that do not apply to a model collapse:
+sampler and steps for a one-step generator, guidance for an unconditional one. `--resolutions`
+keeps only the checkpoints of those resolutions. In each cell the images are generated once and
+every extractor the metrics need (the --extractor for fid/kid/is/pr, dinov2 for fd_dinov2, clip for
+clip) runs once over them. Each (cell, metric) is one JSONL row; a table is printed at the end.
+
+Rows: `fid` and `fd_dinov2` (CI from --bootstrap), `kid` (extra.std), `precision` and `recall`
+(k = 3), `is` with extra.style = adm | torch-fidelity and extra.std, `clip` (100 * mean max(cos, 0);
+prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
+its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eval.fid import add_source_args, make_extractor
+from eval.metrics import clip_score, fid_bootstrap, frechet_distance, inception_score, kid, precision_recall
+from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
+from eval.rows import append_rows, format_table, make_row
+from eval.sources import GeneratorSource, TensorSource
+from eval.stats import load_reference
+from pagoda.errors import UserError, run_cli
+
+METRICS = ("fid", "kid", "is", "pr", "fd_dinov2", "clip")
+STORE_LIMIT = 50_000  # features kept per set for KID / P-R (the usual 50k; memory ~ STORE_LIMIT x D x 4 bytes)
+
+
+def ex_device(ex):
+    return getattr(ex, "device", "cpu")
+
+
+def csv_of(kind):
+    """argparse type: a comma-separated list of `kind` values."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+def metric_list(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}: choose from {','.join(METRICS)}")
+    return names
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep; None = the model's own setting (or not applicable)."""
+
+    ckpt: str
+    guidance: float | None
+    sampler: str | None
+    steps: int | None
+
+
+def extractor_of(metric: str, args) -> str:
+    """The registry name of the extractor a metric is measured with."""
+    return {"fd_dinov2": args.dinov2, "clip": args.clip}.get(metric, args.extractor)
+
+
+class References:
+    """The --ref files, each found by the extractor and resolution its provenance records."""
+
+    def __init__(self, paths: list[str]):
+        self.paths, self.prov = paths, {p: dict(load_reference(p).provenance or {}) for p in paths}
+        self.cache = {}
+
+    def find(self, ex, resolution: int | None, metric: str):
+        ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
+              and self.prov[p].get("resolution") in (None, resolution)]
+        ok.sort(key=lambda p: (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None))
+        if not ok:
+            raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} "
+                            f"(given: {', '.join(self.paths)}): build one with python -m eval.ref ... "
+                            f"--extractor {ex.name}")
+        ref = load_reference(ok[0], expect_extractor=ex.name, expect_dim=ex.feature_dim)
+        if metric in ("kid", "pr") and ref.features is None:
+            if ref.images is None:
+                raise UserError(f"reference {ok[0]} stores no features, needed by {metric}: rebuild it with "
+                                "python -m eval.ref ... --store-features N")
+            ref.features = self._features_of_images(ok[0], ref.images, ex)  # an ADM batch: images, no features
+        return ok[0], ref
+
+    def _features_of_images(self, path: str, images, ex):
+        key = (path, ex.name)
+        if key not in self.cache:
+            x = torch.from_numpy(images[:STORE_LIMIT]).permute(0, 3, 1, 2)
+            out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
+                          device=ex_device(ex))[ex.name]
+            self.cache[key] = out.store.features()
+        return self.cache[key]
+
+
+def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> list[Cell]:
+    """The sweep for one model, collapsed where an axis does not apply to it."""
+    diffusion = getattr(gen, "sampler", None) is not None
+    conditional = getattr(gen, "num_classes", 0) > 0 and getattr(gen, "supports_guidance", True)
+    return [Cell(ckpt, w, s, n) for w in (guidance if conditional else [None]) or [None]
+            for s in (samplers if diffusion else [None]) or [None]
+            for n in (steps if diffusion else [None]) or [None]]
+
+
+def class_prompts(num_classes: int) -> list[str]:
+    """CLIP prompts per class; class names known for the bundled photos data set only."""
+    from pagoda.data import PHOTO_CLASSES
+    if num_classes != len(PHOTO_CLASSES):
+        raise UserError(f"metric clip needs class names, known only for the photos data set "
+                        f"({len(PHOTO_CLASSES)} classes); this model has {num_classes}: drop clip from --metrics")
+    return [f"a photo of a {name.replace('_', ' ')}" for name in PHOTO_CLASSES]
+
+
+def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: References, args) -> list[dict]:
+    """Generate once, run each needed extractor once, and turn the outputs into rows."""
+    need = {extractor_of(m, args) for m in metrics}
+    store = min(source.num_samples, STORE_LIMIT) if ({"kid", "pr"} & set(metrics) or args.bootstrap) else 0
+    wants = {name: Want(store=store if name == args.extractor or args.bootstrap else 0,
+                        logits="is" in metrics and name == args.extractor,
+                        texts=class_prompts(source.num_classes) if "clip" in metrics and name == args.clip else None)
+             for name in need}
+    outs = extract(source, {n: extractors[n] for n in need}, wants, batch=args.batch, device=args.device)
+    base = dict(source.row_fields(), batch=args.batch, dtype="float32", device=str(args.device), seed=args.seed)
+    rows = []
+
+    def row(metric, value, ex, ref_path=None, lo=None, hi=None, **extra):
+        rows.append(make_row(metric=metric, value=value, ci_low=lo, ci_high=hi, reference=ref_path,
+                             extractor=ex.name, extractor_sha256=getattr(ex, "weights_sha256", None),
+                             extra=extra, **base))
+
+    for m in metrics:
+        ex = extractors[extractor_of(m, args)]
+        out = outs[extractor_of(m, args)]
+        if m in ("fid", "fd_dinov2"):
+            path, ref = refs.find(ex, source.resolution, m)
+            value = float(frechet_distance(out.stats.mean(), out.stats.cov(), ref.mu, ref.sigma))
+            lo = hi = None
+            if args.bootstrap:
+                _, lo, hi = (float(v) for v in fid_bootstrap(out.store.features(), ref.mu, ref.sigma,
+                                                               rounds=args.bootstrap))
+            row(m, value, ex, path, lo, hi)
+        elif m in ("kid", "pr"):
+            path, ref = refs.find(ex, source.resolution, m)
+            fake = out.store.features()
+            if m == "kid":
+                mean, std = kid(ref.features, fake, subset_size=min(1000, len(fake), len(ref.features)),
+                                  seed=args.seed)
+                row("kid", mean, ex, path, std=float(std))
+            else:
+                p, r = precision_recall(ref.features, fake, k=3)
+                row("precision", p, ex, path, k=3)
+                row("recall", r, ex, path, k=3)
+        elif m == "is":
+            mean, std = inception_score(out.logits.features(), splits=10, style=args.is_style)
+            row("is", mean, ex, style=args.is_style, std=float(std))
+        elif m == "clip":
+            row("clip", float(clip_score(out.cos.features().flatten())), ex)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint to evaluate (repeatable)")
+    p.add_argument("--ref", action="append", default=[], help="reference statistics (repeatable, see above)")
+    p.add_argument("--metrics", type=metric_list, default=["fid"], help=f"comma list from {','.join(METRICS)}")
+    p.add_argument("--extractor", default="inception", help="extractor of fid/kid/is/pr (default inception)")
+    p.add_argument("--dinov2", default="dinov2", help="extractor of fd_dinov2 (default dinov2 = ViT-L/14)")
+    p.add_argument("--clip", default="clip", help="extractor of clip (default clip = ViT-L/14; clip-vitb32)")
+    p.add_argument("--resolutions", type=csv_of(int), default=None, help="keep checkpoints of these resolutions")
+    p.add_argument("--guidance", type=csv_of(float), default=[None], help="CFG scales, e.g. 1,1.5,2")
+    p.add_argument("--sampler", type=csv_of(str), default=[None], help="diffusion samplers, e.g. heun,euler")
+    p.add_argument("--steps", type=csv_of(int), default=[None], help="diffusion sampler steps, e.g. 8,18")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for FID CIs (0 = none)")
+    p.add_argument("--is-style", choices=("adm", "torch-fidelity"), default="adm", help="IS split convention")
+    add_source_args(p)
+    args = p.parse_args(argv)
+    args.num_samples = args.num_samples or 50_000
+    _validate(args, p)
+    args.device = init_distributed()
+    from pagoda.generator import load_generator
+    refs = References(args.ref)
+    needed = {extractor_of(m, args) for m in args.metrics}
+    extractors = {n: make_extractor(n, args.weights_dir, args.device) for n in needed}
+    for ex in extractors.values():
+        if {"fid", "fd_dinov2"} & set(args.metrics):
+            check_sample_count(args.num_samples, ex.feature_dim, allow_small=args.allow_small, what="--num-samples")
+    plan = []
+    for ckpt in args.ckpt:
+        gen = load_generator(ckpt, device=args.device)
+        if args.resolutions and gen.resolution not in args.resolutions:
+            print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
+            continue
+        for m in set(args.metrics) - {"is", "clip"}:  # a missing reference fails before any sampling
+            refs.find(extractors[extractor_of(m, args)], gen.resolution, m)
+        plan += cells_of(ckpt, gen, args.guidance, args.sampler, args.steps)
+    if not plan:
+        raise UserError(f"no checkpoint has a resolution in --resolutions {args.resolutions}: check the list")
+    rows = []
+    for cell in plan:
+        gen = load_generator(cell.ckpt, sampler=cell.sampler, steps=cell.steps, device=args.device)
+        source = GeneratorSource(gen, args.num_samples, seed=args.seed, labels=args.labels, guidance=cell.guidance,
+                                 name=getattr(gen, "name", None) or Path(cell.ckpt).stem)
+        rows += score_cell(cell, source, args.metrics, extractors, refs, args)
+    if is_main():
+        append_rows(args.out, rows)
+        print(format_table(rows))
+        print(f"{len(rows)} rows -> {args.out}")
+    return 0
+
+
+def _validate(args, p) -> None:
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap} must be >= 0")
+    if any(s not in ("heun", "euler", "ddim", None) for s in args.sampler):
+        p.error(f"--sampler {args.sampler}: choose from heun, euler, ddim")
+    if any(n is not None and n < 1 for n in args.steps) or any(w is not None and w < 0 for w in args.guidance):
+        p.error("--steps must be >= 1 and --guidance >= 0")
+    if not args.ref and set(args.metrics) - {"is", "clip"}:
+        p.error(f"--ref is needed for {sorted(set(args.metrics) - {'is', 'clip'})}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

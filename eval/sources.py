@@ -1,0 +1,337 @@
+"""Image sources for evaluation: a checkpoint (via Generator), an image folder, an ADM npz, a data set.
+
+Every source is random access over samples 0..num_samples-1 and yields batches
+`(images uint8 [B,3,H,W], labels int64 [B] or None, index int64 [B])` of this rank's shard
+(sample i lives on rank i % world), in increasing index order. What a sample looks like depends on
+its index only, never on the batch size or the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pagoda import dist
+from pagoda.data import IMAGE_EXTENSIONS
+from pagoda.errors import UserError
+
+Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    return dist.rank(), dist.world_size()
+
+
+def sha256_file(path: str | os.PathLike, h=None) -> str:
+    """SHA-256 of a file's bytes (or update `h` with them and return its digest so far)."""
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UserError(f"{what} gave {desc} instead of uint8 images [N,3,H,W]: convert the images to uint8 RGB")
+    return x
+
+
+class Source:
+    """Random-access images; subclasses define `load(index) -> (uint8 NCHW, labels or None)`."""
+
+    name: str = "source"
+    num_samples: int = 0
+    resolution: int | None = None
+    num_classes: int = 0
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest of what this source produces (content of its inputs), for reference provenance."""
+        raise NotImplementedError
+
+    def row_fields(self) -> dict:
+        """The result-row fields that say what was measured (model, method, resolution, ...)."""
+        return dict(model=Path(self.name).stem or self.name, method="images", resolution=self.resolution,
+                    num_samples=self.num_samples)
+
+    def limit(self, num_samples: int | None) -> Source:
+        """Use only the first `num_samples` samples (None = all)."""
+        if num_samples is not None:
+            if num_samples > self.num_samples:
+                raise UserError(f"{self.name} holds {self.num_samples} images, fewer than the {num_samples} "
+                                "asked for: lower --num-samples/--max-samples or add images")
+            self.num_samples = num_samples
+        return self
+
+    def batches(self, batch: int, *, rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
+        """This rank's samples (i % world == rank) in batches of at most `batch`."""
+        if rank is None or world is None:
+            rank, world = dist_info()
+        index = torch.arange(rank, self.num_samples, world, dtype=torch.int64)
+        for chunk in index.split(batch):
+            x, y = self.load(chunk)
+            yield _check_images(x, self.name), y, chunk
+
+
+class GeneratorSource(Source):
+    """Samples of a Generator: seed of sample i = seed + i; labels none, balanced ("uniform": i mod C),
+    drawn per seed ("seed"), or given (LongTensor [num_samples])."""
+
+    def __init__(self, generator, num_samples: int, *, seed: int = 0, labels=None, guidance: float | None = None,
+                 name: str | None = None):
+        self.generator, self.seed, self.guidance = generator, int(seed), guidance
+        self.num_samples, self.resolution = int(num_samples), int(generator.resolution)
+        self.num_classes = int(getattr(generator, "num_classes", 0) or 0)
+        self.name = name or getattr(generator, "name", "generator")
+        if isinstance(labels, str) and labels not in ("uniform", "seed"):
+            raise UserError(f"labels={labels!r} is unknown: use None, 'uniform', 'seed' or a tensor of class ids")
+        if labels is not None and self.num_classes == 0:
+            labels = None  # an unconditional model takes no labels
+        self.labels = labels
+        self._bad: list[int] = []  # positions in the current batch with non-finite network output
+        self._hooks = [m.register_forward_hook(self._watch) for m in _modules_of(generator)]
+
+    def _watch(self, module, inputs, output) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not self._bad:
+            bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(dim=1)
+            self._bad = bad.nonzero().flatten().tolist()
+
+    def labels_of(self, index: torch.Tensor) -> torch.Tensor | None:
+        if self.labels is None:
+            return None
+        if isinstance(self.labels, torch.Tensor):
+            return self.labels[index].to(torch.int64)
+        if self.labels == "uniform":
+            return index % self.num_classes
+        if hasattr(self.generator, "seed_labels"):  # the generator's own per-seed draw
+            return self.generator.seed_labels(self.seed + index)
+        gens = [torch.Generator().manual_seed(self.seed + int(i)) for i in index]
+        return torch.stack([torch.randint(self.num_classes, (), generator=g) for g in gens])
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seeds, y = self.seed + index, self.labels_of(index)
+        self._bad = []
+        with torch.no_grad():
+            x = self.generator.sample(seeds, labels=y, guidance=self.guidance)
+        if self._bad:  # with CFG the network may see the batch twice: position mod batch is the sample
+            raise UserError(f"{self.name}: the model produced NaN/inf at seed {int(seeds[self._bad[0] % len(seeds)])}"
+                            ": the checkpoint is broken (diverged training?); evaluate an earlier snapshot")
+        return _check_images(x.cpu(), self.name), y
+
+    def row_fields(self) -> dict:
+        g = self.generator
+        return dict(model=self.name, method=getattr(g, "method", None) or getattr(g, "kind", None) or "generator",
+                    resolution=self.resolution, sampler=getattr(g, "sampler", None),
+                    guidance=self.guidance if self.guidance is not None else getattr(g, "guidance", None),
+                    steps=getattr(g, "steps", None), nfe=self.nfe(), seed=self.seed,
+                    num_samples=self.num_samples)
+
+    def nfe(self) -> float | None:
+        """Declared network evaluations per sample at this guidance (CFG may double it)."""
+        g = self.generator
+        if hasattr(g, "nfe_for"):
+            return g.nfe_for(self.guidance)
+        return getattr(g, "nfe", None)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.name}|{self.seed}|{self.num_samples}|{self.guidance}".encode()).hexdigest()
+
+
+def _modules_of(obj, depth: int = 3) -> list[torch.nn.Module]:
+    """The outermost nn.Modules a Generator holds, also inside plain wrappers (e.g. an NFECounter around the
+    denoiser). Their outputs are watched for NaN/inf, which the uint8 images a Generator returns can no
+    longer show."""
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if depth == 0 or not hasattr(obj, "__dict__") or isinstance(obj, (type, torch.Tensor)):
+        return []
+    found = []
+    for v in vars(obj).values():
+        found += [m for m in _modules_of(v, depth - 1) if all(m is not f for f in found)]
+    return found
+
+
+class FolderSource(Source):
+    """All images under a folder (recursive, sorted by path); they must share one size."""
+
+    def __init__(self, path: str | os.PathLike):
+        root = Path(path)
+        if not root.is_dir():
+            raise UserError(f"image folder {root} does not exist: check the path")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise UserError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): check the path")
+        self.name, self.root, self.num_samples = str(root), root, len(self.files)
+        size0 = _image_size(self.files[0])
+        for f in self.files[1:]:
+            if _image_size(f) != size0:
+                raise UserError(f"image {f} is {_image_size(f)[0]}x{_image_size(f)[1]} but {self.files[0]} is "
+                                f"{size0[0]}x{size0[1]}: all images of {root} must have one size (resize them)")
+        self.resolution = size0[0] if size0[0] == size0[1] else None
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.stack([_read_image(self.files[int(i)]) for i in index]), None
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(str(f.relative_to(self.root)).encode() + b"\0")
+            sha256_file(f, h)
+        return h.hexdigest()
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise UserError(f"image {path} is corrupt or not an image: delete or replace it") from None
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """uint8 [3,H,W] RGB, decoded by pagoda.data.load_image (its rules for grey, palette, alpha)."""
+    from pagoda.data import load_image
+    return torch.from_numpy(np.array(load_image(path), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class NpzSource(Source):
+    """An ADM sample batch: `arr_0` uint8 NHWC images, optional `arr_1` labels."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if "arr_0" not in keys:
+                    raise UserError(f"{self.path} has no 'arr_0' (keys: {keys}): it is not an ADM sample npz; "
+                                    "images must be in arr_0 as uint8 NHWC")
+                self.images, labels = z["arr_0"], z["arr_1"] if "arr_1" in keys else None
+        except FileNotFoundError:
+            raise UserError(f"npz file {self.path} does not exist: check the path") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f"{self.path} is not a readable npz ({e}): regenerate it") from None
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
+            raise UserError(f"{self.path}: arr_0 is {self.images.dtype} {self.images.shape}, expected uint8 NHWC "
+                            "with 3 channels: convert the samples")
+        self.labels = None if labels is None or len(labels) != len(self.images) else torch.from_numpy(labels.astype(np.int64))
+        self.name, self.num_samples = str(self.path), len(self.images)
+        h, w = self.images.shape[1:3]
+        self.resolution = h if h == w else None
+        self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and len(self.labels) else 0
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = torch.from_numpy(self.images[index.numpy()]).permute(0, 3, 1, 2).contiguous()
+        return x, None if self.labels is None else self.labels[index]
+
+    def fingerprint(self) -> str:
+        return sha256_file(self.path)
+
+
+class DatasetSource(Source):
+    """A pagoda data set ("photos", an image folder or an ADM npz) at a resolution, via build_dataset."""
+
+    def __init__(self, spec: str, resolution: int, split: str = "train"):
+        from pagoda.data import build_dataset
+        self.dataset = build_dataset(spec, resolution, xflip=False, split=split)
+        self.name, self.num_samples = f"{spec}:{split}:{resolution}", len(self.dataset)
+        self.resolution, self.num_classes = resolution, int(getattr(self.dataset, "num_classes", 0) or 0)
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.dataset[int(i)] for i in index]
+        return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+
+    def fingerprint(self) -> str:
+        return str(self.dataset.fingerprint())
+
+
+class TensorSource(Source):
+    """Library use: a uint8 NCHW tensor, or an iterable of such batches or of (images, labels) pairs."""
+
+    def __init__(self, data: torch.Tensor | Iterable, name: str = "tensors"):
+        self.data, self.name = data, name
+        if isinstance(data, torch.Tensor):
+            self.num_samples, self.resolution = len(data), data.shape[-1]
+
+    def batches(self, batch: int, *, rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
+        if rank is None or world is None:
+            rank, world = dist_info()
+        chunks = self.data.split(batch) if isinstance(self.data, torch.Tensor) else self.data
+        start = 0
+        for item in chunks:
+            x, y = item if isinstance(item, (tuple, list)) else (item, None)
+            index = torch.arange(start, start + len(x), dtype=torch.int64)
+            start += len(x)
+            keep = index % world == rank
+            yield _check_images(x[keep], self.name), None if y is None else y[keep], index[keep]
+        self.num_samples = start
+
+    def fingerprint(self) -> str:
+        if not isinstance(self.data, torch.Tensor):
+            raise UserError("a TensorSource over an iterable has no fingerprint: pass one tensor")
+        return hashlib.sha256(self.data.contiguous().numpy().tobytes()).hexdigest()
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
+    """`photos[:split[:res]]` -> ("photos", split, res)."""
+    parts = spec.split(":")
+    if len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+        raise UserError(f"data set {spec!r} must look like photos[:split[:resolution]] (e.g. photos:train:16)")
+    return parts[0], (parts[1] if len(parts) > 1 and parts[1] else "train"), \
+        (int(parts[2]) if len(parts) == 3 else None)
+
+
+def open_source(spec: str, *, num_samples: int | None = None, resolution: int | None = None, split: str = "train",
+                seed: int = 0, labels="uniform", guidance: float | None = None, sampler: str | None = None,
+                steps: int | None = None, device: str | torch.device = "cpu") -> Source:
+    """A checkpoint (.safetensors), an image folder, an ADM .npz, or the bundled `photos[:split[:res]]`."""
+    path = Path(spec)
+    if spec.endswith(".safetensors"):
+        from pagoda.generator import load_generator
+        if num_samples is None:
+            raise UserError(f"{spec} is a checkpoint: say how many samples to generate (--num-samples)")
+        gen = load_generator(spec, sampler=sampler, steps=steps, device=device)
+        return GeneratorSource(gen, num_samples, seed=seed, labels=labels, guidance=guidance,
+                               name=getattr(gen, "name", None) or path.stem)
+    if path.is_dir():
+        return FolderSource(path).limit(num_samples)
+    if spec.endswith(".npz"):
+        return NpzSource(path).limit(num_samples)
+    if spec.split(":")[0] == "photos":
+        name, split_, res = parse_dataset_spec(spec)
+        res = res or resolution
+        if res is None:
+            raise UserError(f"data set {spec!r} needs a resolution: write {name}:{split_}:16 or pass --resolution")
+        return DatasetSource(name, res, split_).limit(num_samples)
+    if not path.exists():
+        raise UserError(f"{spec} does not exist: give a .safetensors checkpoint, an image folder, an .npz or photos")
+    raise UserError(f"{spec} is not a .safetensors checkpoint, an image folder, an .npz or photos[:split[:res]]")
+
+
+def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Write an ADM sample npz (arr_0 uint8 NHWC, arr_1 labels) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
