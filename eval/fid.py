@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--save-samples saves generated images: use it with --ckpt, not --images")
     device = init_distributed()
     ex = make_extractor(args.extractor, args.weights_dir, device)
-    ref = load_reference(args.ref, expect_extractor=ex.name, expect_dim=ex.feature_dim, metric="fid")
+    ref = load_reference(args.ref, expect_extractor=ex.name, expect_dim=ex.feature_dim)
     spec = args.ckpt or args.images
     num = (args.num_samples or 50_000) if args.ckpt else args.num_samples
     source = open_source(spec, num_samples=num, seed=args.seed, labels=args.labels, guidance=args.guidance,
