@@ -1,0 +1,125 @@
+"""Inception feature extraction: this suite against torch-fidelity's extractor, same images and weights.
+
+    python -m bench.extract --images 2000 --batch 100 [--weights-dir D] [--out results/bench.jsonl]
+
+Both extract pool3 features of two disjoint sets of N bundled-photo crops at 64 px (upsampled
+to 299 inside each extractor, as generated images would be), batch by batch in alternation so
+that load from other processes hits both alike. Reported: img/s of each, their ratio, and
+|FID_ours - FID_torch-fidelity| between the two sets. Without --weights-dir, randomly initialised
+weights with BatchNorm statistics calibrated on the photos stand in (the row says so).
+"""
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.extractors import InceptionExtractor, calibrate_batchnorm, torch_fidelity_inception
+from eval.metrics import fid_from_features
+from eval.rows import append_rows, make_row
+from eval.weights import INCEPTION, load_state_dict, resolve_weights
+from pagoda.errors import UserError, run_cli
+
+
+def bench_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint random sets of n uint8 64 px crops from the bundled photos' train split."""
+    from pagoda.data import PhotosDataset
+
+    images = PhotosDataset(64, "train").images
+    if 2 * n > len(images):
+        raise UserError(f"--images {n}: the photos set has {len(images)} crops, two sets need {2 * n}: use <= {len(images) // 2}")
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(images)))
+    return images[perm[:n]], images[perm[n : 2 * n]]
+
+
+def random_inception_weights(folder: Path, calibration: torch.Tensor, seed: int = 0) -> Path:
+    """Write a random Inception (exact architecture, BN calibrated on `calibration`) under the official name."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    tv = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
+    net = calibrate_batchnorm(torch_fidelity_inception(tv.state_dict()), calibration.split(8))
+    path = Path(folder) / INCEPTION.files[0]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # tmp, fsync, rename: never a half-written weights file
+        torch.save(net.state_dict(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def timed_features(fns: dict, images: torch.Tensor, batch: int) -> tuple[dict, dict]:
+    """Features [N, 2048] and seconds per function, batches interleaved across the functions."""
+    feats, secs = {k: [] for k in fns}, dict.fromkeys(fns, 0.0)
+    for x in images.split(batch):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            feats[k].append(fn(x))
+            secs[k] += time.perf_counter() - t0
+    return {k: torch.cat(v).double() for k, v in feats.items()}, secs
+
+
+def run(n: int, batch: int, weights_dir: str | None, threads: int | None) -> dict:
+    """Time both extractors on the same 2n images; compare their FIDs."""
+    if threads:
+        torch.set_num_threads(threads)
+    x1, x2 = bench_images(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        made = weights_dir is None
+        folder = Path(tmp) if made else Path(weights_dir)
+        if made:
+            random_inception_weights(folder, x2[:32])
+        ours = InceptionExtractor(weights_dir=folder)
+        ref = torch_fidelity_inception(load_state_dict(resolve_weights(INCEPTION, folder)), features=("2048",)).eval()
+
+    def ref_fn(x):  # torch-fidelity's own extraction loop runs its module under no_grad
+        with torch.no_grad():
+            return ref(x)[0]
+
+    fns = {"ours": lambda x: ours(x)["features"], "torch_fidelity": ref_fn}
+    for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches
+        fn(x1[: min(batch, 8)])
+    f1, s1 = timed_features(fns, x1, batch)
+    f2, s2 = timed_features(fns, x2, batch)
+    fid = {k: fid_from_features(f1[k].numpy(), f2[k].numpy()) for k in fns}
+    rate = {k: 2 * n / (s1[k] + s2[k]) for k in fns}
+    rel = max(((f1["ours"] - f1["torch_fidelity"]).abs().max() / f1["torch_fidelity"].abs().max()).item(),
+              ((f2["ours"] - f2["torch_fidelity"]).abs().max() / f2["torch_fidelity"].abs().max()).item())
+    return {"rate": rate, "fid": fid, "rel_feature_err": rel, "weights": "calibrated-random" if made else str(ours.weights_path),
+            "sha256": ours.weights_sha256, "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2000, help="images per set; two sets are extracted (default 2000)")
+    p.add_argument("--batch", type=int, default=100, help="images per forward pass (default 100)")
+    p.add_argument("--weights-dir", default=None, help="folder with the Inception weights (default: calibrated random)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="results/bench.jsonl", help="JSONL file the row is appended to")
+    args = p.parse_args(argv)
+    if args.images < 2 or args.batch < 1:
+        raise UserError(f"--images {args.images} --batch {args.batch}: need at least 2 images and 1 per batch")
+    r = run(args.images, args.batch, args.weights_dir, args.threads)
+    ratio = r["rate"]["ours"] / r["rate"]["torch_fidelity"]
+    dfid = abs(r["fid"]["ours"] - r["fid"]["torch_fidelity"])
+    row = make_row(model="inception", method="extract", metric="extract_speedup", value=ratio, num_samples=2 * args.images,
+                   extractor="inception", extractor_sha256=r["sha256"], batch=args.batch, dtype="float32", device="cpu",
+                   extra={"img_per_s_ours": round(r["rate"]["ours"], 3),
+                          "img_per_s_torch_fidelity": round(r["rate"]["torch_fidelity"], 3),
+                          "fid_ours": r["fid"]["ours"], "fid_torch_fidelity": r["fid"]["torch_fidelity"],
+                          "abs_delta_fid": dfid, "max_rel_feature_err": r["rel_feature_err"],
+                          "weights": r["weights"], "threads": r["threads"], "images_per_set": args.images})
+    append_rows(args.out, [row])
+    print(f"ours {r['rate']['ours']:.2f} img/s, torch-fidelity {r['rate']['torch_fidelity']:.2f} img/s, "
+          f"ratio {ratio:.2f}x; FID {r['fid']['ours']:.6f} vs {r['fid']['torch_fidelity']:.6f} "
+          f"(|dFID| {dfid:.2e}); weights: {r['weights']} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

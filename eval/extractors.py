@@ -1,0 +1,374 @@
+"""Feature extractors for the metrics: a validated registry of frozen networks with their own preprocessing.
+
+Every extractor takes uint8 RGB images [N, 3, H, W] of any size, owns its resize and
+normalisation (named by its `resize` attribute, which results record), and returns
+`{"features": float32 [N, D], "logits": float32 [N, K]}` (logits only when it has them) from
+one forward pass. Weights come from local files only (eval.weights); their SHA-256 is exposed
+as `weights_sha256`. Conventions: METHOD.md section 5.
+"""
+
+import contextlib
+import copy
+import io
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
+from pagoda.errors import UserError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def check_images(x: torch.Tensor, who: str) -> None:
+    """UserError unless `x` is a uint8 tensor [N, 3, H, W]."""
+    if not torch.is_tensor(x) or x.dtype != torch.uint8:
+        what = f"{x.dtype} tensor" if torch.is_tensor(x) else type(x).__name__
+        raise UserError(f"{who} extractor got a {what}: pass uint8 RGB images (float -> uint8 by (x+1)*127.5, round)")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise UserError(f"{who} extractor got shape {tuple(x.shape)}: pass [N, 3, H, W] RGB (repeat grey channels)")
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Disable TF32 and cudnn autotuning for the duration (restored afterwards)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+
+
+def calibrate_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Set every BatchNorm's running stats to the average over `batches` (train-mode forwards).
+
+    Used for test weights: a randomly initialised Inception with default BN stats gives
+    near-constant features, hence FID ~ 0 between unrelated image sets.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta, was_training = [m.momentum for m in bns], module.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+    module.train()
+    with torch.no_grad():
+        for x in batches:
+            module(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return module.train(was_training)
+
+
+class Extractor:
+    """Base: validates input, moves it to the device, runs `_forward` deterministically."""
+
+    name: str
+    feature_dim: int
+    num_logits: int = 0
+    resize: str
+    weights_path: Path | None
+    weights_sha256: str | None
+
+    def __init__(self, net: nn.Module, spec: WeightsSpec, path: Path | None, sha: str | None, device: str):
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.spec, self.weights_path, self.weights_sha256, self.device = spec, path, sha, torch.device(device)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(images, self.name)
+        with torch.inference_mode(), deterministic():
+            out = self._forward(images.to(self.device))
+        return {k: v.float() for k, v in out.items()}
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError  # each subclass defines its one forward pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, D={self.feature_dim}, resize={self.resize!r})"
+
+
+def _load_checked(spec: WeightsSpec, weights_dir, strict: bool) -> tuple[dict, Path, str]:
+    """Resolve, hash and safely load the weights of `spec`."""
+    path = resolve_weights(spec, weights_dir)
+    sha = check_sha256(path, spec, strict=strict)
+    return load_state_dict(path, spec), path, sha
+
+
+def _wrong_architecture(path: Path, what: str, err: Exception) -> UserError:
+    """The UserError for a readable file that does not fit the network."""
+    first = str(err).strip().splitlines()
+    detail = " ".join(line.strip() for line in first[:2])[:200]
+    return UserError(f"weights file {path} does not fit {what} ({detail}): check that it is the right file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception (FID, KID, IS, P/R): torch-fidelity's TF-compatible port, BatchNorm folded.
+
+
+def inception_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a torch-fidelity or pytorch-fid Inception state dict onto torch-fidelity's keys.
+
+    pytorch-fid builds its net from torchvision's Inception3 blocks, whose module names
+    torch-fidelity's port keeps, so the keys coincide; only torchvision extras differ
+    (`num_batches_tracked` buffers, an `AuxLogits` head), and those are dropped.
+    """
+    return {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked") and not k.startswith("AuxLogits.")}
+
+
+def torch_fidelity_inception(sd: dict[str, torch.Tensor], features=("2048", "logits_unbiased")) -> nn.Module:
+    """torch-fidelity's FeatureExtractorInceptionV3 holding `sd`, without it opening any file.
+
+    Its constructor `torch.load`s a path with weights_only=False; we hand it an in-memory
+    serialisation of tensors that were already loaded safely, so no user file is unpickled.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    buf = io.BytesIO()
+    torch.save(inception_state_dict(sd), buf)
+    buf.seek(0)
+    return FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=buf)
+
+
+class FoldedConvReLU(nn.Module):
+    """relu(BN(conv(x))) with the eval-mode BatchNorm folded into the conv: w' = w g/s, b' = beta - mu g/s."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        conv, bn = block.conv, block.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last))
+        self.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _MKLDNN_FUSED:  # oneDNN conv with ReLU as a post-op: one pass
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, [1, 1], 1, "relu", [], ""
+            )
+        return F.relu(F.conv2d(x, self.weight, self.bias, self.stride, self.padding))
+
+
+_MKLDNN_FUSED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """A copy of a torch-fidelity Inception whose BasicConv2d blocks are FoldedConvReLU."""
+    net = copy.deepcopy(net)
+    for name, block in list(net.named_modules()):
+        if type(block).__name__ == "BasicConv2d":
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, attr, FoldedConvReLU(block))
+    return net
+
+
+class InceptionExtractor(Extractor):
+    """pool3 (2048) and bias-free logits (1008) of the 2015-12-05 Inception, TF1 bilinear resize to 299."""
+
+    name, feature_dim, num_logits, resize = "inception", 2048, 1008, "tf1-bilinear-299"
+
+    def __init__(self, *, weights_dir=None, device="cpu", strict=False, fold=True):
+        sd, path, sha = _load_checked(SPECS["inception"], weights_dir, strict)
+        try:
+            net = torch_fidelity_inception(sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise _wrong_architecture(path, "the 2015-12-05 Inception of torch-fidelity", e) from e
+        super().__init__(fold_batchnorm(net) if fold else net, SPECS["inception"], path, sha, device)
+
+    def _forward(self, x):
+        # torch-fidelity's own forward: float32, its TF1 resize on the whole batch, (x-128)/128
+        features, logits = self.net(x)
+        return {"features": features, "logits": logits}
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2 (FD-DINOv2): timm ViT, CLS token after the final norm.
+
+DINOV2_ARCH = {
+    "dinov2": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2-vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2-vits14": "vit_small_patch14_dinov2.lvd142m",
+}
+
+
+def build_dinov2(arch: str) -> nn.Module:
+    """timm DINOv2 at 224 px with no head, randomly initialised (never downloads)."""
+    import timm
+
+    return timm.create_model(arch, pretrained=False, img_size=224, num_classes=0)
+
+
+def pil_resize(x: torch.Tensor, size: tuple[int, int], shorter_side: bool = False) -> torch.Tensor:
+    """Per-image PIL BICUBIC resize of uint8 [N, 3, H, W] -> uint8 (the dgm-eval / torchvision-on-PIL path)."""
+    from PIL import Image
+
+    out = []
+    for img in x.permute(0, 2, 3, 1).cpu().numpy():
+        out.append(np.asarray(Image.fromarray(img).resize(size[::-1], Image.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def normalize(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel on [0, 1] images."""
+    mean, std = (torch.tensor(v, device=x01.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x01 - mean) / std
+
+
+class DINOv2Extractor(Extractor):
+    """CLS token after the final norm of a DINOv2 ViT at 224 px, ImageNet mean/std."""
+
+    RESIZES = ("pil-bicubic", "torch-bicubic-aa")
+
+    def __init__(self, name: str, *, weights_dir=None, device="cpu", strict=False, resize="pil-bicubic"):
+        if resize not in self.RESIZES:
+            raise UserError(f"resize={resize!r} for {name}: choose one of {', '.join(self.RESIZES)}")
+        import timm.models.vision_transformer as vt
+
+        spec, self.name, self.resize = SPECS[name], name, resize
+        sd, path, sha = _load_checked(spec, weights_dir, strict)
+        net = build_dinov2(DINOV2_ARCH[name])
+        try:  # timm's own filter: resamples the 518 px position embedding to 224 as pretrained=True would
+            net.load_state_dict(vt.checkpoint_filter_fn(sd, net))
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise _wrong_architecture(path, f"timm {DINOV2_ARCH[name]}", e) from e
+        self.feature_dim = net.num_features
+        super().__init__(net, spec, path, sha, device)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> normalised float [N, 3, 224, 224] by the chosen resize."""
+        if self.resize == "pil-bicubic":
+            x01 = pil_resize(x, (224, 224)).to(x.device).float() / 255
+        else:
+            x01 = F.interpolate(x.float() / 255, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
+            x01 = x01.clamp(0, 1)
+        return normalize(x01, IMAGENET_MEAN, IMAGENET_STD)
+
+    def _forward(self, x):
+        return {"features": self.net.forward_features(self.preprocess(x))[:, 0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP (CLIP score): open_clip ViT with OpenAI weights (QuickGELU), normalised embeddings.
+
+CLIP_MODEL = {"clip": "ViT-L-14", "clip-vitb32": "ViT-B-32"}
+
+
+def build_clip(model: str) -> nn.Module:
+    """open_clip model with OpenAI's QuickGELU activation, randomly initialised (never downloads)."""
+    import open_clip
+
+    return open_clip.create_model(model, pretrained=None, force_quick_gelu=True)
+
+
+class CLIPExtractor(Extractor):
+    """L2-normalised CLIP image embeddings with open_clip's eval preprocessing; `encode_text` for prompts."""
+
+    resize = "pil-bicubic-short224-centercrop"
+
+    def __init__(self, name: str, *, weights_dir=None, device="cpu", strict=False):
+        import open_clip
+
+        spec, self.name = SPECS[name], name
+        sd, path, sha = _load_checked(spec, weights_dir, strict)
+        net = build_clip(CLIP_MODEL[name])
+        try:
+            net.load_state_dict(sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise _wrong_architecture(path, f"open_clip {CLIP_MODEL[name]}", e) from e
+        self.feature_dim = net.text_projection.shape[1]
+        self.transform = open_clip.image_transform(net.visual.image_size, is_train=False)
+        self.tokenizer = open_clip.get_tokenizer(CLIP_MODEL[name])
+        super().__init__(net, spec, path, sha, device)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """open_clip's own eval transform (resize short side, center crop, CLIP mean/std) per image."""
+        from PIL import Image
+
+        imgs = [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+        return torch.stack([self.transform(img) for img in imgs]).to(x.device)
+
+    def _forward(self, x):
+        return {"features": F.normalize(self.net.encode_image(self.preprocess(x)), dim=-1)}
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D] of `texts`."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise UserError(f"{self.name}.encode_text got {type(texts).__name__}: pass a list of strings")
+        with torch.inference_mode(), deterministic():
+            return F.normalize(self.net.encode_text(self.tokenizer(texts).to(self.device)), dim=-1).float()
+
+
+def cosine(img_feats: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity [N] of paired image and text embeddings (CLIP score = 100 max(cos, 0))."""
+    if img_feats.shape != txt_feats.shape:
+        raise UserError(f"cosine: image features {tuple(img_feats.shape)} and text features "
+                        f"{tuple(txt_feats.shape)} differ: pass one caption per image")
+    return (F.normalize(img_feats.double(), dim=-1) * F.normalize(txt_feats.double(), dim=-1)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain: the project's classifier of the bundled photos.
+
+
+class DomainExtractor(Extractor):
+    """Features and logits of the bundled-photos classifier (pagoda.networks.domain)."""
+
+    name, resize = "domain", "domain-net-internal"
+
+    def __init__(self, *, weights_dir=None, device="cpu", strict=False):
+        try:
+            from pagoda.networks.domain import load_domain_net
+        except ImportError as e:
+            raise UserError("the domain extractor needs pagoda.networks.domain, missing from this install: "
+                            "update the checkout or pick another extractor") from e
+        spec = SPECS["domain"]
+        path = resolve_weights(spec, weights_dir)
+        sha = check_sha256(path, spec, strict=strict)
+        net = load_domain_net(path)  # reads its config from the safetensors metadata; UserError if unfit
+        self.feature_dim, self.num_logits = net.feature_dim, net.num_classes
+        super().__init__(net, spec, path, sha, device)
+
+    def _forward(self, x):
+        features, logits = self.net(x)
+        return {"features": features, "logits": logits}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+
+@dataclass(frozen=True)
+class ExtractorEntry:
+    """How to build one registered extractor, the options it takes, and the metrics it serves."""
+
+    build: Callable[..., Extractor]
+    options: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+
+def _named(cls, name):
+    """Builder for one name of a family class (DINOv2 sizes, CLIP models)."""
+    return lambda **kw: cls(name, **kw)
+
+
+EXTRACTORS: dict[str, ExtractorEntry] = {
+    "inception": ExtractorEntry(InceptionExtractor, ("strict", "fold"), ("fid", "kid", "is", "pr")),
+    **{n: ExtractorEntry(_named(DINOv2Extractor, n), ("strict", "resize"), ("fd_dinov2",)) for n in DINOV2_ARCH},
+    **{n: ExtractorEntry(_named(CLIPExtractor, n), ("strict",), ("clip_score",)) for n in CLIP_MODEL},
+    "domain": ExtractorEntry(DomainExtractor, ("strict",), ("fd", "is", "pr")),
+}
+
+
+def get_extractor(name: str, *, weights_dir=None, device="cpu", **opts) -> Extractor:
+    """Build a registered extractor from local weights; UserError on unknown names or options."""
+    if name not in EXTRACTORS:
+        raise UserError(f"unknown extractor {name!r}: choose one of {', '.join(EXTRACTORS)}")
+    entry = EXTRACTORS[name]
+    bad = sorted(set(opts) - set(entry.options))
+    if bad:
+        raise UserError(f"extractor {name!r} has no option {', '.join(bad)}: it accepts {', '.join(entry.options)}")
+    return entry.build(weights_dir=weights_dir, device=device, **opts)

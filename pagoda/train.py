@@ -1,0 +1,303 @@
+"""The one training loop: DDP, gradient accumulation, Adam with warm-up, EMA, snapshots, resume.
+
+Every stage plugs in through a small object (see `Stage`); what a stage computes lives in its
+`step()`, never in this file. Determinism is by construction: the data indices of step k and the
+noise of its micro-batch m are functions of (seed, k, m) only, never of iterator or RNG state, so
+a run killed and started again with the same command ends in the same weights, bit for bit.
+
+Global batch = micro_batch * accumulation rounds * world size. Micro-batch m = round * world + rank
+holds positions [m * micro_batch, (m + 1) * micro_batch) of the global batch. Each micro-batch loss
+is a mean; dividing it by the number of rounds and letting DDP average over ranks gives the
+gradient of the mean over the global batch, the same update one process would make.
+
+Run directory: config.json, log.jsonl, state.pt, <stage>.safetensors, snapshots/<stage>-<step>.safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pagoda import checkpoint, dist
+from pagoda.config import TrainConfig
+from pagoda.errors import UserError
+
+
+class Stage(Protocol):
+    """What the loop needs from a stage (teacher, distill, grow)."""
+
+    name: str  # the deliverable is <out_dir>/<name>.safetensors
+    kind: str  # checkpoint kind written into its metadata
+    net: nn.Module  # the trained network; its EMA is the deliverable
+
+    def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Loss (a scalar mean over the micro-batch) and extra statistics to log. `net` is `self.net`,
+        wrapped in DDP when distributed: call it, not `self.net`, so that gradients are synchronised."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic data order and randomness.
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (numpy SeedSequence), e.g. (seed, purpose, step, m)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of a data set of n items in one epoch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, epoch)))
+
+
+def step_indices(n: int, *, seed: int, step: int, batch: int) -> torch.Tensor:
+    """Data indices [batch] of the global batch of `step`: positions step*batch.. of the epoch stream."""
+    pos = torch.arange(step * batch, (step + 1) * batch)
+    epoch, offset = pos // n, pos % n
+    out = torch.empty(batch, dtype=torch.int64)
+    for e in epoch.unique().tolist():
+        sel = epoch == e
+        out[sel] = _epoch_permutation(n, seed, e)[offset[sel]]
+    return out
+
+
+class StepSampler:
+    """Batch sampler for a DataLoader: this rank's micro-batches of steps start..steps-1, in order."""
+
+    def __init__(self, n: int, *, seed: int, batch: int, micro: int, start: int, steps: int, rank: int,
+                 world: int):
+        self.n, self.seed, self.batch, self.micro = n, seed, batch, micro
+        self.start, self.steps, self.rank, self.world = start, steps, rank, world
+        self.accum = batch // (micro * world)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start) * self.accum
+
+    def __iter__(self):
+        for k in range(self.start, self.steps):
+            idx = step_indices(self.n, seed=self.seed, step=k, batch=self.batch)
+            for a in range(self.accum):
+                m = a * self.world + self.rank
+                yield idx[m * self.micro:(m + 1) * self.micro].tolist()
+
+
+def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro_batch per rank, accumulation rounds) with micro * rounds * world == cfg.batch."""
+    micro = cfg.micro_batch or cfg.batch // world
+    if micro < 1 or cfg.batch % (micro * world):
+        raise UserError(f"train.batch={cfg.batch} is not a multiple of train.micro_batch={micro} x {world} "
+                        f"processes: choose batch, micro_batch and the process count so that it is")
+    return micro, cfg.batch // (micro * world)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and EMA.
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from lr / lr_warmup to lr over the first lr_warmup steps, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
+
+
+def ema_beta(ema_rate: float, step: int) -> float:
+    """EMA decay at `step`: ema_rate, warmed up as (1 + k) / (10 + k) so early weights fade (DESIGN)."""
+    return min(ema_rate, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net, parameters and floating buffers alike."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p.detach(), 1 - beta)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory.
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (checkpoint.write_atomic: temp file, fsync, os.replace)."""
+    checkpoint.write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def first_difference(old, new, prefix: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, old value, new value) of the first difference between two JSON trees, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            sub = first_difference(old.get(key, "<missing>"), new.get(key, "<missing>"), f"{prefix}{key}.")
+            if sub is not None:
+                return sub
+        return None
+    return None if old == new else (prefix.rstrip("."), old, new)
+
+
+def prepare_run_dir(out_dir: Path, config_dict: dict) -> None:
+    """Create the run directory with config.json, or check that the one there matches (resume)."""
+    path = out_dir / "config.json"
+    config_dict = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON: delete the run directory {out_dir} or pass --out elsewhere") \
+                from None
+        diff = first_difference(old, config_dict)
+        if diff is not None:
+            raise UserError(f"run directory {out_dir} holds a run with a different config (first difference: "
+                            f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory "
+                            f"or delete {out_dir} to start over")
+    dist.barrier()  # every rank has read before rank 0 writes
+    if dist.is_main() and not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    dist.barrier()
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop rows of log.jsonl past `step` (written after the snapshot a resumed run starts from)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _cpu(tree):
+    """A copy of a (nested) state dict with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
+
+
+def save_snapshot(out_dir: Path, stage: Stage, *, ema: nn.Module, state: dict, meta: dict) -> None:
+    """snapshots/<name>-<step>.safetensors, <name>.safetensors (the EMA), then state.pt last."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+    (out_dir / "snapshots").mkdir(exist_ok=True)
+    checkpoint.save_model(out_dir / "snapshots" / f"{stage.name}-{state['step']:07d}.safetensors", weights, meta)
+    checkpoint.save_model(out_dir / f"{stage.name}.safetensors", weights, meta)
+    checkpoint.save_training_state(out_dir / "state.pt", state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_dict: dict,
+          dataset: torch.utils.data.Dataset, num_workers: int = 0, device: torch.device | None = None,
+          meta_extra: dict | None = None) -> Path:
+    """Train `stage.net` on `dataset` for cfg.steps optimizer steps (resuming if possible); returns
+    the path of the EMA model <out_dir>/<stage.name>.safetensors."""
+    out_dir, device = Path(out_dir), device or dist.device()
+    world, rank = dist.world_size(), dist.rank()
+    micro, accum = micro_batching(cfg, world)
+    model_path, state_path, log_path = out_dir / f"{stage.name}.safetensors", out_dir / "state.pt", out_dir / "log.jsonl"
+    prepare_run_dir(out_dir, config_dict)
+
+    # Network, EMA, optimizer, loss scaler (float16 only), autocast.
+    net = stage.net.to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    autocast = dict(device_type=device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
+
+    # Resume from state.pt when there is one.
+    step = 0
+    if state_path.exists():
+        state = checkpoint.load_training_state(state_path)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+    if step >= cfg.steps:
+        dist.print0(f"{out_dir}: finished ({step} of {cfg.steps} steps), nothing to do; model: {model_path}")
+        return model_path
+    if dist.is_main():
+        truncate_log(log_path, step)
+        dist.print0(f"{out_dir}: {'resuming at step ' + str(step) if step else 'starting'}; {cfg.steps} steps of "
+                    f"{cfg.batch} images ({micro} per pass x {accum} rounds x {world} processes)")
+    ddp = net
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepSampler(len(dataset), seed=cfg.seed, batch=cfg.batch, micro=micro, start=step, steps=cfg.steps,
+                          rank=rank, world=world)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                               pin_memory=device.type == "cuda"))
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", mininterval=2.0, disable=None if dist.is_main() else True)
+    loss_sum, stat_sums, window_steps, window_t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
+    while step < cfg.steps:
+        lr = learning_rate(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        # Accumulate gradients over this rank's micro-batches; DDP syncs on the last round only.
+        opt.zero_grad(set_to_none=True)
+        for a in range(accum):
+            m = a * world + rank
+            batch = [t.to(device, non_blocking=True) for t in next(batches)]
+            generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, step, m))
+            torch.manual_seed(derive_seed(cfg.seed, 2, step, m))  # anything drawing from the global RNG (dropout)
+            sync = contextlib.nullcontext() if world == 1 or a == accum - 1 else ddp.no_sync()
+            with sync:
+                with torch.autocast(**autocast):
+                    loss, stats = stage.step(ddp, batch, generator)
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+            for k, v in stats.items():
+                stat_sums[k] = stat_sums.get(k, 0.0) + torch.as_tensor(v, device=device).detach().float() / accum
+
+        # Optimizer step (gradients unscaled first when clipping), then EMA.
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        update_ema(ema, net, ema_beta(cfg.ema_rate, step))
+        step += 1
+        window_steps += 1
+        bar.update(1)
+
+        # Log row: means over the steps since the last row and over all ranks.
+        if step % cfg.log_every == 0:
+            names = sorted(stat_sums)
+            means = dist.all_reduce_mean(torch.stack([loss_sum, *(stat_sums[k] for k in names)]) / window_steps)
+            elapsed = time.perf_counter() - window_t0
+            row = dict(step=step, kimg=step * cfg.batch / 1000, loss=means[0].item(), lr=lr,
+                       img_per_s=window_steps * cfg.batch / elapsed, sec_per_step=elapsed / window_steps,
+                       time=time.time(), world_size=world, **{k: means[i + 1].item() for i, k in enumerate(names)})
+            if dist.is_main():
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}", refresh=False)
+            loss_sum, stat_sums, window_steps, window_t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
+
+        # Snapshot: models first, state.pt last, so a state always has its model files.
+        if step % cfg.snapshot_every == 0 or step == cfg.steps:
+            if dist.is_main():
+                state = _cpu(dict(step=step, net=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                                  scaler=scaler.state_dict()))
+                meta = checkpoint.model_meta(kind=stage.kind, stage=stage.name, config=config_dict, step=step,
+                                             ema_rate=cfg.ema_rate, extra=meta_extra)
+                save_snapshot(out_dir, stage, ema=ema, state=state, meta=meta)
+            dist.barrier()
+    bar.close()
+    dist.print0(f"{out_dir}: done ({cfg.steps} steps); model: {model_path}")
+    return model_path
