@@ -9,6 +9,7 @@ as `weights_sha256`. Conventions: METHOD.md section 5.
 
 import contextlib
 import copy
+import functools
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -177,12 +178,50 @@ class InceptionExtractor(Extractor):
             net = torch_fidelity_inception(sd)
         except (RuntimeError, ValueError, KeyError) as e:
             raise _wrong_architecture(path, "the 2015-12-05 Inception of torch-fidelity", e) from e
+        self.fast = fold  # False: torch-fidelity's module and forward untouched (bit-exact with it)
         super().__init__(fold_batchnorm(net) if fold else net, SPECS["inception"], path, sha, device)
 
     def _forward(self, x):
-        # torch-fidelity's own forward: float32, its TF1 resize on the whole batch, (x-128)/128
-        features, logits = self.net(x)
-        return {"features": features, "logits": logits}
+        """torch-fidelity's forward (float32, TF1 resize, (x-128)/128, trunk, pool3, bias-free fc) with the
+        resize done as two small matmuls and the trunk in channels-last memory: same numbers, less time."""
+        net = self.net
+        if not self.fast:
+            features, logits = net(x)
+            return {"features": features, "logits": logits}
+        x = tf1_bilinear_resize(x.float(), 299)
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+        for name in INCEPTION_TRUNK:
+            x = getattr(net, name)(x)
+        features = torch.flatten(x, 1)
+        return {"features": features, "logits": features.mm(net.fc.weight.T)}
+
+
+# torch-fidelity's FeatureExtractorInceptionV3 layers from the 299 px input to pool3, in order.
+INCEPTION_TRUNK = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                   "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                   "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool")
+
+
+@functools.lru_cache(maxsize=8)
+def _tf1_bilinear_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """[n_out, n_in] weights of TF1 bilinear resampling (align_corners=False, no half-pixel offset):
+    source coordinate i * n_in / n_out in float32, as torch-fidelity computes it, hence the same taps."""
+    src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    lo = src.long()
+    hi = (lo + 1).clamp_max(n_in - 1)
+    frac = src - lo.float()
+    w = torch.zeros(n_out, n_in, dtype=torch.float32)
+    w[torch.arange(n_out), lo] += 1 - frac
+    w[torch.arange(n_out), hi] += frac
+    return w.to(device)
+
+
+def tf1_bilinear_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1-compatible bilinear resize of float [N, C, H, W] to size x size as W_h x W_w^T (two matmuls);
+    agrees with torch-fidelity's gather-based interpolate_bilinear_2d_like_tensorflow1x to float rounding."""
+    wh = _tf1_bilinear_matrix(x.shape[2], size, x.device)
+    ww = _tf1_bilinear_matrix(x.shape[3], size, x.device)
+    return torch.matmul(torch.matmul(wh, x), ww.T)
 
 
 # ---------------------------------------------------------------------------------------------

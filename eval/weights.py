@@ -77,7 +77,7 @@ SPECS: dict[str, WeightsSpec] = {
     "domain": WeightsSpec(
         key="domain",
         files=("domain-photos.safetensors",),
-        url="made by this project: `python -m pagoda domain --preset photos` writes it",
+        url="made by this project: `python -m pagoda domain -o <weights dir>/domain-photos.safetensors` writes it",
         sha256=(),
         what="the project's classifier of the bundled photos (its hash depends on the training run)",
     ),

@@ -16,7 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.extractors import EXTRACTORS, build_dinov2, cosine, get_extractor, torch_fidelity_inception
+from eval.extractors import (
+    EXTRACTORS,
+    build_dinov2,
+    cosine,
+    get_extractor,
+    tf1_bilinear_resize,
+    torch_fidelity_inception,
+)
 from eval.metrics import fid_from_features, frechet_distance, gaussian_stats
 from eval.weights import INCEPTION, SPECS, load_state_dict, resolve_weights, sha256_file
 from pagoda.errors import UserError
@@ -113,6 +120,15 @@ def test_inception_fid_matches_clean_fid_formula(inception_feats):
     ours = frechet_distance(*s1, *s2)
     clean = clean_frechet(s1[0], s1[1], s2[0], s2[1])  # scipy sqrtm: singular here, so a looser check
     assert abs(ours - clean) <= 1e-2 * abs(clean)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (8, 8), (17, 33), (300, 300), (512, 384)])
+def test_matmul_resize_equals_torch_fidelity_tf1_resize(hw):
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    x = torch.randint(0, 256, (2, 3, *hw), generator=torch.Generator().manual_seed(0)).float()
+    ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert (tf1_bilinear_resize(x, 299) - ref).abs().max() < 1e-4  # pixel units 0..255: float rounding only
 
 
 def test_inception_is_batch_size_independent(inception, inception_feats):
