@@ -24,29 +24,7 @@ from eval.pipeline import Want, check_sample_count, extract, init_distributed, i
 from eval.rows import append_rows, format_table, make_row
 from eval.sources import dist_info, open_source, save_samples
 from eval.stats import load_reference
-from pagoda.errors import UserError, run_cli
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
-
-
-def scale(text: str) -> float:
-    """argparse type: a CFG scale >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return v
+from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
 
 
 def labels_arg(text: str) -> str:
@@ -111,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--images", help="an image folder or ADM .npz to measure instead of a checkpoint")
     p.add_argument("--ref", required=True, help="reference statistics (eval.ref npz, ADM npz, clean-fid npz, EDM2 pkl)")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
-    p.add_argument("--guidance", type=scale, default=None, help="CFG scale w (default: the model's own)")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (default: the model's own)")
     p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None, help="sampler of a diffusion model")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps of a diffusion model")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for a 95%% CI (0 = none)")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pagoda.checkpoint import write_atomic
 from pagoda.errors import UserError
 from pagoda.version import git_commit
 
@@ -66,17 +66,7 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     if old and not old.endswith(b"\n"):
         old += b"\n"
     new = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(old + new)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_bytes(old + new))
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pagoda import dist
-from pagoda.data import IMAGE_EXTENSIONS
+from pagoda.data import IMAGE_EXTENSIONS, save_npz
 from pagoda.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
@@ -322,16 +321,4 @@ def open_source(spec: str, *, num_samples: int | None = None, resolution: int | 
 
 def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Write an ADM sample npz (arr_0 uint8 NHWC, arr_1 labels) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_npz(path, images, labels)

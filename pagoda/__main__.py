@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
 STAGES = {"teacher": "pagoda.stages.teacher"}
@@ -54,26 +54,6 @@ def int_list(text: str) -> list[int]:
 def labels_arg(text: str) -> str | list[int]:
     """`seed` (drawn per seed), `uniform` (i mod num_classes) or class ids like `int_list`."""
     return text if text in ("seed", "uniform") else int_list(text)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
-
-
-def guidance_scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (1 = no guidance)")
-    return value
 
 
 def device_arg(text: str) -> str:
@@ -164,18 +144,10 @@ def write_grid(path: Path, images) -> None:
 
 
 def write_npz(path: Path, images, labels) -> None:
-    """ADM sample file: arr_0 uint8 NHWC, arr_1 int64 labels (when conditional); atomic."""
-    import numpy as np
+    """ADM sample file of uint8 [N, 3, H, W] images: arr_0 NHWC, arr_1 labels (when conditional); atomic."""
+    from pagoda.data import save_npz
 
-    from pagoda.checkpoint import write_atomic
-    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
-    if labels is not None:
-        arrays["arr_1"] = labels.numpy()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    write_atomic(path, write)
+    save_npz(path, images.permute(0, 2, 3, 1).numpy(), None if labels is None else labels.numpy())
 
 
 def cmd_sample(args) -> int:

@@ -254,6 +254,20 @@ def _check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None)
                         "non-negative integer labels: fix or drop arr_1")
 
 
+def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """Write an ADM sample npz (arr_0 uint8 NHWC, arr_1 int64 labels when given) atomically."""
+    from pagoda.checkpoint import write_atomic
+
+    arrays = {"arr_0": np.asarray(images, dtype=np.uint8)}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare path
+            np.savez(f, **arrays)
+    return write_atomic(path, write)
+
+
 class NpzDataset(_FlipDataset):
     """ADM sample npz: arr_0 uint8 (N, H, W, 3), optional arr_1 integer labels.
 
