@@ -10,7 +10,6 @@ weights with BatchNorm statistics calibrated on the photos stand in (the row say
 """
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from eval.extractors import InceptionExtractor, calibrate_batchnorm, torch_fidel
 from eval.metrics import fid_from_features
 from eval.rows import append_rows, make_row
 from eval.weights import INCEPTION, load_state_dict, resolve_weights
+from pagoda.checkpoint import write_atomic
 from pagoda.errors import UserError, run_cli
 
 
@@ -44,12 +44,7 @@ def random_inception_weights(folder: Path, calibration: torch.Tensor, seed: int 
     tv = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=True)
     net = calibrate_batchnorm(torch_fidelity_inception(tv.state_dict()), calibration.split(8))
     path = Path(folder) / INCEPTION.files[0]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # tmp, fsync, rename: never a half-written weights file
-        torch.save(net.state_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(net.state_dict(), tmp))  # never a half-written weights file
     return path
 
 

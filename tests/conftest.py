@@ -5,24 +5,15 @@ random weights (seeded) and saves it under the official file name in a weights f
 is cached across runs in pytest's cache directory (delete `.pytest_cache` to rebuild).
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pagoda.checkpoint import write_atomic
+
 WEIGHTS_VERSION = "v1"  # bump when the way test weights are made changes
-
-
-def _save_atomic(save, path: Path) -> Path:
-    """Write through `save(tmp_path)` then rename, so a killed run leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp")
-    save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def _photos() -> list[np.ndarray]:
@@ -77,7 +68,7 @@ def dinov2_weights(extractor_weights_dir) -> Path:
     if not path.exists():
         torch.manual_seed(0)
         sd = {k: v.contiguous() for k, v in build_dinov2("vit_small_patch14_dinov2.lvd142m").state_dict().items()}
-        _save_atomic(lambda p: save_file(sd, str(p)), path)
+        write_atomic(path, lambda p: save_file(sd, str(p)))
     return path
 
 
@@ -93,5 +84,5 @@ def clip_weights(extractor_weights_dir) -> Path:
         path.parent.mkdir(exist_ok=True)
         torch.manual_seed(0)
         sd = {k: v.contiguous().clone() for k, v in build_clip("ViT-B-32").state_dict().items()}
-        _save_atomic(lambda p: save_file(sd, str(p)), path)
+        write_atomic(path, lambda p: save_file(sd, str(p)))
     return path

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.checkpoint import write_atomic
 from pagoda.data import PHOTO_CLASSES, PhotosDataset, to_model
 from pagoda.errors import UserError
 
@@ -177,15 +178,7 @@ def save_domain_net(model: DomainNet, path: str | os.PathLike, report: dict) -> 
             "input_resolution": model.input_resolution, "class_names": _class_names(model),
             "heldout_accuracy": report.get("heldout_accuracy"), "report": report}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"pagoda": json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata={"pagoda": json.dumps(meta)}))
 
 
 def read_domain_metadata(path: str | os.PathLike) -> dict:
