@@ -75,8 +75,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(f_real, f_fake) -> float:
-    """Frechet distance between the Gaussians fitted to two feature sets."""
-    return frechet_distance(*gaussian_stats(f_real), *gaussian_stats(f_fake))
+    """Frechet distance between the Gaussians fitted to two feature sets (unbiased covariances).
+
+    When a set has fewer rows than dimensions (one class of a class-conditional model, say), the D x D
+    eigendecompositions are replaced by an n1 x n2 SVD: with X_i = centred rows / sqrt(n_i - 1), S_i =
+    X_i^T X_i, the eigenvalues of S1 S2 are the squared singular values of X1 X2^T, so tr sqrt(S1 S2) is
+    its nuclear norm. Same number (to rounding), ~1000x faster for 50 rows at D = 2048.
+    """
+    x1, x2 = _f64(f_real), _f64(f_fake)
+    d = x1.shape[1]
+    if min(len(x1), len(x2)) >= d:
+        return frechet_distance(*gaussian_stats(x1), *gaussian_stats(x2))
+    warnings.warn(f"{min(len(x1), len(x2))} samples < feature dimension {d}: the covariance is singular and the "
+                  "Frechet distance is biased upwards; not comparable with published numbers", stacklevel=2)
+    if x2.shape[1] != d or min(len(x1), len(x2)) < 2:
+        raise ValueError(f"fid_from_features: need >= 2 rows of equal width, got {x1.shape} and {x2.shape}")
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    c1, c2 = (x1 - mu1) / np.sqrt(len(x1) - 1), (x2 - mu2) / np.sqrt(len(x2) - 1)
+    tr_covmean = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + (c1 * c1).sum() + (c2 * c2).sum() - 2 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Images are generated or read batch by batch, each extractor runs once per batch, and what is kept
 is bounded: float64 sums of features and outer products (FeatureStats, all-reduced across ranks),
-plus, only when a metric needs them, per-sample features / logits / CLIP cosines in FeatureStores
-of a fixed capacity (gathered to every rank at the end). Memory does not grow with the sample count
-beyond those stores.
+plus, only when a metric needs them, per-sample features / class labels / logits / CLIP cosines in
+FeatureStores of a fixed capacity (gathered to every rank at the end). Memory does not grow with the
+sample count beyond those stores.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -28,6 +29,7 @@ class Want:
     """What to keep from one extractor besides the mean / covariance sums."""
 
     store: int = 0  # keep features of the first `store` samples (KID, P/R, bootstrap CIs)
+    labels: bool = False  # also keep the class label of each stored feature row (per-class metrics)
     logits: bool = False  # keep every sample's logits (IS)
     texts: list[str] | None = None  # CLIP: prompt per class; keep each sample's image-text cosine
 
@@ -39,9 +41,14 @@ class Extraction:
     extractor: object
     stats: FeatureStats
     store: FeatureStore | None = None
+    labels: FeatureStore | None = None  # one column: the label of each row of `store`
     logits: FeatureStore | None = None
     cos: FeatureStore | None = None
     extra: dict = field(default_factory=dict)
+
+    def stored_labels(self) -> np.ndarray | None:
+        """int64 class of each row of store.features() (labels travel as exact small floats), or None."""
+        return None if self.labels is None else np.rint(self.labels.features()[:, 0]).astype(np.int64)
 
 
 def init_distributed() -> torch.device:
@@ -66,6 +73,10 @@ def _start(ex, want: Want, num_samples: int) -> Extraction:
     out = Extraction(ex, FeatureStats(ex.feature_dim))
     if want.store:
         out.store = FeatureStore(ex.feature_dim, min(want.store, num_samples))
+    if want.labels:
+        if out.store is None:
+            raise ValueError("Want(labels=True) keeps the labels of stored features: set store > 0 too")
+        out.labels = FeatureStore(1, out.store.capacity)
     if want.logits:
         if not getattr(ex, "num_logits", 0):
             raise ValueError(f"extractor {ex.name} has no logits")
@@ -83,6 +94,10 @@ def _update(out: Extraction, res: dict, labels: torch.Tensor | None, index: torc
         keep = index < out.store.capacity
         if keep.any():
             out.store.update(feats[keep], index[keep])
+            if out.labels is not None:
+                if labels is None:
+                    raise ValueError("Want(labels=True) but the source gives no labels")
+                out.labels.update(labels.cpu()[keep].double()[:, None], index[keep])
     if out.logits is not None:
         out.logits.update(res["logits"].detach().to("cpu", torch.float64), index)
     if out.cos is not None:
@@ -120,7 +135,7 @@ def extract(source: Source, extractors: dict[str, object], wants: dict[str, Want
 
 def _finish(out: Extraction) -> None:
     out.stats.all_reduce()
-    for store in (out.store, out.logits, out.cos):
+    for store in (out.store, out.labels, out.logits, out.cos):
         if store is not None:
             store.gather()
 

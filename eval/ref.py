@@ -4,10 +4,12 @@
     python -m eval.ref data/imagenet64_val.npz -o refs/in64.npz --weights-dir weights/
 
 Stores the float64 mean and covariance of the features, the features of the first
---store-features images (for KID and precision / recall), and the provenance: a content
-fingerprint of the inputs, the extractor, its weights' SHA-256, its resize mode, the sample count
-and the pagoda version. Running the command again on an up-to-date output does nothing; an output
-whose provenance differs is stale and is rebuilt only with --force.
+--store-features images (for KID and precision / recall) with their class labels when the data set
+has classes (photos, an ImageNet-layout folder, an ADM npz with arr_1; for per-class metrics), and
+the provenance: a content fingerprint of the inputs, the extractor, its weights' SHA-256, its resize
+mode, the sample count, the class names and the pagoda version. Running the command again on an
+up-to-date output does nothing; an output whose provenance differs is stale and is rebuilt only
+with --force.
 """
 
 from __future__ import annotations
@@ -24,12 +26,21 @@ from pagoda.errors import UserError, run_cli
 from pagoda.version import __version__
 
 
+def class_names_of(source) -> list[str] | None:
+    """Names of the source's classes where known (photos, folders), else None."""
+    names = getattr(source, "class_names", None) or getattr(getattr(source, "dataset", None), "class_names", None)
+    return list(names) if names else None
+
+
 def provenance_of(spec: str, source, ex) -> dict:
     """What the statistics depend on; two references with equal provenance are interchangeable."""
-    return dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
+    prov = dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
                 num_samples=source.num_samples, extractor=ex.name, feature_dim=ex.feature_dim,
                 extractor_sha256=getattr(ex, "weights_sha256", None), resize=str(getattr(ex, "resize", None)),
                 pagoda_version=__version__)
+    if source.num_classes:  # labelled: a reference made before labels were stored is stale
+        prov.update(num_classes=source.num_classes, class_names=class_names_of(source))
+    return prov
 
 
 def stale_reason(path: Path, provenance: dict) -> str | None:
@@ -47,10 +58,11 @@ def stale_reason(path: Path, provenance: dict) -> str | None:
 
 def build(source, ex, *, batch: int, store: int, device, provenance: dict):
     """Stream the source once through the extractor; a Reference with mean, covariance and stored features."""
-    out = extract(source, {ex.name: ex}, {ex.name: Want(store=store)}, batch=batch, device=device)[ex.name]
+    want = Want(store=store, labels=bool(store and source.num_classes))
+    out = extract(source, {ex.name: ex}, {ex.name: want}, batch=batch, device=device)[ex.name]
     features = out.store.features() if out.store is not None else None
     return Reference(mu=out.stats.mean(), sigma=out.stats.cov(), n=out.stats.n, features=features,
-                     provenance=provenance)
+                     provenance=provenance, labels=out.stored_labels())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance)
     if is_main():
         save_reference(out, ref)
+        classes = f" with labels of {source.num_classes} classes" if ref.labels is not None else ""
         print(f"wrote {out}: {ref.n} images, {ex.name} ({ex.feature_dim}-d), "
-              f"{0 if ref.features is None else len(ref.features)} features stored")
+              f"{0 if ref.features is None else len(ref.features)} features stored{classes}")
     return 0
 
 

@@ -13,19 +13,40 @@ Rows: `fid` and `fd_dinov2` (CI from --bootstrap), `kid` (extra.std), `precision
 (k = 3), `is` with extra.style = adm | torch-fidelity and extra.std, `clip` (100 * mean max(cos, 0);
 prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
 its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
+
+--per-class (class-conditional models, a reference with labels) adds, for fid and pr, one row per
+class: `fid_class`, `precision_class`, `recall_class`, with extra.class (id), extra.class_name and the
+sample counts extra.num_fake / extra.num_real. The generated side is every sample of that class (its
+labels follow --labels); the reference side is its stored features of that class. Classes with too
+few samples on either side (2 for FID, k + 1 for P/R) are skipped with a warning. A class usually
+has fewer samples than feature dimensions, so its FID is biased upwards: compare it between models
+at equal sample counts, never with published FIDs. The table shows the 5 worst classes per metric;
+the JSONL holds all.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eval.fid import add_source_args, make_extractor
-from eval.metrics import clip_score, fid_bootstrap, frechet_distance, inception_score, kid, precision_recall
+from eval.metrics import (
+    clip_score,
+    fid_bootstrap,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    kid,
+    per_class,
+    precision_recall,
+)
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
 from eval.rows import append_rows, format_table, make_row
 from eval.sources import GeneratorSource, TensorSource
@@ -33,6 +54,8 @@ from eval.stats import load_reference
 from pagoda.errors import UserError, run_cli
 
 METRICS = ("fid", "kid", "is", "pr", "fd_dinov2", "clip")
+PER_CLASS = ("fid", "pr")  # the metrics --per-class splits by class
+PR_K = 3
 STORE_LIMIT = 50_000  # features kept per set for KID / P-R (the usual 50k; memory ~ STORE_LIMIT x D x 4 bytes)
 
 
@@ -90,15 +113,17 @@ class References:
                             f"--extractor {ex.name}")
         ref = load_reference(ok[0], expect_extractor=ex.name, expect_dim=ex.feature_dim)
         if metric in ("kid", "pr") and ref.features is None:
-            if ref.images is None:
+            if ref.n is None or ref.format != "adm":
                 raise UserError(f"reference {ok[0]} stores no features, needed by {metric}: rebuild it with "
                                 "python -m eval.ref ... --store-features N")
-            ref.features = self._features_of_images(ok[0], ref.images, ex)  # an ADM batch: images, no features
+            ref.features = self._features_of_images(ok[0], ex)  # an ADM batch: images, no features
         return ok[0], ref
 
-    def _features_of_images(self, path: str, images, ex):
+    def _features_of_images(self, path: str, ex):
+        """Features of the first STORE_LIMIT images of an ADM reference batch, extracted once per run."""
         key = (path, ex.name)
         if key not in self.cache:
+            images = load_reference(path, load_images=True).images
             x = torch.from_numpy(images[:STORE_LIMIT]).permute(0, 3, 1, 2)
             out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
                           device=ex_device(ex))[ex.name]
@@ -124,11 +149,68 @@ def class_prompts(num_classes: int) -> list[str]:
     return [f"a photo of a {name.replace('_', ' ')}" for name in PHOTO_CLASSES]
 
 
+def check_per_class(ckpt: str, gen, refs: References, ex, metrics: list[str]) -> None:
+    """UserError unless the model is class-conditional and each reference --per-class uses has labels."""
+    if not getattr(gen, "num_classes", 0):
+        raise UserError(f"--per-class: {ckpt} is unconditional (num_classes=0), so its samples have no class: "
+                        "drop --per-class or evaluate a class-conditional checkpoint")
+    for m in set(PER_CLASS) & set(metrics):
+        path, ref = refs.find(ex, gen.resolution, m)
+        if ref.labels is None:
+            raise UserError(f"--per-class: reference {path} stores no class labels: rebuild it with "
+                            f"`python -m eval.ref DATASET -o {path} --force` from a labelled source (photos, an "
+                            "ImageNet-layout folder or an ADM npz with arr_1)")
+
+
+def class_results(metric: str, fake, y_fake, ref, num_classes: int) -> list[tuple[str, float, dict]]:
+    """(row metric, value, extra) for each class with enough samples on both sides; warns about the others."""
+    if metric == "fid":
+        names, min_count, fn = ("fid_class",), 2, fid_from_features
+    else:
+        names, min_count, fn = ("precision_class", "recall_class"), PR_K + 1, partial(precision_recall, k=PR_K)
+    with warnings.catch_warnings():  # one class has fewer samples than dimensions: documented above
+        warnings.simplefilter("ignore")
+        values = per_class(fn, fake, y_fake, ref.features, ref.labels, min_count=min_count)
+    n_fake, n_real = np.bincount(y_fake, minlength=num_classes), np.bincount(ref.labels, minlength=num_classes)
+    skipped = [c for c in range(num_classes) if c not in values]
+    if skipped and is_main():
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        print(f"warning: --per-class {metric}: {len(skipped)} of {num_classes} classes have fewer than {min_count} "
+              f"generated or reference samples and are skipped ({shown}): raise --num-samples or the "
+              "reference's --store-features", file=sys.stderr)
+    class_names = ref.provenance.get("class_names") or []
+    out = []
+    for c, vals in sorted(values.items()):
+        extra = {"class": c, "class_name": class_names[c] if c < len(class_names) else None,
+                 "num_fake": int(n_fake[c]), "num_real": int(n_real[c])}
+        if metric == "pr":
+            extra["k"] = PR_K
+        out += [(name, float(v), extra) for name, v in zip(names, np.atleast_1d(vals))]
+    return out
+
+
+def worst_classes(rows: list[dict], n: int = 5) -> list[dict]:
+    """The n worst per-class rows of each (model, cell, metric): highest FID, lowest precision / recall."""
+    groups = {}
+    for r in rows:
+        if r["metric"].endswith("_class"):
+            groups.setdefault((r["model"], r["guidance"], r["sampler"], r["steps"], r["metric"]), []).append(r)
+    worst = []
+    for key, group in groups.items():
+        sign = -1 if key[-1] == "fid_class" else 1
+        worst += sorted(group, key=lambda r: sign * r["value"])[:n]
+    return worst
+
+
 def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: References, args) -> list[dict]:
     """Generate once, run each needed extractor once, and turn the outputs into rows."""
     need = {extractor_of(m, args) for m in metrics}
     store = min(source.num_samples, STORE_LIMIT) if ({"kid", "pr"} & set(metrics) or args.bootstrap) else 0
+    by_class = bool(args.per_class and set(PER_CLASS) & set(metrics))
+    if by_class:
+        store = min(source.num_samples, STORE_LIMIT)
     wants = {name: Want(store=store if name == args.extractor or args.bootstrap else 0,
+                        labels=by_class and name == args.extractor,
                         logits="is" in metrics and name == args.extractor,
                         texts=class_prompts(source.num_classes) if "clip" in metrics and name == args.clip else None)
              for name in need}
@@ -160,14 +242,18 @@ def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: R
                                   seed=args.seed)
                 row("kid", mean, ex, path, std=float(std))
             else:
-                p, r = precision_recall(ref.features, fake, k=3)
-                row("precision", p, ex, path, k=3)
-                row("recall", r, ex, path, k=3)
+                p, r = precision_recall(ref.features, fake, k=PR_K)
+                row("precision", p, ex, path, k=PR_K)
+                row("recall", r, ex, path, k=PR_K)
         elif m == "is":
             mean, std = inception_score(out.logits.features(), splits=10, style=args.is_style)
             row("is", mean, ex, style=args.is_style, std=float(std))
         elif m == "clip":
             row("clip", float(clip_score(out.cos.features().flatten())), ex)
+        if by_class and m in PER_CLASS:
+            for name, value, extra in class_results(m, out.store.features(), out.stored_labels(), ref,
+                                                    source.num_classes):
+                row(name, value, ex, path, **extra)
     return rows
 
 
@@ -186,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=csv_of(int), default=[None], help="diffusion sampler steps, e.g. 8,18")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for FID CIs (0 = none)")
     p.add_argument("--is-style", choices=("adm", "torch-fidelity"), default="adm", help="IS split convention")
+    p.add_argument("--per-class", action="store_true",
+                   help="also one fid / pr row per class (class-conditional model, reference with labels)")
     add_source_args(p)
     args = p.parse_args(argv)
     args.num_samples = args.num_samples or 50_000
@@ -206,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for m in set(args.metrics) - {"is", "clip"}:  # a missing reference fails before any sampling
             refs.find(extractors[extractor_of(m, args)], gen.resolution, m)
+        if args.per_class:
+            check_per_class(ckpt, gen, refs, extractors[args.extractor], args.metrics)
         plan += cells_of(ckpt, gen, args.guidance, args.sampler, args.steps)
     if not plan:
         raise UserError(f"no checkpoint has a resolution in --resolutions {args.resolutions}: check the list")
@@ -217,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += score_cell(cell, source, args.metrics, extractors, refs, args)
     if is_main():
         append_rows(args.out, rows)
-        print(format_table(rows))
+        print(format_table([r for r in rows if not r["metric"].endswith("_class")]))
+        if args.per_class:
+            print(f"\nworst 5 classes per metric (all classes in {args.out}):")
+            print(format_table(worst_classes(rows)))
         print(f"{len(rows)} rows -> {args.out}")
     return 0
 
@@ -229,6 +322,8 @@ def _validate(args, p) -> None:
         p.error(f"--sampler {args.sampler}: choose from heun, euler, ddim")
     if any(n is not None and n < 1 for n in args.steps) or any(w is not None and w < 0 for w in args.guidance):
         p.error("--steps must be >= 1 and --guidance >= 0")
+    if args.per_class and not set(PER_CLASS) & set(args.metrics):
+        p.error("--per-class applies to fid and pr: add one of them to --metrics")
     if not args.ref and set(args.metrics) - {"is", "clip"}:
         p.error(f"--ref is needed for {sorted(set(args.metrics) - {'is', 'clip'})}")
 

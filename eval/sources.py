@@ -164,7 +164,12 @@ def _modules_of(obj, depth: int = 3) -> list[torch.nn.Module]:
 
 
 class FolderSource(Source):
-    """All images under a folder (recursive, sorted by path); they must share one size."""
+    """All images under a folder (recursive, sorted by path); they must share one size.
+
+    In ImageNet layout (every image inside a subfolder) an image's label is the index of its top-level
+    subfolder among the sorted ones, the class ids pagoda.data.ImageFolderDataset trains with; images
+    lying directly in the folder make it unlabelled (num_classes = 0).
+    """
 
     def __init__(self, path: str | os.PathLike):
         root = Path(path)
@@ -180,9 +185,17 @@ class FolderSource(Source):
                 raise UserError(f"image {f} is {_image_size(f)[0]}x{_image_size(f)[1]} but {self.files[0]} is "
                                 f"{size0[0]}x{size0[1]}: all images of {root} must have one size (resize them)")
         self.resolution = size0[0] if size0[0] == size0[1] else None
+        tops = [f.relative_to(root).parts for f in self.files]
+        self.class_names, self.labels = [], None
+        if all(len(t) > 1 for t in tops):
+            self.class_names = sorted({t[0] for t in tops})
+            ids = {name: c for c, name in enumerate(self.class_names)}
+            self.labels = torch.tensor([ids[t[0]] for t in tops], dtype=torch.int64)
+        self.num_classes = len(self.class_names)
 
-    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return torch.stack([_read_image(self.files[int(i)]) for i in index]), None
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images = torch.stack([_read_image(self.files[int(i)]) for i in index])
+        return images, None if self.labels is None else self.labels[index]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

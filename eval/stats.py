@@ -12,7 +12,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pagoda.checkpoint import write_atomic
 from pagoda.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -188,7 +188,8 @@ class Reference:
 
     `provenance` is empty for files made outside pagoda (ADM, clean-fid, pytorch-fid, EDM2): for those
     only the feature dimension can be checked. `images` is set for ADM npz files whose `arr_0` holds
-    the reference images (uint8 NHWC) so a caller can extract features from them itself.
+    the reference images (uint8 NHWC) so a caller can extract features from them itself. `labels` (int64
+    [N]) is the class of each stored feature row, for per-class metrics; None when the source had none.
     """
 
     mu: np.ndarray
@@ -198,6 +199,7 @@ class Reference:
     provenance: dict = field(default_factory=dict)
     images: np.ndarray | None = None
     format: str = "pagoda"
+    labels: np.ndarray | None = None
 
 
 def _validate(ref: Reference, path) -> Reference:
@@ -219,11 +221,24 @@ def _validate(ref: Reference, path) -> Reference:
             raise UserError(f"{path}: stored features have shape {list(f.shape)}, expected [N, {mu.shape[0]}]; "
                             "rebuild the reference with `python -m eval.ref`")
         ref.features = f
+    if ref.labels is not None:
+        ref.labels = _checked_labels(ref.labels, ref.features, path)
     return ref
 
 
+def _checked_labels(labels, features, path) -> np.ndarray:
+    """int64 [N] labels, one per stored feature row; UserError otherwise."""
+    y = np.asarray(labels)
+    n = None if features is None else len(features)
+    if y.dtype.kind not in "iu" or y.ndim != 1 or y.shape[0] != n or (n and y.min() < 0):
+        expect = "no labels (no features are stored)" if n is None else f"non-negative integers of shape [{n}]"
+        raise UserError(f"{path}: 'labels' is {y.dtype} {list(y.shape)} but the file needs {expect}; rebuild "
+                        "the reference with `python -m eval.ref DATASET -o REF.npz --force`")
+    return y.astype(np.int64)
+
+
 def save_reference(path: str | os.PathLike, ref: Reference) -> None:
-    """Write `ref` as our npz (mu, sigma, n, optional features, provenance as JSON), atomically."""
+    """Write `ref` as our npz (mu, sigma, n, optional features and labels, provenance as JSON), atomically."""
     path = Path(path)
     ref = _validate(ref, path)
     arrays = dict(mu=ref.mu, sigma=ref.sigma, provenance=np.array(json.dumps(ref.provenance, sort_keys=True)))
@@ -231,18 +246,14 @@ def save_reference(path: str | os.PathLike, ref: Reference) -> None:
         arrays["n"] = np.array(int(ref.n), dtype=np.int64)
     if ref.features is not None:
         arrays["features"] = np.asarray(ref.features, dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    if ref.labels is not None:
+        arrays["labels"] = ref.labels
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(path, write)
 
 
 def _npy_header(z, key: str) -> tuple[tuple, np.dtype]:
@@ -279,7 +290,7 @@ def _load_npz(path: Path, load_images: bool) -> Reference:
         except json.JSONDecodeError:
             raise UserError(f"{path}: its 'provenance' is not valid JSON; rebuild it with `python -m eval.ref`") from None
         return Reference(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]) if "n" in data else None,
-                         features=data.get("features"), provenance=provenance)
+                         features=data.get("features"), provenance=provenance, labels=data.get("labels"))
     ref = Reference(mu=data["mu"], sigma=data["sigma"], format="adm" if keys & {"arr_0", "mu_s"} else "npz")
     if "arr_0" in keys and is_images:
         ref.n, ref.images = shape[0], data.get("arr_0")  # ADM reference batches store images, not features

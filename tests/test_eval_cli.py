@@ -21,7 +21,7 @@ from eval.fid import measure
 from eval.ref import main as ref_main
 from eval.rows import ROW_KEYS, read_rows
 from eval.run import main as run_main
-from eval.sources import FolderSource, GeneratorSource
+from eval.sources import DatasetSource, FolderSource, GeneratorSource
 from eval.stats import Reference, load_reference, save_reference
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
@@ -290,6 +290,25 @@ def test_run_sweep_rows(ckpt, ref, weights_dir, dim, tmp_path, capsys):
     assert "recall" in table and table.count("fid") >= 4
     with pytest.raises(SystemExit, match="2"):  # argparse rejects an unknown metric before anything runs
         run_cli(run_main, argv + ["--metrics", "fid,bogus"])
+
+
+def test_run_kid_pr_with_adm_image_reference(ckpt, ref, weights_dir, tmp_path):
+    """An ADM reference batch (mu, sigma and the images in arr_0, no features) serves KID and P/R: its
+    images are run through the extractor, giving the numbers of our reference of the same images."""
+    ours = load_reference(ref)
+    images = DatasetSource("photos", RES, "train").load(torch.arange(ours.n))[0].permute(0, 2, 3, 1).numpy()
+    adm = tmp_path / "VIRTUAL_photos8.npz"
+    np.savez(adm, arr_0=images, mu=ours.mu, sigma=ours.sigma)
+    values = {}
+    for name, path in (("ours", ref), ("adm", str(adm))):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["--ckpt", ckpt, "--ref", path, "--extractor", "domain", "--weights-dir", str(weights_dir),
+                "--metrics", "fid,kid,pr", "--num-samples", "40", "--batch", "20", "--allow-small", "--out", str(out)]
+        assert run_cli(run_main, argv) == 0
+        values[name] = {r["metric"]: r["value"] for r in read_rows(out)}
+    assert values["adm"].keys() == {"fid", "kid", "precision", "recall"}
+    for metric, value in values["ours"].items():
+        assert values["adm"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric
 
 
 @pytest.mark.slow  # ViT-S/14 and CLIP ViT-B/32 at 224 px on the CPU

@@ -74,7 +74,9 @@ def test_folder_source(tmp_path):
     _write_pngs(tmp_path / "a" / "sub", 5)
     src = FolderSource(tmp_path / "a")
     x, y, idx = _all(src, 2)
-    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.uint8 and y is None and src.resolution == 8
+    assert x.shape == (5, 3, 8, 8) and x.dtype == torch.uint8 and src.resolution == 8
+    assert src.class_names == ["sub"] and torch.equal(y, torch.zeros(5, dtype=torch.int64))  # ImageNet layout
+    assert FolderSource(tmp_path / "a" / "sub").num_classes == 0  # images directly inside: no labels
     assert torch.equal(x, _all(src, 5, world=3)[0])
     assert len(src.fingerprint()) == 64 and src.fingerprint() == FolderSource(tmp_path / "a").fingerprint()
 
