@@ -10,12 +10,14 @@ weights with BatchNorm statistics calibrated on the photos stand in (the row say
 """
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from eval.extractors import InceptionExtractor, calibrate_batchnorm, torch_fidelity_inception
 from eval.metrics import fid_from_features
@@ -48,10 +50,10 @@ def random_inception_weights(folder: Path, calibration: torch.Tensor, seed: int 
     return path
 
 
-def timed_features(fns: dict, images: torch.Tensor, batch: int) -> tuple[dict, dict]:
+def timed_features(fns: dict, images: torch.Tensor, batch: int, desc: str = "extract") -> tuple[dict, dict]:
     """Features [N, 2048] and seconds per function, batches interleaved across the functions."""
     feats, secs = {k: [] for k in fns}, dict.fromkeys(fns, 0.0)
-    for x in images.split(batch):
+    for x in tqdm(images.split(batch), desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             feats[k].append(fn(x))
@@ -79,8 +81,8 @@ def run(n: int, batch: int, weights_dir: str | None, threads: int | None) -> dic
     fns = {"ours": lambda x: ours(x)["features"], "torch_fidelity": ref_fn}
     for fn in fns.values():  # warm-up: allocator, oneDNN primitive caches
         fn(x1[: min(batch, 8)])
-    f1, s1 = timed_features(fns, x1, batch)
-    f2, s2 = timed_features(fns, x2, batch)
+    f1, s1 = timed_features(fns, x1, batch, "set 1 (ours + torch-fidelity)")
+    f2, s2 = timed_features(fns, x2, batch, "set 2 (ours + torch-fidelity)")
     fid = {k: fid_from_features(f1[k].numpy(), f2[k].numpy()) for k in fns}
     rate = {k: 2 * n / (s1[k] + s2[k]) for k in fns}
     rel = max(((f1["ours"] - f1["torch_fidelity"]).abs().max() / f1["torch_fidelity"].abs().max()).item(),

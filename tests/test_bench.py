@@ -1,0 +1,33 @@
+"""The extraction benchmark's CLI: one row with both rates, their ratio and the FID agreement.
+
+Only the plumbing is checked here (a handful of images); the speed figure itself comes from
+`python -m bench.extract --images 2000` run by hand, never asserted in a test.
+"""
+
+import pytest
+
+from bench.extract import main as bench_main
+from eval.rows import ROW_KEYS, read_rows
+from pagoda.errors import run_cli
+
+
+def test_bench_row(inception_weights, tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["--images", "3", "--batch", "2", "--weights-dir", str(inception_weights.parent), "--out", str(out)]
+    with pytest.warns(UserWarning):  # 3 samples < 2048 dimensions (and unofficial weights): said, not hidden
+        assert run_cli(bench_main, argv) == 0
+    (row,) = read_rows(out)
+    assert set(ROW_KEYS) <= set(row) and row["metric"] == "extract_speedup" and row["device"] == "cpu"
+    extra = row["extra"]
+    assert row["value"] == pytest.approx(extra["img_per_s_ours"] / extra["img_per_s_torch_fidelity"], rel=1e-2)
+    assert extra["max_rel_feature_err"] < 1e-3 and extra["fid_ours"] > 0
+    assert extra["abs_delta_fid"] <= 1e-3 * extra["fid_torch_fidelity"]
+    assert row["num_samples"] == 6 and "ratio" in capsys.readouterr().out
+
+
+def test_bench_bad_arguments(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    assert run_cli(bench_main, ["--images", "1", "--out", str(out)]) == 2
+    assert run_cli(bench_main, ["--images", "100000", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err) and not out.exists()
