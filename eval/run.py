@@ -10,7 +10,7 @@ every extractor the metrics need (the --extractor for fid/kid/is/pr, dinov2 for 
 clip) runs once over them. Each (cell, metric) is one JSONL row; a table is printed at the end.
 
 Rows: `fid` and `fd_dinov2` (CI from --bootstrap), `kid` (extra.std), `precision` and `recall`
-(k = 3), `is` with extra.style = adm | torch-fidelity and extra.std, `clip` (100 * mean max(cos, 0);
+(k = 3; CI from --bootstrap), `is` with extra.style = adm | torch-fidelity and extra.std, `clip` (100 * mean max(cos, 0);
 prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
 its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
 
@@ -45,6 +45,7 @@ from eval.metrics import (
     inception_score,
     kid,
     per_class,
+    pr_bootstrap,
     precision_recall,
 )
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
@@ -241,6 +242,10 @@ def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: R
                 mean, std = kid(ref.features, fake, subset_size=min(1000, len(fake), len(ref.features)),
                                   seed=args.seed)
                 row("kid", mean, ex, path, std=float(std))
+            elif args.bootstrap:  # membership indicators resampled, manifolds fixed (pr_bootstrap)
+                for name, (v, lo, hi) in zip(("precision", "recall"),
+                                             pr_bootstrap(ref.features, fake, k=PR_K, rounds=args.bootstrap)):
+                    row(name, v, ex, path, lo, hi, k=PR_K)
             else:
                 p, r = precision_recall(ref.features, fake, k=PR_K)
                 row("precision", p, ex, path, k=PR_K)
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=csv_of(float), default=[None], help="CFG scales, e.g. 1,1.5,2")
     p.add_argument("--sampler", type=csv_of(str), default=[None], help="diffusion samplers, e.g. heun,euler")
     p.add_argument("--steps", type=csv_of(int), default=[None], help="diffusion sampler steps, e.g. 8,18")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for FID CIs (0 = none)")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for FID / FD / P-R CIs (0 = none)")
     p.add_argument("--is-style", choices=("adm", "torch-fidelity"), default="adm", help="IS split convention")
     p.add_argument("--per-class", action="store_true",
                    help="also one fid / pr row per class (class-conditional model, reference with labels)")

@@ -292,6 +292,28 @@ def test_run_sweep_rows(ckpt, ref, weights_dir, dim, tmp_path, capsys):
         run_cli(run_main, argv + ["--metrics", "fid,bogus"])
 
 
+def test_bootstrap_intervals(ckpt, ref, weights_dir, tmp_path):
+    """--bootstrap adds ci_low / ci_high to fid (eval.fid, eval.run) and precision / recall (eval.run)
+    without changing the point values."""
+    common = ["--ckpt", ckpt, "--ref", ref, "--extractor", "domain", "--weights-dir", str(weights_dir),
+              "--num-samples", "40", "--batch", "20", "--allow-small"]
+    rows = {}
+    for name, extra in (("plain", []), ("boot", ["--bootstrap", "50"])):
+        assert run_cli(run_main, common + ["--metrics", "fid,pr", "--out", str(tmp_path / f"{name}.jsonl")] + extra) == 0
+        rows[name] = {r["metric"]: r for r in read_rows(tmp_path / f"{name}.jsonl")}
+    assert rows["plain"].keys() == rows["boot"].keys() == {"fid", "precision", "recall"}
+    for metric, plain in rows["plain"].items():
+        boot = rows["boot"][metric]
+        assert plain["ci_low"] is None and boot["value"] == pytest.approx(plain["value"], rel=1e-12)
+        assert boot["ci_low"] <= boot["ci_high"]
+        if metric != "fid":  # the mean of resampled indicators brackets the mean; a bootstrap FD sits above it
+            assert boot["ci_low"] <= boot["value"] <= boot["ci_high"]
+    assert _fid(common + ["--bootstrap", "20", "--out", str(tmp_path / "fid.jsonl")]) == 0
+    (fid_row,) = read_rows(tmp_path / "fid.jsonl")
+    assert fid_row["value"] == pytest.approx(rows["plain"]["fid"]["value"], rel=1e-9)
+    assert 0 < fid_row["ci_low"] <= fid_row["ci_high"]
+
+
 def test_run_kid_pr_with_adm_image_reference(ckpt, ref, weights_dir, tmp_path):
     """An ADM reference batch (mu, sigma and the images in arr_0, no features) serves KID and P/R: its
     images are run through the extractor, giving the numbers of our reference of the same images."""
