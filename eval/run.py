@@ -104,7 +104,8 @@ class References:
         self.paths, self.prov = paths, {p: dict(load_reference(p).provenance or {}) for p in paths}
         self.cache = {}
 
-    def find(self, ex, resolution: int | None, metric: str):
+    def find(self, ex, resolution: int | None, metric: str, *, features: bool = False):
+        """(path, Reference) for a metric; features=True (kid, pr, --per-class) needs per-sample features."""
         ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
               and self.prov[p].get("resolution") in (None, resolution)]
         ok.sort(key=lambda p: (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None))
@@ -113,22 +114,24 @@ class References:
                             f"(given: {', '.join(self.paths)}): build one with python -m eval.ref ... "
                             f"--extractor {ex.name}")
         ref = load_reference(ok[0], expect_extractor=ex.name, expect_dim=ex.feature_dim)
-        if metric in ("kid", "pr") and ref.features is None:
+        if (features or metric in ("kid", "pr")) and ref.features is None:
             if ref.n is None or ref.format != "adm":
                 raise UserError(f"reference {ok[0]} stores no features, needed by {metric}: rebuild it with "
                                 "python -m eval.ref ... --store-features N")
-            ref.features = self._features_of_images(ok[0], ex)  # an ADM batch: images, no features
+            ref.features, ref.labels = self._features_of_images(ok[0], ex)  # an ADM batch: images, no features
         return ok[0], ref
 
     def _features_of_images(self, path: str, ex):
-        """Features of the first STORE_LIMIT images of an ADM reference batch, extracted once per run."""
+        """Features (and arr_1 labels, if any) of the first STORE_LIMIT images of an ADM reference batch,
+        extracted once per run."""
         key = (path, ex.name)
         if key not in self.cache:
-            images = load_reference(path, load_images=True).images
-            x = torch.from_numpy(images[:STORE_LIMIT]).permute(0, 3, 1, 2)
+            adm = load_reference(path, load_images=True)
+            x = torch.from_numpy(adm.images[:STORE_LIMIT]).permute(0, 3, 1, 2)
             out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
                           device=ex_device(ex))[ex.name]
-            self.cache[key] = out.store.features()
+            labels = None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
+            self.cache[key] = out.store.features(), labels
         return self.cache[key]
 
 
@@ -156,7 +159,7 @@ def check_per_class(ckpt: str, gen, refs: References, ex, metrics: list[str]) ->
         raise UserError(f"--per-class: {ckpt} is unconditional (num_classes=0), so its samples have no class: "
                         "drop --per-class or evaluate a class-conditional checkpoint")
     for m in set(PER_CLASS) & set(metrics):
-        path, ref = refs.find(ex, gen.resolution, m)
+        path, ref = refs.find(ex, gen.resolution, m, features=True)
         if ref.labels is None:
             raise UserError(f"--per-class: reference {path} stores no class labels: rebuild it with "
                             f"`python -m eval.ref DATASET -o {path} --force` from a labelled source (photos, an "
@@ -228,7 +231,7 @@ def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: R
         ex = extractors[extractor_of(m, args)]
         out = outs[extractor_of(m, args)]
         if m in ("fid", "fd_dinov2"):
-            path, ref = refs.find(ex, source.resolution, m)
+            path, ref = refs.find(ex, source.resolution, m, features=by_class and m == "fid")
             value = float(frechet_distance(out.stats.mean(), out.stats.cov(), ref.mu, ref.sigma))
             lo = hi = None
             if args.bootstrap:

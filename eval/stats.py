@@ -188,8 +188,9 @@ class Reference:
 
     `provenance` is empty for files made outside pagoda (ADM, clean-fid, pytorch-fid, EDM2): for those
     only the feature dimension can be checked. `images` is set for ADM npz files whose `arr_0` holds
-    the reference images (uint8 NHWC) so a caller can extract features from them itself. `labels` (int64
-    [N]) is the class of each stored feature row, for per-class metrics; None when the source had none.
+    the reference images (uint8 NHWC) so a caller can extract features from them itself, and
+    `image_labels` their classes when the file has an integer `arr_1`. `labels` (int64 [N]) is the class
+    of each stored feature row, for per-class metrics; None when the source had none.
     """
 
     mu: np.ndarray
@@ -200,6 +201,7 @@ class Reference:
     images: np.ndarray | None = None
     format: str = "pagoda"
     labels: np.ndarray | None = None
+    image_labels: np.ndarray | None = None  # ADM `arr_1`: the class of each of `images` (read with them)
 
 
 def _validate(ref: Reference, path) -> Reference:
@@ -294,6 +296,9 @@ def _load_npz(path: Path, load_images: bool) -> Reference:
     ref = Reference(mu=data["mu"], sigma=data["sigma"], format="adm" if keys & {"arr_0", "mu_s"} else "npz")
     if "arr_0" in keys and is_images:
         ref.n, ref.images = shape[0], data.get("arr_0")  # ADM reference batches store images, not features
+        y = data.get("arr_1")
+        if y is not None and y.dtype.kind in "iu" and y.shape == (shape[0],) and (y.size == 0 or y.min() >= 0):
+            ref.image_labels = y.astype(np.int64)  # e.g. VIRTUAL_imagenet64_labeled.npz
     elif "arr_0" in keys and len(shape) == 2 and dtype.kind == "f":
         ref.n, ref.features = shape[0], data["arr_0"]
     return ref

@@ -268,6 +268,27 @@ def test_run_per_class_rows(ckpt, ref, weights_dir, tmp_path, capsys):
     assert sum("fid_class" in line for line in table) == 5 and sum("recall_class" in line for line in table) == 5
 
 
+def test_per_class_with_adm_reference_batch(ckpt, ref, weights_dir, tmp_path):
+    """An ADM reference batch (images in arr_0, classes in arr_1, no features) gives the per-class rows of
+    our reference built from the same images; without arr_1 it is refused."""
+    ours = load_reference(ref)
+    src = DatasetSource("photos", RES, "heldout")
+    images, labels = src.load(torch.arange(src.num_samples))
+    assert np.array_equal(labels.numpy(), ours.labels)
+    adm = tmp_path / "VIRTUAL_photos8_labeled.npz"
+    np.savez(adm, arr_0=images.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy(), mu=ours.mu, sigma=ours.sigma)
+    values = {}
+    for name, path in (("ours", ref), ("adm", str(adm))):
+        assert _run(ckpt, path, weights_dir, tmp_path / f"{name}.jsonl", 64, "--per-class") == 0
+        values[name] = {(r["metric"], r["extra"].get("class")): r["value"] for r in read_rows(tmp_path / f"{name}.jsonl")}
+    assert values["adm"].keys() == values["ours"].keys() and len(values["ours"]) > 3 + C
+    for key, value in values["ours"].items():
+        assert values["adm"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    unlabelled = tmp_path / "VIRTUAL_photos8.npz"
+    np.savez(unlabelled, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=ours.mu, sigma=ours.sigma)
+    assert _run(ckpt, str(unlabelled), weights_dir, tmp_path / "u.jsonl", 64, "--per-class") == 2
+
+
 def test_per_class_refused(ckpt, ref, weights_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     uncond = _save_teacher(tmp_path / "uncond.safetensors", num_classes=0)
