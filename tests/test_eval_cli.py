@@ -152,7 +152,6 @@ def test_ref_independent_of_batch(ref, weights_dir, tmp_path):
     np.testing.assert_allclose(a.sigma, b.sigma, rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow  # ~25 s: two spawned interpreters importing torch
 def test_two_processes_equal_one(ckpt, ref, weights_dir, dim, tmp_path):
     n = 20
     ex = get_extractor("domain", weights_dir=weights_dir)
@@ -333,7 +332,6 @@ def test_run_kid_pr_with_adm_image_reference(ckpt, ref, weights_dir, tmp_path):
         assert values["adm"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric
 
 
-@pytest.mark.slow  # ViT-S/14 and CLIP ViT-B/32 at 224 px on the CPU
 def test_run_dinov2_and_clip(ckpt, dinov2_weights, clip_weights, extractor_weights_dir, tmp_path, capsys):
     ref = tmp_path / "dino.npz"
     common = ["--weights-dir", str(extractor_weights_dir), "--batch", "10", "--allow-small"]

@@ -221,7 +221,6 @@ def test_cli_reports_a_bad_file_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "t.safetensors").exists()
 
 
-@pytest.mark.slow
 def test_full_size_import_end_to_end(tmp_path):
     sd = _synthetic(published_edm_imagenet64_shapes())
     src, dst = tmp_path / "edm_imagenet64_ema.pt", tmp_path / "teacher.safetensors"

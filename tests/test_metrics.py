@@ -265,7 +265,6 @@ def test_fd_matches_general_eigvals_form(feats):
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
 def test_fd_parity_at_inception_like_scale():
     """1024-d rectified low-rank features (like pool3), a few thousand samples: within 1e-3 of clean-fid's sqrtm."""

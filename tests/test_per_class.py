@@ -155,7 +155,6 @@ def _shard_labels(rank, world, init, ckpt, weights_dir, n, result):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow  # ~25 s: two spawned interpreters importing torch
 def test_two_processes_store_the_labels_of_one(ckpt, weights_dir, extractor, tmp_path):
     n = 15
     source = GeneratorSource(load_generator(ckpt), n, seed=3, labels="seed")
