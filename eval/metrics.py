@@ -27,13 +27,17 @@ def _f64(x) -> np.ndarray:
 # Frechet distance (FID, FD-DINOv2).
 
 
+def _warn_singular(n: int, d: int) -> None:
+    warnings.warn(f"{n} samples < feature dimension {d}: the covariance is singular and the Frechet "
+                  "distance is biased upwards; not comparable with published numbers", stacklevel=3)
+
+
 def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased covariance (ddof = 1) of [N, D] features; warns when N < D (singular covariance)."""
     x = _f64(feats)
     n, d = x.shape
     if n < d:
-        warnings.warn(f"{n} samples < feature dimension {d}: the covariance is singular and the Frechet "
-                      "distance is biased upwards; not comparable with published numbers", stacklevel=2)
+        _warn_singular(n, d)
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
@@ -86,10 +90,9 @@ def fid_from_features(f_real, f_fake) -> float:
     d = x1.shape[1]
     if min(len(x1), len(x2)) >= d:
         return frechet_distance(*gaussian_stats(x1), *gaussian_stats(x2))
-    warnings.warn(f"{min(len(x1), len(x2))} samples < feature dimension {d}: the covariance is singular and the "
-                  "Frechet distance is biased upwards; not comparable with published numbers", stacklevel=2)
     if x2.shape[1] != d or min(len(x1), len(x2)) < 2:
         raise ValueError(f"fid_from_features: need >= 2 rows of equal width, got {x1.shape} and {x2.shape}")
+    _warn_singular(min(len(x1), len(x2)), d)
     mu1, mu2 = x1.mean(0), x2.mean(0)
     c1, c2 = (x1 - mu1) / np.sqrt(len(x1) - 1), (x2 - mu2) / np.sqrt(len(x2) - 1)
     tr_covmean = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum()

@@ -10,14 +10,14 @@ every extractor the metrics need (the --extractor for fid/kid/is/pr, dinov2 for 
 clip) runs once over them. Each (cell, metric) is one JSONL row; a table is printed at the end.
 
 Rows: `fid` and `fd_dinov2` (CI from --bootstrap), `kid` (extra.std), `precision` and `recall`
-(k = 3; CI from --bootstrap), `is` with extra.style = adm | torch-fidelity and extra.std, `clip` (100 * mean max(cos, 0);
-prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
+(k = 3; CI from --bootstrap), `is` with extra.style = adm | torch-fidelity and extra.std, `clip`
+(100 * mean max(cos, 0); prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
 its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
 
 --per-class (class-conditional models, a reference with labels) adds, for fid and pr, one row per
 class: `fid_class`, `precision_class`, `recall_class`, with extra.class (id), extra.class_name and the
-sample counts extra.num_fake / extra.num_real. The generated side is every sample of that class (its
-labels follow --labels); the reference side is its stored features of that class. Classes with too
+sample counts extra.num_fake / extra.num_real. The generated side is every stored sample of that class
+(the first 50,000; labels follow --labels); the reference side is its stored features of that class. Classes with too
 few samples on either side (2 for FID, k + 1 for P/R) are skipped with a warning. A class usually
 has fewer samples than feature dimensions, so its FID is biased upwards: compare it between models
 at equal sample counts, never with published FIDs. The table shows the 5 worst classes per metric;
@@ -102,7 +102,7 @@ class References:
 
     def __init__(self, paths: list[str]):
         self.paths, self.prov = paths, {p: dict(load_reference(p).provenance or {}) for p in paths}
-        self.cache = {}
+        self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
     def find(self, ex, resolution: int | None, metric: str, *, features: bool = False):
         """(path, Reference) for a metric; features=True (kid, pr, --per-class) needs per-sample features."""
@@ -113,26 +113,25 @@ class References:
             raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} "
                             f"(given: {', '.join(self.paths)}): build one with python -m eval.ref ... "
                             f"--extractor {ex.name}")
-        ref = load_reference(ok[0], expect_extractor=ex.name, expect_dim=ex.feature_dim)
+        path, key = ok[0], (ok[0], ex.name)
+        if key not in self.loaded:
+            self.loaded[key] = load_reference(path, expect_extractor=ex.name, expect_dim=ex.feature_dim)
+        ref = self.loaded[key]
         if (features or metric in ("kid", "pr")) and ref.features is None:
             if ref.n is None or ref.format != "adm":
-                raise UserError(f"reference {ok[0]} stores no features, needed by {metric}: rebuild it with "
+                raise UserError(f"reference {path} stores no features, needed by {metric}: rebuild it with "
                                 "python -m eval.ref ... --store-features N")
-            ref.features, ref.labels = self._features_of_images(ok[0], ex)  # an ADM batch: images, no features
-        return ok[0], ref
+            ref.features, ref.labels = self._features_of_images(path, ex)  # an ADM batch: images, no features
+        return path, ref
 
-    def _features_of_images(self, path: str, ex):
-        """Features (and arr_1 labels, if any) of the first STORE_LIMIT images of an ADM reference batch,
-        extracted once per run."""
-        key = (path, ex.name)
-        if key not in self.cache:
-            adm = load_reference(path, load_images=True)
-            x = torch.from_numpy(adm.images[:STORE_LIMIT]).permute(0, 3, 1, 2)
-            out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
-                          device=ex_device(ex))[ex.name]
-            labels = None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
-            self.cache[key] = out.store.features(), labels
-        return self.cache[key]
+    @staticmethod
+    def _features_of_images(path: str, ex):
+        """Features (and arr_1 labels, if any) of the first STORE_LIMIT images of an ADM reference batch."""
+        adm = load_reference(path, load_images=True)
+        x = torch.from_numpy(adm.images[:STORE_LIMIT]).permute(0, 3, 1, 2)
+        out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
+                      device=ex_device(ex))[ex.name]
+        return out.store.features(), None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
 
 
 def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> list[Cell]:
