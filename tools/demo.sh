@@ -27,6 +27,11 @@ fi
   --extractor domain --metrics fid,kid,is,pr --sampler heun,euler --steps 4,8,16 \
   --num-samples 1000 --batch 250 --out "$out/results.jsonl"
 
-# 4. A sample grid to look at.
+# 4. Per-class FD and precision / recall of the Heun-16 cell (the teacher is class-conditional).
+"$py" -m eval.run --ckpt "$out/teacher/teacher.safetensors" --ref "$out/ref-photos16-domain.npz" \
+  --extractor domain --metrics fid,pr --sampler heun --steps 16 --per-class \
+  --num-samples 1000 --batch 250 --out "$out/results-per-class.jsonl"
+
+# 5. A sample grid to look at.
 "$py" -m pagoda sample --ckpt "$out/teacher/teacher.safetensors" --seeds 0-63 -o "$out/samples.png"
-echo "demo: rows in $out/results.jsonl, samples in $out/samples.png"
+echo "demo: rows in $out/results.jsonl and $out/results-per-class.jsonl, samples in $out/samples.png"
