@@ -3,13 +3,13 @@
     python -m eval.ref photos:train:16 -o refs/photos-16-domain.npz --extractor domain
     python -m eval.ref data/imagenet64_val.npz -o refs/in64.npz --weights-dir weights/
 
-Stores the float64 mean and covariance of the features, the features of the first
---store-features images (for KID and precision / recall) with their class labels when the data set
-has classes (photos, an ImageNet-layout folder, an ADM npz with arr_1; for per-class metrics), and
-the provenance: a content fingerprint of the inputs, the extractor, its weights' SHA-256, its resize
-mode, the sample count, the class names and the pagoda version. Running the command again on an
-up-to-date output does nothing; an output whose provenance differs is stale and is rebuilt only
-with --force.
+Stores the float64 mean and covariance of the features, the features of --store-features images
+(for KID and precision / recall; a fixed random subset when not all are kept, as is --max-samples)
+with their class labels when the data set has classes (photos, an ImageNet-layout folder, an npz
+with arr_1; for per-class metrics), and the provenance: a content fingerprint of the inputs, the
+extractor, its weights' SHA-256, its resize mode, the sample and stored-feature counts, the order,
+the class names and the pagoda version. Running the command again on an up-to-date output does
+nothing; an output whose provenance differs is stale and is rebuilt only with --force.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from eval.fid import make_extractor, positive_int
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
-from eval.sources import open_source
+from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
 from pagoda.errors import UserError, run_cli
 from pagoda.version import __version__
@@ -32,11 +32,13 @@ def class_names_of(source) -> list[str] | None:
     return list(names) if names else None
 
 
-def provenance_of(spec: str, source, ex) -> dict:
+def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
     """What the statistics depend on; two references with equal provenance are interchangeable."""
     prov = dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
                 num_samples=source.num_samples, extractor=ex.name, feature_dim=ex.feature_dim,
                 extractor_sha256=getattr(ex, "weights_sha256", None), resize=str(getattr(ex, "resize", None)),
+                stored_features=min(store, source.num_samples),
+                order=f"random(seed={source.seed})" if isinstance(source, RandomOrder) else "as listed",
                 pagoda_version=__version__)
     if source.num_classes:  # labelled: a reference made before labels were stored is stale
         prov.update(num_classes=source.num_classes, class_names=class_names_of(source))
@@ -75,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set")
     p.add_argument("--split", default="train", help="split of the bundled data set (default train)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per batch (no effect on results)")
-    p.add_argument("--max-samples", type=positive_int, default=None, help="use only the first N images")
+    p.add_argument("--max-samples", type=positive_int, default=None, help="use a fixed random subset of N images (seed 0)")
     p.add_argument("--store-features", type=int, default=10_000,
-                   help="keep the features of the first N images for KID and P/R (default 10000, 0 = none)")
+                   help="keep the features (and labels) of a fixed random subset of N images for KID, P/R "
+                        "and per-class metrics (default 10000, 0 = none)")
     p.add_argument("--allow-small", action="store_true", help="accept fewer images than feature dimensions")
     p.add_argument("--force", action="store_true", help="rebuild an existing output whose provenance differs")
     args = p.parse_args(argv)
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = args.dataset
     if ":" not in spec and spec == "photos":
         spec = f"photos:{args.split}"
-    source = open_source(spec, num_samples=args.max_samples, resolution=args.resolution, split=args.split)
-    provenance = provenance_of(spec, source, ex)
+    source = open_source(spec, resolution=args.resolution, split=args.split)
+    if min(args.max_samples or source.num_samples, args.store_features) < source.num_samples:
+        source = RandomOrder(source, seed=0)  # a subset is kept: make it a random one, not the first classes
+    source = source.limit(args.max_samples)
+    provenance = provenance_of(spec, source, ex, args.store_features)
     out = Path(args.out)
     if out.exists():
         why = stale_reason(out, provenance)

@@ -101,7 +101,12 @@ class References:
     """The --ref files, each found by the extractor and resolution its provenance records."""
 
     def __init__(self, paths: list[str]):
-        self.paths, self.prov = paths, {p: dict(load_reference(p).provenance or {}) for p in paths}
+        self.paths, self.prov = paths, {}
+        for p in paths:  # an ADM batch has no provenance, but its images say their resolution
+            ref = load_reference(p)
+            self.prov[p] = dict(ref.provenance or {})
+            if self.prov[p].get("resolution") is None and ref.image_size:
+                self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
     def find(self, ex, resolution: int | None, metric: str, *, features: bool = False):
@@ -163,6 +168,10 @@ def check_per_class(ckpt: str, gen, refs: References, ex, metrics: list[str]) ->
             raise UserError(f"--per-class: reference {path} stores no class labels: rebuild it with "
                             f"`python -m eval.ref DATASET -o {path} --force` from a labelled source (photos, an "
                             "ImageNet-layout folder or an ADM npz with arr_1)")
+        ref_classes = ref.provenance.get("num_classes") or int(ref.labels.max()) + 1
+        if ref_classes > gen.num_classes or ref.provenance.get("num_classes", gen.num_classes) != gen.num_classes:
+            raise UserError(f"--per-class: reference {path} has {ref_classes} classes but {ckpt} has "
+                            f"{gen.num_classes}: use a reference of the data set the model was trained on")
 
 
 def class_results(metric: str, fake, y_fake, ref, num_classes: int) -> list[tuple[str, float, dict]]:
@@ -172,7 +181,7 @@ def class_results(metric: str, fake, y_fake, ref, num_classes: int) -> list[tupl
     else:
         names, min_count, fn = ("precision_class", "recall_class"), PR_K + 1, partial(precision_recall, k=PR_K)
     with warnings.catch_warnings():  # one class has fewer samples than dimensions: documented above
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=".*< feature dimension")
         values = per_class(fn, fake, y_fake, ref.features, ref.labels, min_count=min_count)
     n_fake, n_real = np.bincount(y_fake, minlength=num_classes), np.bincount(ref.labels, minlength=num_classes)
     skipped = [c for c in range(num_classes) if c not in values]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pagoda import dist
-from pagoda.data import IMAGE_EXTENSIONS, save_npz
+from pagoda.data import IMAGE_EXTENSIONS, save_npz, scan_folder
 from pagoda.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
@@ -82,6 +82,25 @@ class Source:
         for chunk in index.split(batch):
             x, y = self.load(chunk)
             yield _check_images(x, self.name), y, chunk
+
+
+class RandomOrder(Source):
+    """Another source read in a fixed random order (seeded), so that its first N samples — what
+    limit(N) keeps and what a FeatureStore of capacity N holds — are a uniform random subset rather
+    than, say, the first classes of a class-sorted folder. Labels and class names follow their images."""
+
+    def __init__(self, base: Source, seed: int = 0):
+        self.base, self.seed = base, int(seed)
+        self.perm = torch.randperm(base.num_samples, generator=torch.Generator().manual_seed(self.seed))
+        self.name, self.num_samples, self.resolution = base.name, base.num_samples, base.resolution
+        self.num_classes, self.class_names = base.num_classes, getattr(base, "class_names", None)
+        self.dataset = getattr(base, "dataset", None)
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.base.load(self.perm[index])
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
 
 
 class GeneratorSource(Source):
@@ -164,18 +183,18 @@ def _modules_of(obj, depth: int = 3) -> list[torch.nn.Module]:
 
 
 class FolderSource(Source):
-    """All images under a folder (recursive, sorted by path); they must share one size.
+    """The images of a folder, listed as pagoda.data.scan_folder lists training data; one size for all.
 
-    In ImageNet layout (every image inside a subfolder) an image's label is the index of its top-level
-    subfolder among the sorted ones, the class ids pagoda.data.ImageFolderDataset trains with; images
-    lying directly in the folder make it unlabelled (num_classes = 0).
+    In ImageNet layout (images in class subfolders) an image's label is the index of its subfolder
+    among the sorted ones (hidden entries skipped, symlinks followed), the class ids that
+    pagoda.data.ImageFolderDataset trains with; a flat folder is unlabelled (num_classes = 0).
     """
 
     def __init__(self, path: str | os.PathLike):
         root = Path(path)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist: check the path")
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.class_names, self.files, labels = scan_folder(root)
         if not self.files:
             raise UserError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): check the path")
         self.name, self.root, self.num_samples = str(root), root, len(self.files)
@@ -185,12 +204,7 @@ class FolderSource(Source):
                 raise UserError(f"image {f} is {_image_size(f)[0]}x{_image_size(f)[1]} but {self.files[0]} is "
                                 f"{size0[0]}x{size0[1]}: all images of {root} must have one size (resize them)")
         self.resolution = size0[0] if size0[0] == size0[1] else None
-        tops = [f.relative_to(root).parts for f in self.files]
-        self.class_names, self.labels = [], None
-        if all(len(t) > 1 for t in tops):
-            self.class_names = sorted({t[0] for t in tops})
-            ids = {name: c for c, name in enumerate(self.class_names)}
-            self.labels = torch.tensor([ids[t[0]] for t in tops], dtype=torch.int64)
+        self.labels = torch.tensor(labels, dtype=torch.int64) if self.class_names else None
         self.num_classes = len(self.class_names)
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,7 +252,11 @@ class NpzSource(Source):
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
             raise UserError(f"{self.path}: arr_0 is {self.images.dtype} {self.images.shape}, expected uint8 NHWC "
                             "with 3 channels: convert the samples")
-        self.labels = None if labels is None or len(labels) != len(self.images) else torch.from_numpy(labels.astype(np.int64))
+        if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(self.images),)
+                                   or (labels.size and labels.min() < 0)):
+            raise UserError(f"{self.path}: arr_1 is {labels.dtype} {list(labels.shape)}, expected one non-negative "
+                            f"integer class per image, shape [{len(self.images)}]: fix the labels or drop arr_1")
+        self.labels = None if labels is None else torch.from_numpy(labels.astype(np.int64))
         self.name, self.num_samples = str(self.path), len(self.images)
         h, w = self.images.shape[1:3]
         self.resolution = h if h == w else None

@@ -202,6 +202,7 @@ class Reference:
     format: str = "pagoda"
     labels: np.ndarray | None = None
     image_labels: np.ndarray | None = None  # ADM `arr_1`: the class of each of `images` (read with them)
+    image_size: int | None = None  # ADM `arr_0`: side of its square images, from the header (no loading)
 
 
 def _validate(ref: Reference, path) -> Reference:
@@ -296,6 +297,7 @@ def _load_npz(path: Path, load_images: bool) -> Reference:
     ref = Reference(mu=data["mu"], sigma=data["sigma"], format="adm" if keys & {"arr_0", "mu_s"} else "npz")
     if "arr_0" in keys and is_images:
         ref.n, ref.images = shape[0], data.get("arr_0")  # ADM reference batches store images, not features
+        ref.image_size = shape[1] if shape[1] == shape[2] else None
         y = data.get("arr_1")
         if y is not None and y.dtype.kind in "iu" and y.shape == (shape[0],) and (y.size == 0 or y.min() >= 0):
             ref.image_labels = y.astype(np.int64)  # e.g. VIRTUAL_imagenet64_labeled.npz

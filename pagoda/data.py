@@ -171,7 +171,7 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _scan_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
+def scan_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     """(class_names, files, labels) of an ImageNet-layout folder, or of a flat folder (no classes)."""
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     top = sorted(p for p in root.iterdir()
@@ -200,7 +200,7 @@ class ImageFolderDataset(_FlipDataset):
             raise UserError(f"image folder {self.root} does not exist: check the path")
         if not self.root.is_dir():
             raise UserError(f"{self.root} is not a folder: give a folder of images, an .npz file or 'photos'")
-        self.class_names, self.files, self.labels = _scan_folder(self.root)
+        self.class_names, self.files, self.labels = scan_folder(self.root)
         self.num_classes = len(self.class_names)
         if not self.files:
             raise UserError(f"image folder {self.root} holds no images: accepted extensions are "

@@ -65,6 +65,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any) together: a rank that tears gloo down while another still has
+    work in flight can make that one abort (seen once in the two-process tests)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -21,11 +21,12 @@ from eval.fid import measure
 from eval.ref import main as ref_main
 from eval.rows import ROW_KEYS, read_rows
 from eval.run import main as run_main
-from eval.sources import DatasetSource, FolderSource, GeneratorSource
+from eval.sources import DatasetSource, FolderSource, GeneratorSource, RandomOrder
 from eval.stats import Reference, load_reference, save_reference
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import PHOTO_CLASSES
+from pagoda.dist import shutdown
 from pagoda.errors import run_cli
 from pagoda.generator import load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
@@ -119,7 +120,7 @@ def _shard_fid(rank, world, init, ckpt, ref, weights_dir, n, result):
         if rank == 0:
             np.save(result, np.float64(fid))
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def test_shards_merge_to_one(ckpt, ref, extractor):
@@ -317,7 +318,9 @@ def test_run_kid_pr_with_adm_image_reference(ckpt, ref, weights_dir, tmp_path):
     """An ADM reference batch (mu, sigma and the images in arr_0, no features) serves KID and P/R: its
     images are run through the extractor, giving the numbers of our reference of the same images."""
     ours = load_reference(ref)
-    images = DatasetSource("photos", RES, "train").load(torch.arange(ours.n))[0].permute(0, 2, 3, 1).numpy()
+    assert ours.provenance["order"] == "random(seed=0)"  # --max-samples 400 of the train split: a random subset
+    subset = RandomOrder(DatasetSource("photos", RES, "train"), seed=0)
+    images = subset.load(torch.arange(ours.n))[0].permute(0, 2, 3, 1).numpy()
     adm = tmp_path / "VIRTUAL_photos8.npz"
     np.savez(adm, arr_0=images, mu=ours.mu, sigma=ours.sigma)
     values = {}

@@ -27,6 +27,7 @@ from eval.stats import Reference, load_reference, save_reference
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import PHOTO_CLASSES
+from pagoda.dist import shutdown
 from pagoda.errors import UserError, run_cli
 from pagoda.generator import load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
@@ -152,7 +153,7 @@ def _shard_labels(rank, world, init, ckpt, weights_dir, n, result):
         if rank == 0:
             np.savez(result, features=out.store.features(), labels=out.stored_labels())
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def test_two_processes_store_the_labels_of_one(ckpt, weights_dir, extractor, tmp_path):
@@ -203,6 +204,34 @@ def test_ref_stores_labels_of_folder_and_npz(kind, weights_dir, tmp_path):
     r = load_reference(out)
     assert r.labels.tolist() == labels and len(r.features) == len(labels)
     assert r.provenance["class_names"] == names and r.provenance["num_classes"] == 3
+
+
+def test_ref_keeps_a_random_subset_of_a_class_sorted_folder(weights_dir, tmp_path, capsys):
+    """4 classes x 6 images listed class by class; 8 stored features must not be just classes 0 and 1.
+    The statistics do not depend on the order; a different --store-features is a stale reference."""
+    rng = np.random.default_rng(1)
+    for c in range(4):
+        for i in range(6):
+            _png(tmp_path / "data" / f"class{c}" / f"{i}.png", rng)
+    (tmp_path / "data" / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    _png(tmp_path / "data" / ".ipynb_checkpoints" / "x.png", rng)
+    common = [str(tmp_path / "data"), "--extractor", "domain", "--weights-dir", str(weights_dir), "--allow-small"]
+    sub, full = tmp_path / "sub.npz", tmp_path / "full.npz"
+    assert run_cli(ref_main, common + ["-o", str(sub), "--store-features", "8"]) == 0
+    assert run_cli(ref_main, common + ["-o", str(full), "--store-features", "24"]) == 0
+    a, b = load_reference(sub), load_reference(full)
+    assert a.provenance["order"] == "random(seed=0)" and a.provenance["stored_features"] == 8
+    assert b.provenance["order"] == "as listed" and b.labels.tolist() == [c for c in range(4) for _ in range(6)]
+    assert len(a.labels) == 8 and len(set(a.labels.tolist())) >= 3 and a.provenance["num_classes"] == 4
+    for i, c in enumerate(a.labels):  # each stored row is the feature of an image of its own class
+        assert np.any(np.all(np.isclose(b.features[b.labels == c], a.features[i], rtol=1e-5, atol=1e-6), axis=1))
+    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-9, atol=1e-12)
+    capsys.readouterr()
+    assert run_cli(ref_main, common + ["-o", str(sub), "--store-features", "12"]) == 2
+    _one_error_line(capsys, "stored_features", "--force")
+    assert run_cli(ref_main, common + ["-o", str(sub), "--store-features", "12", "--force"]) == 0
+    assert len(load_reference(sub).features) == 12
 
 
 def test_flat_folder_has_no_labels(weights_dir, tmp_path):
@@ -290,6 +319,14 @@ def test_per_class_with_adm_reference_batch(ckpt, ref, weights_dir, tmp_path):
 
 def test_per_class_refused(ckpt, ref, weights_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
+    fewer = _save_teacher(tmp_path / "eight.safetensors", num_classes=8)  # the reference has 16 classes
+    assert _run(fewer, ref, weights_dir, out, 128, "--per-class") == 2
+    _one_error_line(capsys, "16 classes", "eight.safetensors", "8")
+    other_res = tmp_path / "VIRTUAL_16px.npz"  # an ADM batch's images say its resolution
+    r16 = load_reference(ref)
+    np.savez(other_res, arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.arange(4), mu=r16.mu, sigma=r16.sigma)
+    assert _run(ckpt, str(other_res), weights_dir, out, 128, "--per-class") == 2
+    _one_error_line(capsys, "resolution 8")
     uncond = _save_teacher(tmp_path / "uncond.safetensors", num_classes=0)
     assert _run(uncond, ref, weights_dir, out, 128, "--per-class") == 2
     _one_error_line(capsys, "uncond.safetensors", "unconditional", "--per-class")

@@ -81,6 +81,14 @@ def test_folder_source(tmp_path):
     assert len(src.fingerprint()) == 64 and src.fingerprint() == FolderSource(tmp_path / "a").fingerprint()
 
 
+@pytest.mark.parametrize("arr_1", [np.eye(3, dtype=np.int64), np.array([0, -1, 2]), np.array([0.0, 1.0, 2.0]),
+                                   np.array([0, 1])])
+def test_npz_bad_labels_refused(arr_1, tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8), arr_1=arr_1)
+    with pytest.raises(UserError, match=r"arr_1 .* one non-negative integer class per image"):
+        NpzSource(tmp_path / "s.npz")
+
+
 def test_folder_errors(tmp_path):
     _write_pngs(tmp_path / "mixed", 3)
     Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "odd.png")

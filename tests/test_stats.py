@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from eval.stats import FeatureStats, FeatureStore, Reference, check_fresh, load_reference, save_reference
+from pagoda.dist import shutdown
 from pagoda.errors import UserError
 
 
@@ -97,7 +98,7 @@ def _rank_worker(rank, world, init_file, x, out_dir):
         torch.save(dict(n=stats.n, mean=stats.mean(), cov=stats.cov(), feats=store.features(),
                         index=store.indices()), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 from pagoda import checkpoint
 from pagoda.config import PRESETS, TrainConfig, to_dict
 from pagoda.data import to_model
+from pagoda.dist import shutdown
 from pagoda.errors import UserError
 from pagoda.stages.teacher import TeacherStage
 from pagoda.train import (
@@ -214,7 +215,7 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
         run_toy(Path(out) / "toy")
         _run_teacher(Path(out) / "teacher", _teacher_cfg())
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()
 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
