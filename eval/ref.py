@@ -26,12 +26,6 @@ from pagoda.errors import UserError, run_cli
 from pagoda.version import __version__
 
 
-def class_names_of(source) -> list[str] | None:
-    """Names of the source's classes where known (photos, folders), else None."""
-    names = getattr(source, "class_names", None) or getattr(getattr(source, "dataset", None), "class_names", None)
-    return list(names) if names else None
-
-
 def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
     """What the statistics depend on; two references with equal provenance are interchangeable."""
     prov = dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
@@ -41,7 +35,7 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
                 order=f"random(seed={source.seed})" if isinstance(source, RandomOrder) else "as listed",
                 pagoda_version=__version__)
     if source.num_classes:  # labelled: a reference made before labels were stored is stale
-        prov.update(num_classes=source.num_classes, class_names=class_names_of(source))
+        prov.update(num_classes=source.num_classes, class_names=list(source.class_names or []) or None)
     return prov
 
 

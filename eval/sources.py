@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pagoda import dist
-from pagoda.data import IMAGE_EXTENSIONS, save_npz, scan_folder
+from pagoda.data import IMAGE_EXTENSIONS, check_npz_arrays, save_npz, scan_folder
 from pagoda.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
@@ -52,6 +52,7 @@ class Source:
     num_samples: int = 0
     resolution: int | None = None
     num_classes: int = 0
+    class_names: list[str] | None = None  # where known (photos, class folders)
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -93,8 +94,7 @@ class RandomOrder(Source):
         self.base, self.seed = base, int(seed)
         self.perm = torch.randperm(base.num_samples, generator=torch.Generator().manual_seed(self.seed))
         self.name, self.num_samples, self.resolution = base.name, base.num_samples, base.resolution
-        self.num_classes, self.class_names = base.num_classes, getattr(base, "class_names", None)
-        self.dataset = getattr(base, "dataset", None)
+        self.num_classes, self.class_names = base.num_classes, base.class_names
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.base.load(self.perm[index])
@@ -249,13 +249,7 @@ class NpzSource(Source):
             raise UserError(f"npz file {self.path} does not exist: check the path") from None
         except (OSError, ValueError, EOFError) as e:
             raise UserError(f"{self.path} is not a readable npz ({e}): regenerate it") from None
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
-            raise UserError(f"{self.path}: arr_0 is {self.images.dtype} {self.images.shape}, expected uint8 NHWC "
-                            "with 3 channels: convert the samples")
-        if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(self.images),)
-                                   or (labels.size and labels.min() < 0)):
-            raise UserError(f"{self.path}: arr_1 is {labels.dtype} {list(labels.shape)}, expected one non-negative "
-                            f"integer class per image, shape [{len(self.images)}]: fix the labels or drop arr_1")
+        check_npz_arrays(self.path, self.images, labels)  # the checks training applies to the same file
         self.labels = None if labels is None else torch.from_numpy(labels.astype(np.int64))
         self.name, self.num_samples = str(self.path), len(self.images)
         h, w = self.images.shape[1:3]
@@ -278,6 +272,7 @@ class DatasetSource(Source):
         self.dataset = build_dataset(spec, resolution, xflip=False, split=split)
         self.name, self.num_samples = f"{spec}:{split}:{resolution}", len(self.dataset)
         self.resolution, self.num_classes = resolution, int(getattr(self.dataset, "num_classes", 0) or 0)
+        self.class_names = getattr(self.dataset, "class_names", None)
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         items = [self.dataset[int(i)] for i in index]

@@ -239,7 +239,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise UserError(f"{path} is not a readable npz file ({e}): regenerate it with np.savez") from None
 
 
-def _check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
+def check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
     """Images must be uint8 NHWC RGB; labels, if present, N non-negative integers."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise UserError(f"npz file {path}: arr_0 is {images.dtype} {tuple(images.shape)}, expected uint8 (N, H, W, 3): "
@@ -278,7 +278,7 @@ class NpzDataset(_FlipDataset):
         super().__init__(resolution, xflip)
         self.path = Path(path)
         self.images, labels = _read_npz(self.path)
-        _check_npz_arrays(self.path, self.images, labels)
+        check_npz_arrays(self.path, self.images, labels)
         self.labels = None if labels is None else labels.astype(np.int64)
         self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
         self.class_names = [str(c) for c in range(self.num_classes)]

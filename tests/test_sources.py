@@ -85,7 +85,7 @@ def test_folder_source(tmp_path):
                                    np.array([0, 1])])
 def test_npz_bad_labels_refused(arr_1, tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((3, 8, 8, 3), np.uint8), arr_1=arr_1)
-    with pytest.raises(UserError, match=r"arr_1 .* one non-negative integer class per image"):
+    with pytest.raises(UserError, match=r"arr_1 is .* expected 3 non-negative integer labels"):
         NpzSource(tmp_path / "s.npz")
 
 
