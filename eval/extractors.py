@@ -2,8 +2,9 @@
 
 Every extractor takes uint8 RGB images [N, 3, H, W] of any size, owns its resize and
 normalisation (named by its `resize` attribute, which results record), and returns
-`{"features": float32 [N, D], "logits": float32 [N, K]}` (logits only when it has them) from
-one forward pass. Weights come from local files only (eval.weights); their SHA-256 is exposed
+`{"features": float32 [N, D], "logits": float32 [N, K], "spatial": float32 [N, S]}` from one
+forward pass (logits only when `num_logits` > 0, spatial only when `spatial_dim` > 0: the
+Inception's sFID map). Weights come from local files only (pagoda.weights); their SHA-256 is exposed
 as `weights_sha256`. Conventions: METHOD.md section 5.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import copy
 import functools
 import io
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
 from pagoda.errors import UserError
+from pagoda.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -72,6 +74,7 @@ class Extractor:
     name: str
     feature_dim: int
     num_logits: int = 0
+    spatial_dim: int = 0
     resize: str
     weights_path: Path | None
     weights_sha256: str | None
@@ -167,10 +170,41 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     return net
 
 
-class InceptionExtractor(Extractor):
-    """pool3 (2048) and bias-free logits (1008) of the 2015-12-05 Inception, TF1 bilinear resize to 299."""
+# sFID (Nash et al. 2021) as the ADM evaluator computes it (openai/guided-diffusion evaluations/evaluator.py):
+# tensor `mixed_6/conv:0` of the TF graph, an NHWC [N, 17, 17, 192] map, of which it keeps [..., :7] and
+# flattens each sample, so the 2023 dimensions run in (h, w, c) order. The graph names its blocks mixed,
+# mixed_1, ..., mixed_10 for torch-fidelity's Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c (the table of
+# torch-fidelity's utils/util_convert_inception_weights.py maps mixed_6/conv/{conv2d_params,batchnorm} to
+# Mixed_6d.branch1x1). The graph's ops for a conv layer X are X/Conv2D, X/batchnorm (no activation),
+# X/CheckNumerics, X/control_dependency and X: the one op left to be the ReLU, which ports that match TF's
+# pool3 apply after every BN, is X itself, so `mixed_6/conv` is branch1x1 after its ReLU. InceptionC
+# concatenates branch1x1 first: its 7 channels are channels 0..6 of the Mixed_6d output.
+SFID_BLOCK, SFID_CHANNELS, SFID_GRID = "Mixed_6d", 7, 17
+SFID_DIM = SFID_GRID * SFID_GRID * SFID_CHANNELS
 
-    name, feature_dim, num_logits, resize = "inception", 2048, 1008, "tf1-bilinear-299"
+
+def sfid_spatial(mixed_6d: torch.Tensor) -> torch.Tensor:
+    """[N, 2023] sFID features from the Mixed_6d output [N, 768, 17, 17]: its first 7 channels (branch1x1
+    after ReLU) in the evaluator's NHWC order, one row per sample."""
+    return mixed_6d[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(mixed_6d), -1)
+
+
+@contextlib.contextmanager
+def _output_of(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Yield a list that receives fn(output) of each forward of `module` inside the block (a forward hook)."""
+    got: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda mod, args, out: got.append(fn(out)))
+    try:
+        yield got
+    finally:
+        handle.remove()
+
+
+class InceptionExtractor(Extractor):
+    """pool3 (2048), bias-free logits (1008) and sFID's spatial map (2023) of the 2015-12-05 Inception,
+    TF1 bilinear resize to 299."""
+
+    name, feature_dim, num_logits, spatial_dim, resize = "inception", 2048, 1008, SFID_DIM, "tf1-bilinear-299"
 
     def __init__(self, *, weights_dir=None, device="cpu", strict=False, fold=True):
         sd, path, sha = _load_checked(SPECS["inception"], weights_dir, strict)
@@ -183,17 +217,21 @@ class InceptionExtractor(Extractor):
 
     def _forward(self, x):
         """torch-fidelity's forward (float32, TF1 resize, (x-128)/128, trunk, pool3, bias-free fc) with the
-        resize done as two small matmuls and the trunk in channels-last memory: same numbers, less time."""
+        resize done as two small matmuls and the trunk in channels-last memory: same numbers, less time.
+        The sFID map is a slice of the Mixed_6d output taken on the way (see `sfid_spatial`)."""
         net = self.net
         if not self.fast:
-            features, logits = net(x)
-            return {"features": features, "logits": logits}
+            with _output_of(net.Mixed_6d, sfid_spatial) as spatial:
+                features, logits = net(x)
+            return {"features": features, "logits": logits, "spatial": spatial[0]}
         x = tf1_bilinear_resize(x.float(), 299)
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         for name in INCEPTION_TRUNK:
             x = getattr(net, name)(x)
+            if name == SFID_BLOCK:
+                spatial = sfid_spatial(x)
         features = torch.flatten(x, 1)
-        return {"features": features, "logits": features.mm(net.fc.weight.T)}
+        return {"features": features, "logits": features.mm(net.fc.weight.T), "spatial": spatial}
 
 
 # torch-fidelity's FeatureExtractorInceptionV3 layers from the 299 px input to pool3, in order.
@@ -225,24 +263,64 @@ def tf1_bilinear_resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# DINOv2 (FD-DINOv2): timm ViT, CLS token after the final norm.
+# DINOv2 (FD-DINOv2): the torch.hub model of facebookresearch/dinov2, which dgm-eval and EDM2 run, computed
+# with timm's ViT (the same layers: patch conv, cls token, pre-norm blocks with LayerScale, qkv bias, GELU,
+# LayerNorm eps 1e-6) and CLS token after the final norm (the hub's `x_norm_clstoken`).
 
 DINOV2_ARCH = {
     "dinov2": "vit_large_patch14_dinov2.lvd142m",
     "dinov2-vitb14": "vit_base_patch14_dinov2.lvd142m",
     "dinov2-vits14": "vit_small_patch14_dinov2.lvd142m",
 }
+DINOV2_SIZE = 224  # dgm-eval and EDM2 feed 224 x 224 images: a 16 x 16 patch grid
+# dinov2/hub/backbones.py builds dinov2_vit{s,b,l}14 with interpolate_offset=0.1 and interpolate_antialias=False
+# (also img_size=518, init_values=1.0, ffn_layer="mlp", no register tokens, which the timm models share).
+HUB_INTERPOLATE_OFFSET = 0.1
 
 
 def build_dinov2(arch: str) -> nn.Module:
     """timm DINOv2 at 224 px with no head, randomly initialised (never downloads)."""
     import timm
 
-    return timm.create_model(arch, pretrained=False, img_size=224, num_classes=0)
+    return timm.create_model(arch, pretrained=False, img_size=DINOV2_SIZE, num_classes=0)
 
 
-def pil_resize(x: torch.Tensor, size: tuple[int, int], shorter_side: bool = False) -> torch.Tensor:
-    """Per-image PIL BICUBIC resize of uint8 [N, 3, H, W] -> uint8 (the dgm-eval / torchvision-on-PIL path)."""
+def hub_pos_embed(pos_embed: torch.Tensor, grid: int, offset: float = HUB_INTERPOLATE_OFFSET) -> torch.Tensor:
+    """float32 [1, 1 + grid^2, D]: what the hub's `DinoVisionTransformer.interpolate_pos_encoding` adds to the
+    tokens of a grid x grid input, from a stored table [1, 1 + M^2, D] (M = 37 in the published 518 px files).
+
+    The hub resamples at every forward: a float32 bicubic F.interpolate without antialias whose target is
+    given as scale_factor = (grid + 0.1) / M, so its taps are those of that scale, not of a resize to
+    `size=grid` (timm's checkpoint_filter_fn, which also antialiases). One identical call at load gives
+    the same table. A table already at `grid` comes back as is (the hub adds it unchanged then).
+    ValueError when the stored grid is not square or the call does not land on `grid`.
+    """
+    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[-1]
+    m = math.isqrt(n)
+    if m * m != n:
+        raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
+    if m == grid:
+        return pos_embed.float()
+    pe = pos_embed.float()
+    scale = float(grid + offset) / m
+    patch = F.interpolate(pe[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2), scale_factor=(scale, scale),
+                          mode="bicubic", antialias=False)
+    if tuple(patch.shape[-2:]) != (grid, grid):
+        raise ValueError(f"resampling a {m}x{m} position grid by {scale} gave {tuple(patch.shape[-2:])}")
+    return torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1)
+
+
+def dinov2_state_dict(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """timm's or the hub's DINOv2 state dict (same keys but the hub's unused `mask_token`) ready for a timm
+    ViT with a grid x grid patch grid: position table resampled as the hub does (`hub_pos_embed`)."""
+    out = {k: v for k, v in sd.items() if k != "mask_token"}
+    out["pos_embed"] = hub_pos_embed(sd["pos_embed"], grid)
+    return out
+
+
+def pil_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-image PIL BICUBIC resize of uint8 [N, 3, H, W] to `size` (h, w) -> uint8 [N, 3, h, w] (the
+    dgm-eval / torchvision-on-PIL / EDM2 resize_mode='pil' path; PIL antialiases when it shrinks)."""
     from PIL import Image
 
     out = []
@@ -258,42 +336,53 @@ def normalize(x01: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 class DINOv2Extractor(Extractor):
-    """CLS token after the final norm of a DINOv2 ViT at 224 px, ImageNet mean/std."""
+    """CLS token after the final norm of DINOv2 ViT-{S,B,L}/14 at 224 px (as the torch.hub model computes it),
+    ImageNet mean/std, with one of two resize conventions (`resize`):
 
-    RESIZES = ("pil-bicubic", "torch-bicubic-aa")
+    - "edm2-torch": EDM2's DINOv2Detector resize_mode='torch' (NVlabs/edm2 calculate_metrics.py), the mode
+      its published dataset-refs (img64.pkl, img512.pkl: `fd_dinov2`) were made with: float32 F.interpolate
+      of the 0..255 values to 224 x 224, bicubic, antialias=True, no clamp, then / 255.
+    - "pil-bicubic": per-image PIL BICUBIC to 224 x 224 on uint8, then / 255: dgm-eval's default transform
+      (torchvision Resize on a PIL image) and EDM2's resize_mode='pil'.
 
-    def __init__(self, name: str, *, weights_dir=None, device="cpu", strict=False, resize="pil-bicubic"):
+    Weights: timm's `vit_*_patch14_dinov2.lvd142m` file or the hub's `dinov2_vit*14_pretrain.pth`.
+    UserError for an unknown resize or a file that does not fit the architecture.
+    """
+
+    RESIZES = ("edm2-torch", "pil-bicubic")
+
+    def __init__(self, name: str, *, weights_dir=None, device="cpu", strict=False, resize="edm2-torch"):
         if resize not in self.RESIZES:
             raise UserError(f"resize={resize!r} for {name}: choose one of {', '.join(self.RESIZES)}")
-        import timm.models.vision_transformer as vt
-
         spec, self.name, self.resize = SPECS[name], name, resize
         sd, path, sha = _load_checked(spec, weights_dir, strict)
         net = build_dinov2(DINOV2_ARCH[name])
-        try:  # timm's own filter: resamples the 518 px position embedding to 224 as pretrained=True would
-            net.load_state_dict(vt.checkpoint_filter_fn(sd, net))
+        try:
+            net.load_state_dict(dinov2_state_dict(sd, net.patch_embed.grid_size[0]))
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
-            raise _wrong_architecture(path, f"timm {DINOV2_ARCH[name]}", e) from e
+            raise _wrong_architecture(path, f"DINOv2 {DINOV2_ARCH[name]}", e) from e
         self.feature_dim = net.num_features
         super().__init__(net, spec, path, sha, device)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 -> normalised float [N, 3, 224, 224] by the chosen resize."""
+        """uint8 [N, 3, H, W] -> float32 [N, 3, 224, 224], resized by `self.resize` and normalised."""
+        size = (DINOV2_SIZE, DINOV2_SIZE)
         if self.resize == "pil-bicubic":
-            x01 = pil_resize(x, (224, 224)).to(x.device).float() / 255
+            x = pil_resize(x, size).to(x.device)
         else:
-            x01 = F.interpolate(x.float() / 255, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
-            x01 = x01.clamp(0, 1)
-        return normalize(x01, IMAGENET_MEAN, IMAGENET_STD)
+            x = F.interpolate(x.to(torch.float32), size=size, mode="bicubic", antialias=True)
+        return normalize(x.to(torch.float32) / 255, IMAGENET_MEAN, IMAGENET_STD)
 
     def _forward(self, x):
         return {"features": self.net.forward_features(self.preprocess(x))[:, 0]}
 
 
 # ---------------------------------------------------------------------------------------------
-# CLIP (CLIP score): open_clip ViT with OpenAI weights (QuickGELU), normalised embeddings.
+# CLIP (CLIP score, CMMD): open_clip ViTs with OpenAI weights (QuickGELU), L2-normalised embeddings.
 
-CLIP_MODEL = {"clip": "ViT-L-14", "clip-vitb32": "ViT-B-32"}
+CLIP_MODEL = {"clip": "ViT-L-14", "clip-vitb32": "ViT-B-32", "clip-vitl14-336": "ViT-L-14-336"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (open_clip OPENAI_DATASET_MEAN / _STD)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_clip(model: str) -> nn.Module:
@@ -304,7 +393,9 @@ def build_clip(model: str) -> nn.Module:
 
 
 class CLIPExtractor(Extractor):
-    """L2-normalised CLIP image embeddings with open_clip's eval preprocessing; `encode_text` for prompts."""
+    """L2-normalised CLIP image embeddings [N, D] with OpenAI's eval preprocessing (open_clip's
+    `image_transform`: PIL bicubic resize of the short side, center crop, CLIP mean/std); `encode_text`
+    for prompts. UserError for a file that does not fit the architecture."""
 
     resize = "pil-bicubic-short224-centercrop"
 
@@ -347,6 +438,38 @@ def cosine(img_feats: torch.Tensor, txt_feats: torch.Tensor) -> torch.Tensor:
         raise UserError(f"cosine: image features {tuple(img_feats.shape)} and text features "
                         f"{tuple(txt_feats.shape)} differ: pass one caption per image")
     return (F.normalize(img_feats.double(), dim=-1) * F.normalize(txt_feats.double(), dim=-1)).sum(-1)
+
+
+CMMD_SIZE = 336  # ViT-L/14@336px (scenic clip.IMAGE_RESOLUTION['vit_l14_336px'])
+
+
+def cmmd_resize(x: torch.Tensor, size: int = CMMD_SIZE) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> uint8 [N, 3, size, size] as google-research cmmd/io_util.py reads an image: crop
+    the centered square of the short side (offsets (w - l) // 2, (h - l) // 2), then PIL BICUBIC to size."""
+    from PIL import Image
+
+    out = []
+    for a in x.permute(0, 2, 3, 1).cpu().numpy():
+        im = Image.fromarray(a)
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        out.append(np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+class CMMDExtractor(CLIPExtractor):
+    """CMMD's embedding (Jayasumana et al., CVPR 2024; google-research `cmmd`): L2-normalised image embeddings
+    [N, 768] of OpenAI CLIP ViT-L/14@336px. Preprocessing as its io_util + embedding: centered square crop and
+    PIL BICUBIC to 336 on uint8, / 255, then `jax.image.resize` to 336 (an identity at that size) and CLIP
+    mean/std. UserError for a file that does not fit ViT-L-14-336."""
+
+    resize = "cmmd-centercrop-pil-bicubic-336"
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> float32 [N, 3, 336, 336] (crop, PIL bicubic, / 255, CLIP mean/std)."""
+        x01 = cmmd_resize(x).to(x.device).to(torch.float32) / 255
+        return normalize(x01, CLIP_MEAN, CLIP_STD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,11 +517,13 @@ def _named(cls, name):
     return lambda **kw: cls(name, **kw)
 
 
+# Metric names are eval.registry's METRICS keys (its check_extractor reads them before loading weights).
 EXTRACTORS: dict[str, ExtractorEntry] = {
-    "inception": ExtractorEntry(InceptionExtractor, ("strict", "fold"), ("fid", "kid", "is", "pr")),
+    "inception": ExtractorEntry(InceptionExtractor, ("strict", "fold"), ("fid", "sfid", "kid", "is", "pr", "dc")),
     **{n: ExtractorEntry(_named(DINOv2Extractor, n), ("strict", "resize"), ("fd_dinov2",)) for n in DINOV2_ARCH},
-    **{n: ExtractorEntry(_named(CLIPExtractor, n), ("strict",), ("clip_score",)) for n in CLIP_MODEL},
-    "domain": ExtractorEntry(DomainExtractor, ("strict",), ("fd", "is", "pr")),
+    **{n: ExtractorEntry(_named(CLIPExtractor, n), ("strict",), ("clip",)) for n in ("clip", "clip-vitb32")},
+    "clip-vitl14-336": ExtractorEntry(_named(CMMDExtractor, "clip-vitl14-336"), ("strict",), ("cmmd",)),
+    "domain": ExtractorEntry(DomainExtractor, ("strict",), ("fid", "kid", "is", "pr", "dc")),
 }
 
 

@@ -2,8 +2,10 @@
 
     python -m eval.gate --results new.jsonl --baseline base.jsonl --tolerance fid=+0.05,is=-1%
 
-Rows are matched on (model, method, resolution, guidance, sampler, steps, metric) and the
-identity entries of `extra` (IS style, class, k; not results such as `std`); when a
+Rows are matched on (model, method, resolution, guidance, sampler, steps, metric) and the class of a
+per-class row; two matched rows measured with different estimator parameters (extra: KID subset size
+and count, IS splits and style, k of P/R and D/C, bootstrap rounds, resize, labels) or extractors are
+refused (exit 2) rather than compared; when a
 file holds the same key twice the last row wins (the latest measurement). A tolerance names the
 direction that is worse and how far a value may move that way: `fid=+0.05` = FID may rise by at
 most 0.05 (absolute), `is=-1%` = IS may fall by at most 1% of the baseline (relative). Without a
@@ -13,7 +15,8 @@ not named are shown as `unchecked` and never fail.
 
 Exit status: 0 all pass; 1 a regression, or a baseline row missing from the results (unless
 --allow-missing); 2 malformed input: a bad JSONL line, a tolerance that does not parse, or a
-tolerance for a metric that appears in neither file (most likely a typo).
+tolerance for a metric that appears in neither file (most likely a typo), or rows measured with
+different estimator parameters.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from eval.rows import MATCH_KEYS, read_rows, row_key
+from eval.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
 from pagoda.errors import UserError, run_cli
 
 # +1: lower is better (a rise is a regression); -1: higher is better.
@@ -96,6 +99,7 @@ def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tol
             allow_missing: bool = False) -> list[dict]:
     """One verdict per key of either file: baseline, new, delta, allowed bound and status."""
     new, base = _latest(results), _latest(baseline)
+    check_estimators(new, base)
     verdicts = []
     for key in list(base) + [k for k in new if k not in base]:
         b, n = base.get(key), new.get(key)
@@ -120,6 +124,19 @@ def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tol
     return verdicts
 
 
+def check_estimators(new: dict[tuple, dict], base: dict[tuple, dict]) -> None:
+    """UserError when a row and its baseline were measured with different estimator parameters or extractors."""
+    for key in base.keys() & new.keys():
+        b, n = base[key], new[key]
+        pb, pn = dict(estimator_params(b), extractor=b.get("extractor")), dict(estimator_params(n),
+                                                                                extractor=n.get("extractor"))
+        diff = sorted(k for k in pb.keys() | pn.keys() if pb.get(k) != pn.get(k))
+        if diff:
+            what = ", ".join(f"{k} {pb.get(k)!r} in the baseline vs {pn.get(k)!r} in the results" for k in diff)
+            raise UserError(f"{b['metric']} of {b['model']} was measured with different estimator parameters "
+                            f"({what}): measure both with the same parameters, or update the baseline on purpose")
+
+
 def failed(verdicts: list[dict]) -> bool:
     return any(v["status"] in ("REGRESSION", "MISSING") for v in verdicts)
 
@@ -135,10 +152,7 @@ def format_diff(verdicts: list[dict]) -> str:
     """The diff table: which cell, baseline, new, delta, allowed bound, tolerance, status."""
     cols = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric", "baseline", "new",
             "delta", "allowed", "tolerance", "status")
-    cells = [[_fmt(v.get(c)) for c in cols] for v in verdicts]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells])
+    return text_table(verdicts, cols, _fmt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-missing", action="store_true", help="a baseline row absent from the results is not a failure")
     args = p.parse_args(argv)
     tolerances = parse_tolerances(args.tolerance)
-    results, baseline = read_rows(args.results), read_rows(args.baseline)
+    results, baseline = read_rows(args.results, "--results file"), read_rows(args.baseline, "--baseline file")
     present = {r["metric"] for r in results + baseline}
     absent = sorted(set(tolerances) - present)
     if absent:

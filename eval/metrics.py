@@ -3,7 +3,10 @@
 Conventions follow METHOD.md §5 and match torch-fidelity 0.4.0 / clean-fid given the same features:
 FD from the eigenvalues of S1 S2 (in symmetric form); KID with the cubic polynomial kernel and unbiased MMD^2 over seeded
 subsets; IS from bias-free logits in ADM (contiguous) or torch-fidelity (shuffled) splits; precision /
-recall of Kynkaenniemi et al. with k-NN radii excluding self and `<=` membership.
+recall of Kynkaenniemi et al. with k-NN radii excluding self and `<=` membership; density / coverage of
+Naeem et al. (k = 5, radii from the real set, strict `<` membership, as the `prdc` package); CMMD of
+Jayasumana et al. (Gaussian RBF, sigma = 10, biased MMD^2 x 1000, as google-research `cmmd`); CLIP score;
+percentile bootstrap intervals; per-class wrappers. Frechet distances and CMMD are never below 0.
 """
 
 from __future__ import annotations
@@ -54,11 +57,20 @@ def _sqrt_psd(sigma: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(w)) @ v.T
 
 
+def _fd_sum(diff_sq, tr1, tr2, tr_covmean) -> float:
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), never below 0.
+
+    A squared distance: identical statistics give rounding noise of either sign (~1e-13), and a
+    negative FD would read as "better than the reference itself", so the noise below 0 is cut off.
+    """
+    return max(float(diff_sq + tr1 + tr2 - 2 * tr_covmean), 0.0)
+
+
 def _fd(mu1, sigma1, mu2, sigma2, root2) -> float:
     """Eq. FD with tr sqrt(S1 S2) = sum sqrt(eig(R2 S1 R2)), R2 = S2^1/2 given."""
     diff = mu1 - mu2
     tr_covmean = np.sqrt(_psd_eigvals(root2 @ sigma1 @ root2)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return _fd_sum(diff @ diff, np.trace(sigma1), np.trace(sigma2), tr_covmean)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -68,7 +80,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     from that with eigvalsh instead of from the general eigvals of S1 S2 (torch-fidelity) or sqrtm
     (clean-fid): the same number to ~1e-12 on full-rank covariances (tested), several times faster, and
     with rounding-level eigenvalues dropped it stays exact when N < D makes the covariances singular
-    (FD(x, x) = 0 instead of a sum of ~D square roots of rounding noise).
+    (FD(x, x) = 0 instead of a sum of ~D square roots of rounding noise). Never below 0: rounding noise
+    under 0 is reported as 0.0. Raises ValueError when the shapes disagree.
     """
     mu1, mu2, sigma1, sigma2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
     d = mu1.shape[0]
@@ -84,7 +97,8 @@ def fid_from_features(f_real, f_fake) -> float:
     When a set has fewer rows than dimensions (one class of a class-conditional model, say), the D x D
     eigendecompositions are replaced by an n1 x n2 SVD: with X_i = centred rows / sqrt(n_i - 1), S_i =
     X_i^T X_i, the eigenvalues of S1 S2 are the squared singular values of X1 X2^T, so tr sqrt(S1 S2) is
-    its nuclear norm. Same number (to rounding), ~1000x faster for 50 rows at D = 2048.
+    its nuclear norm. Same number (to rounding), ~1000x faster for 50 rows at D = 2048. Never below 0.
+    Raises ValueError when the widths differ or a set has fewer than 2 rows.
     """
     x1, x2 = _f64(f_real), _f64(f_fake)
     d = x1.shape[1]
@@ -96,7 +110,7 @@ def fid_from_features(f_real, f_fake) -> float:
     mu1, mu2 = x1.mean(0), x2.mean(0)
     c1, c2 = (x1 - mu1) / np.sqrt(len(x1) - 1), (x2 - mu2) / np.sqrt(len(x2) - 1)
     tr_covmean = np.linalg.svd(c1 @ c2.T, compute_uv=False).sum()
-    return float((mu1 - mu2) @ (mu1 - mu2) + (c1 * c1).sum() + (c2 * c2).sum() - 2 * tr_covmean)
+    return _fd_sum((mu1 - mu2) @ (mu1 - mu2), (c1 * c1).sum(), (c2 * c2).sum(), tr_covmean)
 
 
 # ----------------------------------------------------------------------------
@@ -226,6 +240,117 @@ def precision_recall(real, fake, *, k: int = 3, batch: int = 10000, device=None,
     if per_sample:
         return fake_in_real, real_in_fake
     return float(fake_in_real.mean()), float(real_in_fake.mean())
+
+
+# ----------------------------------------------------------------------------
+# Density and coverage (Naeem et al. 2020).
+
+
+def _ball_hits(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
+               batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Strict membership (distance < radius, as prdc): per query row the number of balls B(ref_i, radii_i)
+    holding it (int64 [len(query)]); per ball whether it holds any query row (bool [len(ref)]). Memory
+    O(batch^2)."""
+    counts, held = [], torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    for rows in query.split(batch):
+        count = torch.zeros(len(rows), dtype=torch.int64, device=rows.device)
+        for i, (cols, r) in enumerate(zip(ref.split(batch), radii.split(batch))):
+            inside = torch.cdist(rows, cols) < r
+            count += inside.sum(dim=1)
+            held[i * batch:i * batch + len(cols)] |= inside.any(dim=0)
+        counts.append(count)
+    return torch.cat(counts), held
+
+
+def density_coverage(real, fake, *, k: int = 5, batch: int = 10000, device=None, per_sample: bool = False):
+    """Density and coverage of Naeem et al., "Reliable Fidelity and Diversity Metrics for Generative
+    Models" (ICML 2020), Eqs. 3 and 4; equal to `prdc.compute_prdc(real, fake, nearest_k=k)` (prdc 0.2).
+
+    real [N, D], fake [M, D]: features as numpy arrays or tensors; float64 stays float64, anything else is
+    computed in float32 (as precision_recall). Only the real set is a manifold: r_i = distance from real_i
+    to its k-th nearest other real row, and membership is strict (`<`, prdc's choice; precision uses `<=`):
+
+        density  = 1 / (k M) sum_j sum_i [|fake_j - real_i| < r_i]     (can exceed 1)
+        coverage = 1 / N sum_i [min_j |fake_j - real_i| < r_i]
+
+    Returns (density, coverage) as floats; with per_sample=True instead (counts, covered): int64 [M], the
+    number of real balls holding each fake row, and bool [N], whether each real ball holds a fake row.
+    Raises UserError when N <= k or M == 0, ValueError when the shapes disagree.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    r, f = _as_torch(real, device), _as_torch(fake, device)
+    if r.ndim != 2 or f.ndim != 2 or r.shape[1] != f.shape[1]:
+        raise ValueError(f"density_coverage: feature shapes disagree: real {tuple(r.shape)}, fake {tuple(f.shape)}")
+    if len(r) <= k or len(f) == 0:
+        raise UserError(f"density / coverage: {len(r)} real and {len(f)} generated samples are too few for "
+                        f"k = {k} neighbours; use more than k real samples and at least one generated sample")
+    dtype = torch.promote_types(r.dtype, f.dtype)
+    r, f = r.to(dtype), f.to(dtype)
+    counts, covered = (t.cpu().numpy() for t in _ball_hits(f, r, knn_radii(r, k, batch), batch))
+    if per_sample:
+        return counts, covered
+    return float(counts.mean() / k), float(covered.mean())
+
+
+def dc_bootstrap(real, fake, *, k: int = 5, batch: int = 10000, rounds: int = 1000, alpha: float = 0.05,
+                 seed: int = 0, device=None) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """((density, low, high), (coverage, low, high)): density_coverage() with percentile bootstrap intervals.
+
+    As pr_bootstrap: the per-sample counts (fake) and covered flags (real) are resampled with the real
+    manifold held fixed. Deterministic given the seed. Raises what density_coverage and bootstrap_ci raise.
+    """
+    counts, covered = density_coverage(real, fake, k=k, batch=batch, device=device, per_sample=True)
+    counts = counts.astype(np.float64)
+    dens = (float(counts.mean() / k), *bootstrap_ci(lambda c: c.mean() / k, counts, n_boot=rounds,
+                                                    alpha=alpha, seed=seed))
+    cov = (float(covered.mean()), *bootstrap_ci(np.mean, covered.astype(np.float64), n_boot=rounds,
+                                                alpha=alpha, seed=seed))
+    return dens, cov
+
+
+# ----------------------------------------------------------------------------
+# CMMD (Jayasumana et al. 2024).
+
+
+def _rbf_mean(a: torch.Tensor, b: torch.Tensor, gamma: float, batch: int) -> torch.Tensor:
+    """Mean of exp(-gamma |a_i - b_j|^2) over all N x M pairs, summed block by block (memory O(batch^2))."""
+    a_sq, b_sq = (a * a).sum(dim=1), (b * b).sum(dim=1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for rows, rows_sq in zip(a.split(batch), a_sq.split(batch)):
+        for cols, cols_sq in zip(b.split(batch), b_sq.split(batch)):
+            d2 = (rows_sq[:, None] + cols_sq[None, :] - 2 * rows @ cols.T).clamp_min(0)
+            total += torch.exp(-gamma * d2).sum()
+    return total / (len(a) * len(b))
+
+
+def cmmd(x, y, *, sigma: float = 10.0, scale: float = 1000.0, batch: int = 2048, device=None) -> float:
+    """CMMD of Jayasumana et al., "Rethinking FID: Towards a Better Evaluation Metric for Image Generation"
+    (CVPR 2024): scale x the biased (V-statistic) MMD^2 with a Gaussian RBF kernel, as the reference
+    google-research/google-research `cmmd/distance.py` (`mmd`, Gretton et al. 2012 Eq. 5) computes it:
+
+        k(a, b) = exp(-|a - b|^2 / (2 sigma^2)),  |a - b|^2 = |a|^2 + |b|^2 - 2 a.b
+        CMMD    = scale (mean K_xx + mean K_yy - 2 mean K_xy)
+
+    with the means over the full N x N, M x M and N x M kernel matrices, diagonals included (so a set
+    against itself gives exactly 0, and each diagonal adds (1 - E k_xx) / N to the expectation).
+    x [N, D], y [M, D]: any features (numpy or tensors), computed in float64. For CMMD proper they are the
+    L2-normalised CLIP ViT-L/14-336 image embeddings; the caller normalises (this function does not).
+    Kernel sums run over batch x batch blocks, so N x M never materialises; the result depends on batch
+    only through float64 summation order. Symmetric in x, y; never below 0 (a squared RKHS norm; squared
+    distances under 0 from rounding are cut to 0). Raises ValueError when the shapes disagree, UserError
+    when a set is empty or sigma <= 0.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    a = torch.as_tensor(x).detach().to(device, torch.float64)
+    b = torch.as_tensor(y).detach().to(device, torch.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"cmmd: feature shapes disagree: x {tuple(a.shape)}, y {tuple(b.shape)}")
+    if len(a) == 0 or len(b) == 0 or not sigma > 0:
+        raise UserError(f"cmmd: got {len(a)} and {len(b)} samples with sigma = {sigma}; "
+                        "pass non-empty feature sets and sigma > 0")
+    gamma = 1.0 / (2 * sigma**2)
+    mmd2 = _rbf_mean(a, a, gamma, batch) + _rbf_mean(b, b, gamma, batch) - 2 * _rbf_mean(a, b, gamma, batch)
+    return max(float(scale * mmd2), 0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -31,7 +31,9 @@ class Want:
     store: int = 0  # keep features of the first `store` samples (KID, P/R, bootstrap CIs)
     labels: bool = False  # also keep the class label of each stored feature row (per-class metrics)
     logits: bool = False  # keep every sample's logits (IS)
-    texts: list[str] | None = None  # CLIP: prompt per class; keep each sample's image-text cosine
+    texts: list[str] | None = None  # CLIP: prompts; keep each sample's image-text cosine
+    text_by: str = "label"  # texts[label of sample i] (class prompts) or texts[i] (one caption per sample)
+    spatial: bool = False  # also keep mean / covariance sums of the spatial features (sFID)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Extraction:
     labels: FeatureStore | None = None  # one column: the label of each row of `store`
     logits: FeatureStore | None = None
     cos: FeatureStore | None = None
+    spatial: FeatureStats | None = None  # sums of the extractor's "spatial" output (sFID)
     extra: dict = field(default_factory=dict)
 
     def stored_labels(self) -> np.ndarray | None:
@@ -59,14 +62,10 @@ def init_distributed() -> torch.device:
 
 @contextlib.contextmanager
 def exact_math():
-    """No TF32 and no cudnn autotuning while extracting (METHOD §5: numbers must not depend on the run)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = False
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+    """Inference mode without TF32 or cudnn autotuning (METHOD §5), around generation and extraction alike."""
+    from eval.extractors import deterministic
+    with torch.inference_mode(), deterministic():
+        yield
 
 
 def _start(ex, want: Want, num_samples: int) -> Extraction:
@@ -84,6 +83,11 @@ def _start(ex, want: Want, num_samples: int) -> Extraction:
     if want.texts is not None:
         out.cos = FeatureStore(1, num_samples)
         out.extra["text_features"] = F.normalize(ex.encode_text(want.texts).double(), dim=-1).cpu()
+        out.extra["text_by"] = want.text_by
+    if want.spatial:
+        if not getattr(ex, "spatial_dim", 0):
+            raise ValueError(f"extractor {ex.name} has no spatial features")
+        out.spatial = FeatureStats(ex.spatial_dim)
     return out
 
 
@@ -100,8 +104,12 @@ def _update(out: Extraction, res: dict, labels: torch.Tensor | None, index: torc
                 out.labels.update(labels.cpu()[keep].double()[:, None], index[keep])
     if out.logits is not None:
         out.logits.update(res["logits"].detach().to("cpu", torch.float64), index)
+    if out.spatial is not None:
+        out.spatial.update(res["spatial"].detach().to("cpu", torch.float64))
     if out.cos is not None:
-        text = out.extra["text_features"][labels]
+        if out.extra["text_by"] == "label" and labels is None:
+            raise ValueError("CLIP score with class prompts needs labels")
+        text = out.extra["text_features"][labels.cpu() if out.extra["text_by"] == "label" else index]
         out.cos.update((F.normalize(feats, dim=-1) * text).sum(-1, keepdim=True), index)
 
 
@@ -123,8 +131,6 @@ def extract(source: Source, extractors: dict[str, object], wants: dict[str, Want
             if on_batch is not None:
                 on_batch(x, y, index)
             for name, ex in extractors.items():
-                if outs[name].cos is not None and y is None:
-                    raise ValueError("CLIP score needs labels")
                 _update(outs[name], ex(x.to(device)), y, index)
             bar.update(len(x) * world)
     bar.close()
@@ -135,19 +141,27 @@ def extract(source: Source, extractors: dict[str, object], wants: dict[str, Want
 
 def _finish(out: Extraction) -> None:
     out.stats.all_reduce()
+    if out.spatial is not None:
+        out.spatial.all_reduce()
     for store in (out.store, out.labels, out.logits, out.cos):
         if store is not None:
             store.gather()
 
 
-def check_sample_count(n: int, dim: int, *, allow_small: bool, what: str) -> None:
-    """Refuse (UserError) fewer samples than feature dimensions: the covariance is singular, FID meaningless."""
+def check_sample_count(n: int, dim: int, *, allow_small: bool, what: str, option: str = "--num-samples",
+                       metric: str = "FID") -> None:
+    """Refuse (UserError) fewer than 2 samples (no covariance at all), and fewer samples than feature
+    dimensions unless allow_small (the covariance is singular: the Frechet distance is biased upwards).
+    `option` names the option that sets the count in the command at hand."""
     from pagoda.errors import UserError
+    if n < 2:
+        raise UserError(f"{what}: {metric} needs at least 2 samples for a covariance, got {n}: use {option} >= 2 "
+                        f"(>= {dim} to be comparable)")
     if n >= dim:
         return
     if not allow_small:
         raise UserError(f"{what}: {n} samples is fewer than the feature dimension {dim}, so the covariance is "
-                        f"singular and FID is not comparable: use --num-samples >= {dim} or pass --allow-small")
+                        f"singular and {metric} is not comparable: use {option} >= {dim} or pass --allow-small")
     if is_main():
-        print(f"warning: {what}: {n} samples < feature dimension {dim}: FID is biased and not comparable "
+        print(f"warning: {what}: {n} samples < feature dimension {dim}: {metric} is biased and not comparable "
               "(--allow-small)", file=sys.stderr)

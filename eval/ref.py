@@ -3,7 +3,8 @@
     python -m eval.ref photos:train:16 -o refs/photos-16-domain.npz --extractor domain
     python -m eval.ref data/imagenet64_val.npz -o refs/in64.npz --weights-dir weights/
 
-Stores the float64 mean and covariance of the features, the features of --store-features images
+Stores the float64 mean and covariance of the features (and of the sFID spatial features when the
+extractor has them: mu_s / sigma_s, as ADM reference batches do), the features of --store-features images
 (for KID and precision / recall; a fixed random subset when not all are kept, as is --max-samples)
 with their class labels when the data set has classes (photos, an ImageNet-layout folder, an npz
 with arr_1; for per-class metrics), and the provenance: a content fingerprint of the inputs, the
@@ -18,11 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from eval.fid import make_extractor, positive_int
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
+from eval.run import make_extractors
 from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import UserError, positive_int, run_cli
 from pagoda.version import __version__
 
 
@@ -34,6 +35,8 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
                 stored_features=min(store, source.num_samples),
                 order=f"random(seed={source.seed})" if isinstance(source, RandomOrder) else "as listed",
                 pagoda_version=__version__)
+    if getattr(ex, "spatial_dim", 0):  # sFID statistics are stored too: a reference made before lacks them
+        prov.update(spatial_dim=ex.spatial_dim)
     if source.num_classes:  # labelled: a reference made before labels were stored is stale
         prov.update(num_classes=source.num_classes, class_names=list(source.class_names or []) or None)
     return prov
@@ -54,11 +57,12 @@ def stale_reason(path: Path, provenance: dict) -> str | None:
 
 def build(source, ex, *, batch: int, store: int, device, provenance: dict):
     """Stream the source once through the extractor; a Reference with mean, covariance and stored features."""
-    want = Want(store=store, labels=bool(store and source.num_classes))
+    want = Want(store=store, labels=bool(store and source.num_classes), spatial=bool(getattr(ex, "spatial_dim", 0)))
     out = extract(source, {ex.name: ex}, {ex.name: want}, batch=batch, device=device)[ex.name]
     features = out.store.features() if out.store is not None else None
+    spatial = (out.spatial.mean(), out.spatial.cov()) if out.spatial is not None else (None, None)
     return Reference(mu=out.stats.mean(), sigma=out.stats.cov(), n=out.stats.n, features=features,
-                     provenance=provenance, labels=out.stored_labels())
+                     provenance=provenance, labels=out.stored_labels(), mu_s=spatial[0], sigma_s=spatial[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", required=True, help="output reference .npz")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
     p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
+    p.add_argument("--resize", default=None, help="image convention of the DINOv2 extractor (pil-bicubic, edm2-torch)")
     p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set")
     p.add_argument("--split", default="train", help="split of the bundled data set (default train)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per batch (no effect on results)")
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.store_features < 0:
         raise UserError(f"--store-features={args.store_features} must be >= 0")
     device = init_distributed()
-    ex = make_extractor(args.extractor, args.weights_dir, device)
+    (ex,) = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device,
+                            resize=args.resize).values()
     spec = args.dataset
     if ":" not in spec and spec == "photos":
         spec = f"photos:{args.split}"
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.force:
             raise UserError(f"{out}: {why} (or write to another -o)")
-    check_sample_count(source.num_samples, ex.feature_dim, allow_small=args.allow_small, what=spec)
+    check_sample_count(source.num_samples, ex.feature_dim, allow_small=args.allow_small, what=spec,
+                       option="--max-samples (or more images)")
     ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance)
     if is_main():
         save_reference(out, ref)

@@ -26,9 +26,13 @@ ROW_KEYS = ("run", "model", "method", "resolution", "guidance", "sampler", "step
             "device", "torch", "commit", "seed", "time")
 # Keys that say WHAT was measured (two rows with equal keys measure the same thing); eval.gate matches on them.
 MATCH_KEYS = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric")
-# Entries of `extra` that are part of what was measured (IS style, class of a per-class metric, P/R k);
-# the others (e.g. `std`) are results and never take part in matching.
-MATCH_EXTRA = ("style", "class", "k")
+# Entries of `extra` that are part of what was measured (the class of a per-class metric); the others are
+# estimator parameters (below) or results (e.g. `std`) and never take part in matching.
+MATCH_EXTRA = ("class",)
+# Entries of `extra` that are estimator parameters or image conventions: two rows that differ in one of
+# them measured the same thing differently, and eval.gate refuses to compare them.
+ESTIMATOR_EXTRA = ("subset_size", "subsets", "kid_seed", "splits", "style", "k", "bootstrap", "resize", "labels",
+                   "sigma", "scale", "layer")
 REQUIRED = ("model", "metric", "value")
 
 
@@ -69,15 +73,20 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(old + new))
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All rows of a JSONL file; a malformed line is a UserError naming the file and line number."""
+def estimator_params(row: dict) -> dict:
+    """The estimator parameters recorded in a row's `extra` (ESTIMATOR_EXTRA entries present)."""
+    return {k: v for k, v in (row.get("extra") or {}).items() if k in ESTIMATOR_EXTRA}
+
+
+def read_rows(path: str | os.PathLike, what: str = "results file") -> list[dict]:
+    """All rows of a JSONL file; a malformed line is a UserError naming `what`, the file and line number."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"results file {path} does not exist: check the path") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"{what} {path} does not exist or is not a file: check the path") from None
     except UnicodeDecodeError:
-        raise UserError(f"results file {path} is not UTF-8 text: give a .jsonl file of result rows") from None
+        raise UserError(f"{what} {path} is not UTF-8 text: give a .jsonl file of result rows") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -107,14 +116,17 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def text_table(records: list[dict], columns, cell=None) -> str:
+    """Plain-text table of `records` (dicts) over `columns`, each value rendered by `cell` (default _cell)."""
+    cell = cell or _cell
+    cells = [[cell(r.get(c)) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
+
+
 def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "resolution", "guidance", "sampler",
                                                                 "steps", "nfe", "metric", "value", "ci_low",
                                                                 "ci_high", "num_samples", "extra")) -> str:
     """A plain-text table of rows for stdout (columns with no value in any row are dropped)."""
-    cols = [c for c in columns if any(r.get(c) not in (None, {}) for r in rows)]
-    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in cells]
-    return "\n".join(out)
+    return text_table(rows, [c for c in columns if any(r.get(c) not in (None, {}) for r in rows)])

@@ -1,104 +1,90 @@
-"""`python -m eval.run`: several metrics of several models over a sweep, one generation pass per cell.
+"""`python -m eval.run`: every metric of checkpoints and of anyone's samples, one extraction pass per extractor.
 
     python -m eval.run --ckpt teacher.safetensors --ckpt G16.safetensors --ref refs/photos-16.npz \\
         --extractor domain --metrics fid,kid,is,pr --guidance 1,2 --sampler heun,euler --steps 8,18
+    python -m eval.run --images samples.npz --images samples_dir/ --ref VIRTUAL_imagenet64_labeled.npz \\
+        --metrics fid,sfid,is,pr,dc
 
-A cell is (checkpoint, guidance, sampler, steps). Options that do not apply to a model collapse:
-sampler and steps for a one-step generator, guidance for an unconditional one. `--resolutions`
-keeps only the checkpoints of those resolutions. In each cell the images are generated once and
-every extractor the metrics need (the --extractor for fid/kid/is/pr, dinov2 for fd_dinov2, clip for
-clip) runs once over them. Each (cell, metric) is one JSONL row; a table is printed at the end.
+A checkpoint is swept over cells (guidance, sampler, steps); axes that do not apply collapse (sampler and
+steps for a one-step generator, guidance for an unconditional one). `--images` (an ADM npz with arr_0 and
+optional arr_1 labels, or an image folder) is one cell with method "samples", named by its path; it goes
+through the same code path as a checkpoint's samples. In each cell every extractor the metrics need runs
+once over the images (`--extractor` for fid, sfid, kid, is, pr, dc; `--dinov2` for fd_dinov2; `--clip` for
+clip; `--cmmd` for cmmd). Each (cell, metric) is one JSONL row with its estimator parameters in `extra`; a
+table is printed at the end. A --ref serves the metrics whose extractor, image convention (resize) and
+resolution match its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
 
-Rows: `fid` and `fd_dinov2` (CI from --bootstrap), `kid` (extra.std), `precision` and `recall`
-(k = 3; CI from --bootstrap), `is` with extra.style = adm | torch-fidelity and extra.std, `clip`
-(100 * mean max(cos, 0); prompt "a photo of a {class}"). A --ref serves the metrics whose extractor and resolution match
-its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
+Rows: fid, sfid (ADM evaluator spatial FID), fd_dinov2 (CI from --bootstrap), kid (extra.std, subset_size,
+subsets), precision / recall (k, CI), density / coverage (k, CI), is (extra.splits, style, std), clip
+(100 * mean max(cos, 0); class prompts "a photo of a {class}" or one caption per image), cmmd (x 1000).
+Every impossible request (a metric its extractor cannot measure, too few samples or stored reference
+features, a reference lacking what a metric needs) is refused before any image is generated.
 
---per-class (class-conditional models, a reference with labels) adds, for fid and pr, one row per
-class: `fid_class`, `precision_class`, `recall_class`, with extra.class (id), extra.class_name and the
-sample counts extra.num_fake / extra.num_real. The generated side is every stored sample of that class
-(the first 50,000; labels follow --labels); the reference side is its stored features of that class. Classes with too
-few samples on either side (2 for FID, k + 1 for P/R) are skipped with a warning. A class usually
-has fewer samples than feature dimensions, so its FID is biased upwards: compare it between models
-at equal sample counts, never with published FIDs. The table shows the 5 worst classes per metric;
-the JSONL holds all.
+Labels of a class-conditional checkpoint are drawn per sample from its seed (`--labels seed`, as EDM and
+ADM sample), so no metric depends on the generation order; `--labels balanced` gives exactly equal class
+counts in a seeded random order, and its rows say so (extra.labels).
+
+--per-class (class-labelled samples, a reference with labels) adds, for fid and pr, one row per class:
+`fid_class`, `precision_class`, `recall_class`, with extra.class, class_name, num_fake, num_real. A class
+usually has fewer samples than feature dimensions, so its FID is biased upwards: compare it between
+models at equal sample counts, never with published FIDs. The table shows the 5 worst classes per metric.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from eval.fid import add_source_args, make_extractor
-from eval.metrics import (
-    clip_score,
-    fid_bootstrap,
-    fid_from_features,
-    frechet_distance,
-    inception_score,
-    kid,
-    per_class,
-    pr_bootstrap,
-    precision_recall,
+from eval.pipeline import Want, extract, init_distributed, is_main
+from eval.registry import (
+    METRICS,
+    PER_CLASS,
+    STORE_LIMIT,
+    Estimators,
+    check_extractor,
+    check_reference,
+    check_request,
+    class_rows,
+    estimators_arg,
+    metric_list,
+    score,
+    wants,
 )
-from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
 from eval.rows import append_rows, format_table, make_row
-from eval.sources import GeneratorSource, TensorSource
+from eval.sources import GeneratorSource, TensorSource, open_source
 from eval.stats import load_reference
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
 
-METRICS = ("fid", "kid", "is", "pr", "fd_dinov2", "clip")
-PER_CLASS = ("fid", "pr")  # the metrics --per-class splits by class
-PR_K = 3
-STORE_LIMIT = 50_000  # features kept per set for KID / P-R (the usual 50k; memory ~ STORE_LIMIT x D x 4 bytes)
+DEFAULT_SAMPLES = 50_000
 
 
-def ex_device(ex):
-    return getattr(ex, "device", "cpu")
-
-
-def csv_of(kind):
-    """argparse type: a comma-separated list of `kind` values."""
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
-    return parse
-
-
-def metric_list(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}: choose from {','.join(METRICS)}")
-    return names
+# ---------------------------------------------------------------------------------------------
+# What a run measures (built from the command line once, then passed explicitly).
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One point of the sweep; None = the model's own setting (or not applicable)."""
+class Plan:
+    """The measurement every cell gets: metrics, the extractor of each role, estimators and options."""
 
-    ckpt: str
-    guidance: float | None
-    sampler: str | None
-    steps: int | None
+    metrics: tuple[str, ...]
+    roles: dict  # role -> extractor name
+    est: Estimators
+    per_class: bool = False
+    class_names: tuple[str, ...] | None = None  # CLIP prompts per class (from --class-names)
+    captions: tuple[str, ...] | None = None  # CLIP: one caption per image (from --captions)
+    batch: int = 250
+    allow_small: bool = False
 
-
-def extractor_of(metric: str, args) -> str:
-    """The registry name of the extractor a metric is measured with."""
-    return {"fd_dinov2": args.dinov2, "clip": args.clip}.get(metric, args.extractor)
+    def extractor_of(self, metric: str) -> str:
+        return self.roles[METRICS[metric].role]
 
 
 class References:
-    """The --ref files, each found by the extractor and resolution its provenance records."""
+    """The --ref files, each found by the extractor, resize and resolution its provenance records."""
 
     def __init__(self, paths: list[str]):
         self.paths, self.prov = paths, {}
@@ -109,96 +95,164 @@ class References:
                 self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
-    def find(self, ex, resolution: int | None, metric: str, *, features: bool = False):
-        """(path, Reference) for a metric; features=True (kid, pr, --per-class) needs per-sample features."""
+    def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):
+        """(path, Reference) holding what `metric` needs; labels=True (--per-class) also needs stored labels."""
         ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
               and self.prov[p].get("resolution") in (None, resolution)]
         ok.sort(key=lambda p: (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None))
         if not ok:
             raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} "
-                            f"(given: {', '.join(self.paths)}): build one with python -m eval.ref ... "
+                            f"(given: {', '.join(self.paths) or 'none'}): build one with python -m eval.ref ... "
                             f"--extractor {ex.name}")
         path, key = ok[0], (ok[0], ex.name)
         if key not in self.loaded:
-            self.loaded[key] = load_reference(path, expect_extractor=ex.name, expect_dim=ex.feature_dim)
+            self.loaded[key] = load_reference(path, expect_extractor=ex.name, expect_dim=ex.feature_dim,
+                                              expect_resize=getattr(ex, "resize", None),
+                                              metric=_edm2_key(METRICS[metric].role))
         ref = self.loaded[key]
-        if (features or metric in ("kid", "pr")) and ref.features is None:
-            if ref.n is None or ref.format != "adm":
-                raise UserError(f"reference {path} stores no features, needed by {metric}: rebuild it with "
-                                "python -m eval.ref ... --store-features N")
-            ref.features, ref.labels = self._features_of_images(path, ex)  # an ADM batch: images, no features
+        need = METRICS[metric].ref
+        if ((need == "features" or labels) and ref.features is None) or (need == "spatial" and ref.mu_s is None):
+            if ref.format != "adm" or ref.n is None:
+                what = "sFID statistics" if need == "spatial" else "features"
+                raise UserError(f"reference {path} stores no {what}, needed by {metric}: rebuild it with "
+                                f"python -m eval.ref ... --extractor {ex.name} --store-features N --force")
+            self._extract_images(path, ref, ex)  # an ADM batch: images, no features
+        check_reference(metric, ref, path, est)
         return path, ref
 
     @staticmethod
-    def _features_of_images(path: str, ex):
-        """Features (and arr_1 labels, if any) of the first STORE_LIMIT images of an ADM reference batch."""
+    def _extract_images(path: str, ref, ex) -> None:
+        """Features (with arr_1 labels) of the first STORE_LIMIT images of an ADM reference batch, and their
+        spatial statistics when the extractor has them (sFID of a batch without mu_s)."""
         adm = load_reference(path, load_images=True)
         x = torch.from_numpy(adm.images[:STORE_LIMIT]).permute(0, 3, 1, 2)
-        out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: Want(store=len(x))}, batch=250,
-                      device=ex_device(ex))[ex.name]
-        return out.store.features(), None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
+        want = Want(store=len(x), spatial=bool(getattr(ex, "spatial_dim", 0)) and ref.mu_s is None)
+        out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: want}, batch=250,
+                      device=getattr(ex, "device", "cpu"))[ex.name]
+        ref.features = out.store.features()
+        ref.labels = None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
+        if out.spatial is not None:
+            ref.mu_s, ref.sigma_s = out.spatial.mean(), out.spatial.cov()
+
+
+def _edm2_key(role: str) -> str | None:
+    """Which statistics of an EDM2 pkl a role reads (its file holds fid and fd_dinov2)."""
+    return {"main": None, "dinov2": "fd_dinov2"}.get(role)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells and sources.
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the sweep: a checkpoint setting (None = the model's own / not applicable) or a sample set."""
+
+    spec: str
+    guidance: float | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    images: bool = False
 
 
 def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> list[Cell]:
     """The sweep for one model, collapsed where an axis does not apply to it."""
-    diffusion = getattr(gen, "sampler", None) is not None
-    conditional = getattr(gen, "num_classes", 0) > 0 and getattr(gen, "supports_guidance", True)
+    diffusion = gen.sampler is not None
+    conditional = gen.num_classes > 0 and gen.supports_guidance
     return [Cell(ckpt, w, s, n) for w in (guidance if conditional else [None]) or [None]
             for s in (samplers if diffusion else [None]) or [None]
             for n in (steps if diffusion else [None]) or [None]]
 
 
-def class_prompts(num_classes: int) -> list[str]:
-    """CLIP prompts per class; class names known for the bundled photos data set only."""
-    from pagoda.data import PHOTO_CLASSES
-    if num_classes != len(PHOTO_CLASSES):
-        raise UserError(f"metric clip needs class names, known only for the photos data set "
-                        f"({len(PHOTO_CLASSES)} classes); this model has {num_classes}: drop clip from --metrics")
-    return [f"a photo of a {name.replace('_', ' ')}" for name in PHOTO_CLASSES]
+def class_prompts(num_classes: int, class_names: tuple[str, ...] | None, what: str) -> list[str]:
+    """CLIP prompts per class: --class-names, else the bundled photos' names when the class count fits."""
+    if class_names is None:
+        from pagoda.data import PHOTO_CLASSES
+        if num_classes != len(PHOTO_CLASSES):
+            raise UserError(f"metric clip on {what} needs the names of its {num_classes} classes (known only for "
+                            f"the photos data set): pass --class-names FILE (one per line) or --captions FILE")
+        class_names = PHOTO_CLASSES
+    if len(class_names) != num_classes:
+        raise UserError(f"--class-names has {len(class_names)} names but {what} has {num_classes} classes: "
+                        "give one name per class, in class-id order")
+    return [f"a photo of a {name.replace('_', ' ')}" for name in class_names]
 
 
-def check_per_class(ckpt: str, gen, refs: References, ex, metrics: list[str]) -> None:
-    """UserError unless the model is class-conditional and each reference --per-class uses has labels."""
-    if not getattr(gen, "num_classes", 0):
-        raise UserError(f"--per-class: {ckpt} is unconditional (num_classes=0), so its samples have no class: "
-                        "drop --per-class or evaluate a class-conditional checkpoint")
-    for m in set(PER_CLASS) & set(metrics):
-        path, ref = refs.find(ex, gen.resolution, m, features=True)
+def prompts_of(plan: Plan, source) -> tuple[list[str], str] | None:
+    """(texts, "label" | "index") for the CLIP score of `source`, or None without clip."""
+    if "clip" not in plan.metrics:
+        return None
+    if plan.captions is not None:
+        if len(plan.captions) < source.num_samples:
+            raise UserError(f"--captions has {len(plan.captions)} lines but {source.name} has {source.num_samples} "
+                            "images: give one caption per image (line i = image i)")
+        return list(plan.captions[:source.num_samples]), "index"
+    if not source.num_classes:
+        raise UserError(f"metric clip on {source.name}: the images have no class labels: pass --captions FILE "
+                        "(one caption per image) or drop clip")
+    return class_prompts(source.num_classes, plan.class_names, source.name), "label"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a cell before sampling, and scoring it.
+
+
+def check_cell(plan: Plan, source, extractors: dict, refs: References, what: str, option: str) -> None:
+    """Every refusal that does not need the images: extractors, references, counts, labels, prompts."""
+    for m in plan.metrics:
+        check_extractor(m, extractors[plan.extractor_of(m)])
+        if METRICS[m].ref is not None:
+            refs.find(extractors[plan.extractor_of(m)], source.resolution, m, plan.est,
+                      labels=plan.per_class and m in PER_CLASS)
+    check_request(list(plan.metrics), extractors, plan.roles, plan.est, source.num_samples,
+                  allow_small=plan.allow_small, what=what, option=option)
+    prompts_of(plan, source)
+    if plan.per_class:
+        check_per_class(plan, source, extractors, refs, what)
+
+
+def check_per_class(plan: Plan, source, extractors: dict, refs: References, what: str) -> None:
+    """UserError unless the samples have classes and each reference --per-class uses has labels of as many."""
+    if not source.num_classes:
+        raise UserError(f"--per-class: {what} has no class labels (an unconditional model, or images "
+                        "without arr_1 / class folders): drop --per-class")
+    ex = extractors[plan.roles["main"]]
+    for m in set(PER_CLASS) & set(plan.metrics):
+        path, ref = refs.find(ex, source.resolution, m, plan.est, labels=True)
         if ref.labels is None:
             raise UserError(f"--per-class: reference {path} stores no class labels: rebuild it with "
                             f"`python -m eval.ref DATASET -o {path} --force` from a labelled source (photos, an "
                             "ImageNet-layout folder or an ADM npz with arr_1)")
         ref_classes = ref.provenance.get("num_classes") or int(ref.labels.max()) + 1
-        if ref_classes > gen.num_classes or ref.provenance.get("num_classes", gen.num_classes) != gen.num_classes:
-            raise UserError(f"--per-class: reference {path} has {ref_classes} classes but {ckpt} has "
-                            f"{gen.num_classes}: use a reference of the data set the model was trained on")
+        if ref_classes > source.num_classes or ref.provenance.get("num_classes", source.num_classes) \
+                != source.num_classes:
+            raise UserError(f"--per-class: reference {path} has {ref_classes} classes but {what} has "
+                            f"{source.num_classes}: use a reference of the data set the model was trained on")
 
 
-def class_results(metric: str, fake, y_fake, ref, num_classes: int) -> list[tuple[str, float, dict]]:
-    """(row metric, value, extra) for each class with enough samples on both sides; warns about the others."""
-    if metric == "fid":
-        names, min_count, fn = ("fid_class",), 2, fid_from_features
-    else:
-        names, min_count, fn = ("precision_class", "recall_class"), PR_K + 1, partial(precision_recall, k=PR_K)
-    with warnings.catch_warnings():  # one class has fewer samples than dimensions: documented above
-        warnings.filterwarnings("ignore", message=".*< feature dimension")
-        values = per_class(fn, fake, y_fake, ref.features, ref.labels, min_count=min_count)
-    n_fake, n_real = np.bincount(y_fake, minlength=num_classes), np.bincount(ref.labels, minlength=num_classes)
-    skipped = [c for c in range(num_classes) if c not in values]
-    if skipped and is_main():
-        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
-        print(f"warning: --per-class {metric}: {len(skipped)} of {num_classes} classes have fewer than {min_count} "
-              f"generated or reference samples and are skipped ({shown}): raise --num-samples or the "
-              "reference's --store-features", file=sys.stderr)
-    class_names = ref.provenance.get("class_names") or []
-    out = []
-    for c, vals in sorted(values.items()):
-        extra = {"class": c, "class_name": class_names[c] if c < len(class_names) else None,
-                 "num_fake": int(n_fake[c]), "num_real": int(n_real[c])}
-        if metric == "pr":
-            extra["k"] = PR_K
-        out += [(name, float(v), extra) for name, v in zip(names, np.atleast_1d(vals))]
-    return out
+def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device, seed: int | None,
+               on_batch=None) -> list[dict]:
+    """Stream the source once through every needed extractor and turn the outputs into rows."""
+    need = wants(list(plan.metrics), plan.roles, plan.est, num_samples=source.num_samples,
+                 per_class=plan.per_class, prompts=prompts_of(plan, source))
+    outs = extract(source, {n: extractors[n] for n in need}, need, batch=plan.batch, device=device,
+                   on_batch=on_batch)
+    base = dict(source.row_fields(), batch=plan.batch, dtype="float32", device=str(device), seed=seed)
+    rows = []
+    for metric in plan.metrics:
+        ex = extractors[plan.extractor_of(metric)]
+        out, path, ref = outs[ex.name], None, None
+        if METRICS[metric].ref is not None:
+            path, ref = refs.find(ex, source.resolution, metric, plan.est)
+        made = score(metric, out, ref, plan.est)
+        if plan.per_class and metric in PER_CLASS:
+            _, ref = refs.find(ex, source.resolution, metric, plan.est, labels=True)
+            made += class_rows(metric, out.store.features(), out.stored_labels(), ref, source.num_classes, plan.est)
+        for name, value, lo, hi, extra in made:
+            extra = dict(extra, resize=getattr(ex, "resize", None), **source.row_extra())
+            rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=path, extractor=ex.name,
+                                 extractor_sha256=getattr(ex, "weights_sha256", None), extra=extra, **base))
+    return rows
 
 
 def worst_classes(rows: list[dict], n: int = 5) -> list[dict]:
@@ -214,113 +268,130 @@ def worst_classes(rows: list[dict], n: int = 5) -> list[dict]:
     return worst
 
 
-def score_cell(cell: Cell, source, metrics: list[str], extractors: dict, refs: References, args) -> list[dict]:
-    """Generate once, run each needed extractor once, and turn the outputs into rows."""
-    need = {extractor_of(m, args) for m in metrics}
-    store = min(source.num_samples, STORE_LIMIT) if ({"kid", "pr"} & set(metrics) or args.bootstrap) else 0
-    by_class = bool(args.per_class and set(PER_CLASS) & set(metrics))
-    if by_class:
-        store = min(source.num_samples, STORE_LIMIT)
-    wants = {name: Want(store=store if name == args.extractor or args.bootstrap else 0,
-                        labels=by_class and name == args.extractor,
-                        logits="is" in metrics and name == args.extractor,
-                        texts=class_prompts(source.num_classes) if "clip" in metrics and name == args.clip else None)
-             for name in need}
-    outs = extract(source, {n: extractors[n] for n in need}, wants, batch=args.batch, device=args.device)
-    base = dict(source.row_fields(), batch=args.batch, dtype="float32", device=str(args.device), seed=args.seed)
-    rows = []
+# ---------------------------------------------------------------------------------------------
+# Command line.
 
-    def row(metric, value, ex, ref_path=None, lo=None, hi=None, **extra):
-        rows.append(make_row(metric=metric, value=value, ci_low=lo, ci_high=hi, reference=ref_path,
-                             extractor=ex.name, extractor_sha256=getattr(ex, "weights_sha256", None),
-                             extra=extra, **base))
 
-    for m in metrics:
-        ex = extractors[extractor_of(m, args)]
-        out = outs[extractor_of(m, args)]
-        if m in ("fid", "fd_dinov2"):
-            path, ref = refs.find(ex, source.resolution, m, features=by_class and m == "fid")
-            value = float(frechet_distance(out.stats.mean(), out.stats.cov(), ref.mu, ref.sigma))
-            lo = hi = None
-            if args.bootstrap:
-                _, lo, hi = (float(v) for v in fid_bootstrap(out.store.features(), ref.mu, ref.sigma,
-                                                               rounds=args.bootstrap))
-            row(m, value, ex, path, lo, hi)
-        elif m in ("kid", "pr"):
-            path, ref = refs.find(ex, source.resolution, m)
-            fake = out.store.features()
-            if m == "kid":
-                mean, std = kid(ref.features, fake, subset_size=min(1000, len(fake), len(ref.features)),
-                                  seed=args.seed)
-                row("kid", mean, ex, path, std=float(std))
-            elif args.bootstrap:  # membership indicators resampled, manifolds fixed (pr_bootstrap)
-                for name, (v, lo, hi) in zip(("precision", "recall"),
-                                             pr_bootstrap(ref.features, fake, k=PR_K, rounds=args.bootstrap)):
-                    row(name, v, ex, path, lo, hi, k=PR_K)
-            else:
-                p, r = precision_recall(ref.features, fake, k=PR_K)
-                row("precision", p, ex, path, k=PR_K)
-                row("recall", r, ex, path, k=PR_K)
-        elif m == "is":
-            mean, std = inception_score(out.logits.features(), splits=10, style=args.is_style)
-            row("is", mean, ex, style=args.is_style, std=float(std))
-        elif m == "clip":
-            row("clip", float(clip_score(out.cos.features().flatten())), ex)
-        if by_class and m in PER_CLASS:
-            for name, value, extra in class_results(m, out.store.features(), out.stored_labels(), ref,
-                                                    source.num_classes):
-                row(name, value, ex, path, **extra)
-    return rows
+def csv_of(kind):
+    """argparse type: a comma-separated list of `kind` values."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+def sampler_name(text: str) -> str:
+    if text not in ("heun", "euler", "ddim"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from heun, euler, ddim")
+    return text
+
+
+def labels_arg(text: str) -> str:
+    """argparse type: how a conditional model's labels are chosen."""
+    if text not in ("seed", "balanced"):
+        raise argparse.ArgumentTypeError(f"{text!r}: use seed (drawn per sample, default) or balanced")
+    return text
+
+
+def lines_arg(text: str) -> tuple[str, ...]:
+    """argparse type: the non-empty lines of a UTF-8 text file."""
+    try:
+        lines = Path(text).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text} as UTF-8 text ({type(e).__name__})") from None
+    lines = tuple(line.strip() for line in lines if line.strip())
+    if not lines:
+        raise argparse.ArgumentTypeError(f"{text} holds no lines")
+    return lines
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by eval.fid and eval.run: sampling, extraction and output."""
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help=f"images to generate per checkpoint cell (default {DEFAULT_SAMPLES}); "
+                        "with --images: the first N (default all)")
+    p.add_argument("--batch", type=positive_int, default=250, help="images per batch per process (no effect on results)")
+    p.add_argument("--seed", type=int, default=None, help="checkpoints: sample i uses seed + i (default 0)")
+    p.add_argument("--labels", type=labels_arg, default=None,
+                   help="labels of a conditional checkpoint: seed (drawn per sample, default) or balanced "
+                        "(equal class counts in a seeded random order)")
+    p.add_argument("--resize", default=None,
+                   help="image convention of the DINOv2 extractor (pil-bicubic or edm2-torch; default: its own)")
+    p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
+    p.add_argument("-o", "--out", default="results/eval.jsonl", help="JSONL file the result rows are appended to")
+    p.add_argument("--allow-small", action="store_true", help="run even with fewer samples than feature dimensions")
+
+
+def make_extractors(names: set[str], *, weights_dir, device, resize: str | None) -> dict:
+    """Build each named extractor once; --resize goes to the extractors that take it."""
+    from eval.extractors import EXTRACTORS, get_extractor
+    out = {}
+    for name in sorted(names):
+        if name not in EXTRACTORS:
+            raise UserError(f"unknown extractor {name!r}: choose one of {', '.join(EXTRACTORS)}")
+        opts = {"resize": resize} if resize and "resize" in EXTRACTORS[name].options else {}
+        out[name] = get_extractor(name, weights_dir=weights_dir, device=device, **opts)
+    if resize and not any("resize" in EXTRACTORS[n].options for n in names):
+        raise UserError(f"--resize {resize}: none of the extractors {sorted(names)} has a choice of resize: drop it")
+    return out
+
+
+def refuse_checkpoint_options(args, what: str) -> None:
+    """UserError for sampling options given with sample files only (they would be silently ignored)."""
+    given = [opt for opt, v in (("--guidance", args.guidance), ("--sampler", args.sampler), ("--steps", args.steps),
+                                ("--labels", args.labels), ("--seed", args.seed)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} apply to checkpoints, not to {what}: drop them")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="checkpoint to evaluate (repeatable)")
+    p.add_argument("--ckpt", action="append", default=[], help="checkpoint to evaluate (repeatable)")
+    p.add_argument("--images", action="append", default=[], help="ADM npz or image folder of samples (repeatable)")
     p.add_argument("--ref", action="append", default=[], help="reference statistics (repeatable, see above)")
     p.add_argument("--metrics", type=metric_list, default=["fid"], help=f"comma list from {','.join(METRICS)}")
-    p.add_argument("--extractor", default="inception", help="extractor of fid/kid/is/pr (default inception)")
+    p.add_argument("--extractor", default="inception", help="extractor of fid/sfid/kid/is/pr/dc (default inception)")
     p.add_argument("--dinov2", default="dinov2", help="extractor of fd_dinov2 (default dinov2 = ViT-L/14)")
     p.add_argument("--clip", default="clip", help="extractor of clip (default clip = ViT-L/14; clip-vitb32)")
+    p.add_argument("--cmmd", default="clip-vitl14-336", help="extractor of cmmd (default clip-vitl14-336)")
     p.add_argument("--resolutions", type=csv_of(int), default=None, help="keep checkpoints of these resolutions")
-    p.add_argument("--guidance", type=csv_of(float), default=[None], help="CFG scales, e.g. 1,1.5,2")
-    p.add_argument("--sampler", type=csv_of(str), default=[None], help="diffusion samplers, e.g. heun,euler")
-    p.add_argument("--steps", type=csv_of(int), default=[None], help="diffusion sampler steps, e.g. 8,18")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for FID / FD / P-R CIs (0 = none)")
-    p.add_argument("--is-style", choices=("adm", "torch-fidelity"), default="adm", help="IS split convention")
+    p.add_argument("--guidance", type=csv_of(guidance_scale), default=None, help="CFG scales, e.g. 1,1.5,2")
+    p.add_argument("--sampler", type=csv_of(sampler_name), default=None, help="diffusion samplers, e.g. heun,euler")
+    p.add_argument("--steps", type=csv_of(positive_int), default=None, help="diffusion sampler steps, e.g. 8,18")
+    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for fid/fd/P-R/D-C CIs (0 = none)")
+    p.add_argument("--estimator", type=estimators_arg, default=Estimators(),
+                   help="estimator parameters, e.g. kid_subset=1000,kid_subsets=100,is_splits=10,"
+                        "is_style=adm,pr_k=3,dc_k=5")
     p.add_argument("--per-class", action="store_true",
-                   help="also one fid / pr row per class (class-conditional model, reference with labels)")
-    add_source_args(p)
+                   help="also one fid / pr row per class (class-labelled samples, reference with labels)")
+    p.add_argument("--class-names", type=lines_arg, default=None, help="clip: file with one class name per line")
+    p.add_argument("--captions", type=lines_arg, default=None, help="clip: file with one caption per image")
+    add_common_args(p)
     args = p.parse_args(argv)
-    args.num_samples = args.num_samples or 50_000
-    _validate(args, p)
-    args.device = init_distributed()
-    from pagoda.generator import load_generator
-    refs = References(args.ref)
-    needed = {extractor_of(m, args) for m in args.metrics}
-    extractors = {n: make_extractor(n, args.weights_dir, args.device) for n in needed}
-    for ex in extractors.values():
-        if {"fid", "fd_dinov2"} & set(args.metrics):
-            check_sample_count(args.num_samples, ex.feature_dim, allow_small=args.allow_small, what="--num-samples")
-    plan = []
-    for ckpt in args.ckpt:
-        gen = load_generator(ckpt, device=args.device)
-        if args.resolutions and gen.resolution not in args.resolutions:
-            print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
-            continue
-        for m in set(args.metrics) - {"is", "clip"}:  # a missing reference fails before any sampling
-            refs.find(extractors[extractor_of(m, args)], gen.resolution, m)
-        if args.per_class:
-            check_per_class(ckpt, gen, refs, extractors[args.extractor], args.metrics)
-        plan += cells_of(ckpt, gen, args.guidance, args.sampler, args.steps)
-    if not plan:
-        raise UserError(f"no checkpoint has a resolution in --resolutions {args.resolutions}: check the list")
-    rows = []
-    for cell in plan:
-        gen = load_generator(cell.ckpt, sampler=cell.sampler, steps=cell.steps, device=args.device)
-        source = GeneratorSource(gen, args.num_samples, seed=args.seed, labels=args.labels, guidance=cell.guidance,
-                                 name=getattr(gen, "name", None) or Path(cell.ckpt).stem)
-        rows += score_cell(cell, source, args.metrics, extractors, refs, args)
+    if not args.ckpt and not args.images:
+        p.error("give at least one --ckpt or --images")
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap} must be >= 0")
+    if args.per_class and not set(PER_CLASS) & set(args.metrics):
+        p.error("--per-class applies to fid and pr: add one of them to --metrics")
+    if not args.ckpt:
+        refuse_checkpoint_options(args, "--images")
+    plan = Plan(metrics=tuple(args.metrics), est=Estimators(**{**vars(args.estimator), "bootstrap": args.bootstrap}),
+                roles={"main": args.extractor, "dinov2": args.dinov2, "clip": args.clip, "cmmd": args.cmmd},
+                per_class=args.per_class, class_names=args.class_names, captions=args.captions, batch=args.batch,
+                allow_small=args.allow_small)
+    for m in plan.metrics:  # before loading any weights
+        check_extractor(m, plan.extractor_of(m))
+    device = init_distributed()
+    rows = run(plan, ckpts=args.ckpt, images=args.images, refs=References(args.ref),
+               extractors=make_extractors({plan.extractor_of(m) for m in plan.metrics}, weights_dir=args.weights_dir,
+                                          device=device, resize=args.resize),
+               num_samples=args.num_samples, seed=args.seed or 0, labels=args.labels or "seed",
+               guidance=args.guidance or [None], samplers=args.sampler or [None], steps=args.steps or [None],
+               resolutions=args.resolutions, device=device)
     if is_main():
         append_rows(args.out, rows)
         print(format_table([r for r in rows if not r["metric"].endswith("_class")]))
@@ -331,17 +402,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _validate(args, p) -> None:
-    if args.bootstrap < 0:
-        p.error(f"--bootstrap {args.bootstrap} must be >= 0")
-    if any(s not in ("heun", "euler", "ddim", None) for s in args.sampler):
-        p.error(f"--sampler {args.sampler}: choose from heun, euler, ddim")
-    if any(n is not None and n < 1 for n in args.steps) or any(w is not None and w < 0 for w in args.guidance):
-        p.error("--steps must be >= 1 and --guidance >= 0")
-    if args.per_class and not set(PER_CLASS) & set(args.metrics):
-        p.error("--per-class applies to fid and pr: add one of them to --metrics")
-    if not args.ref and set(args.metrics) - {"is", "clip"}:
-        p.error(f"--ref is needed for {sorted(set(args.metrics) - {'is', 'clip'})}")
+def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, extractors: dict,
+        num_samples: int | None, seed: int, labels: str, guidance: list, samplers: list, steps: list,
+        resolutions: list[int] | None, device) -> list[dict]:
+    """Check every cell, then measure them in order; the rows of all cells."""
+    from pagoda.generator import load_generator
+    cells = []
+    for ckpt in ckpts:
+        gen = load_generator(ckpt, device=device)
+        if resolutions and gen.resolution not in resolutions:
+            print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
+            continue
+        cells += cells_of(ckpt, gen, guidance, samplers, steps)
+    cells += [Cell(spec, images=True) for spec in images]
+    if not cells:
+        raise UserError(f"no checkpoint has a resolution in --resolutions {resolutions}: check the list")
+
+    def source_of(cell: Cell):
+        if cell.images:
+            return open_source(cell.spec, num_samples=num_samples)
+        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device)
+        return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels,
+                               guidance=cell.guidance, name=gen.name)
+
+    for cell in cells:  # every refusal before any image is generated
+        with source_of(cell) as source:
+            check_cell(plan, source, extractors, refs, what=cell.spec,
+                       option="--num-samples (or more images)" if cell.images else "--num-samples")
+    rows = []
+    for cell in cells:
+        with source_of(cell) as source:
+            rows += score_cell(plan, source, extractors, refs, device=device,
+                               seed=None if cell.images else seed)
+    return rows
 
 
 if __name__ == "__main__":

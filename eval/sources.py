@@ -18,8 +18,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pagoda import dist
-from pagoda.data import IMAGE_EXTENSIONS, check_npz_arrays, save_npz, scan_folder
+from pagoda.data import IMAGE_EXTENSIONS, check_npz_arrays, read_npz, save_npz, scan_folder
 from pagoda.errors import UserError
+from pagoda.weights import sha256_file, update_sha256
 
 Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 
@@ -27,15 +28,6 @@ Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
     return dist.rank(), dist.world_size()
-
-
-def sha256_file(path: str | os.PathLike, h=None) -> str:
-    """SHA-256 of a file's bytes (or update `h` with them and return its digest so far)."""
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -62,9 +54,21 @@ class Source:
         raise NotImplementedError
 
     def row_fields(self) -> dict:
-        """The result-row fields that say what was measured (model, method, resolution, ...)."""
-        return dict(model=Path(self.name).stem or self.name, method="images", resolution=self.resolution,
-                    num_samples=self.num_samples)
+        """The result-row fields that say what was measured: a sample set is named by its path."""
+        return dict(model=self.name, method="samples", resolution=self.resolution, num_samples=self.num_samples)
+
+    def row_extra(self) -> dict:
+        """Entries of a row's `extra` that say how the samples were made (their labels)."""
+        return {"labels": "given"} if self.num_classes else {}
+
+    def close(self) -> None:
+        """Release what the source holds (hooks, files); the default holds nothing."""
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def limit(self, num_samples: int | None) -> Source:
         """Use only the first `num_samples` samples (None = all)."""
@@ -104,22 +108,41 @@ class RandomOrder(Source):
 
 
 class GeneratorSource(Source):
-    """Samples of a Generator: seed of sample i = seed + i; labels none, balanced ("uniform": i mod C),
-    drawn per seed ("seed"), or given (LongTensor [num_samples])."""
+    """Samples of a Generator: seed of sample i = seed + i. Labels of a class-conditional model:
+    "seed" (default) = the generator's own per-seed draw, as EDM and ADM sample (a random label per
+    sample); "balanced" = exactly equal class counts, label_i = perm[i] mod C with perm a permutation of
+    0..N-1 seeded by `seed`, so contiguous runs of samples are not class-sorted; or a LongTensor [N].
+    No label scheme makes sample i depend on the batch, the rank or the generation order."""
 
-    def __init__(self, generator, num_samples: int, *, seed: int = 0, labels=None, guidance: float | None = None,
+    LABELS = ("seed", "balanced")
+
+    def __init__(self, generator, num_samples: int, *, seed: int = 0, labels="seed", guidance: float | None = None,
                  name: str | None = None):
         self.generator, self.seed, self.guidance = generator, int(seed), guidance
         self.num_samples, self.resolution = int(num_samples), int(generator.resolution)
-        self.num_classes = int(getattr(generator, "num_classes", 0) or 0)
-        self.name = name or getattr(generator, "name", "generator")
-        if isinstance(labels, str) and labels not in ("uniform", "seed"):
-            raise UserError(f"labels={labels!r} is unknown: use None, 'uniform', 'seed' or a tensor of class ids")
+        self.num_classes = int(generator.num_classes or 0)
+        self.name = name or generator.name
+        if isinstance(labels, str) and labels not in self.LABELS:
+            raise UserError(f"labels={labels!r} is unknown: use 'seed', 'balanced' or a tensor of class ids")
         if labels is not None and self.num_classes == 0:
             labels = None  # an unconditional model takes no labels
         self.labels = labels
+        if isinstance(labels, str) and labels == "balanced":
+            perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed))
+            self._balanced = perm % self.num_classes
         self._bad: list[int] = []  # positions in the current batch with non-finite network output
         self._hooks = [m.register_forward_hook(self._watch) for m in _modules_of(generator)]
+
+    def close(self) -> None:
+        """Remove the NaN watch hooks from the generator's modules."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def row_extra(self) -> dict:
+        if self.labels is None:
+            return {}
+        return {"labels": self.labels if isinstance(self.labels, str) else "given"}
 
     def _watch(self, module, inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
@@ -132,12 +155,9 @@ class GeneratorSource(Source):
             return None
         if isinstance(self.labels, torch.Tensor):
             return self.labels[index].to(torch.int64)
-        if self.labels == "uniform":
-            return index % self.num_classes
-        if hasattr(self.generator, "seed_labels"):  # the generator's own per-seed draw
-            return self.generator.seed_labels(self.seed + index)
-        gens = [torch.Generator().manual_seed(self.seed + int(i)) for i in index]
-        return torch.stack([torch.randint(self.num_classes, (), generator=g) for g in gens])
+        if self.labels == "balanced":
+            return self._balanced[index]
+        return self.generator.seed_labels(self.seed + index)  # the generator's own per-seed draw
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         seeds, y = self.seed + index, self.labels_of(index)
@@ -151,18 +171,9 @@ class GeneratorSource(Source):
 
     def row_fields(self) -> dict:
         g = self.generator
-        return dict(model=self.name, method=getattr(g, "method", None) or getattr(g, "kind", None) or "generator",
-                    resolution=self.resolution, sampler=getattr(g, "sampler", None),
-                    guidance=self.guidance if self.guidance is not None else getattr(g, "guidance", None),
-                    steps=getattr(g, "steps", None), nfe=self.nfe(), seed=self.seed,
-                    num_samples=self.num_samples)
-
-    def nfe(self) -> float | None:
-        """Declared network evaluations per sample at this guidance (CFG may double it)."""
-        g = self.generator
-        if hasattr(g, "nfe_for"):
-            return g.nfe_for(self.guidance)
-        return getattr(g, "nfe", None)
+        return dict(model=self.name, method=g.method, resolution=self.resolution, sampler=g.sampler,
+                    guidance=self.guidance if self.guidance is not None else g.guidance, steps=g.steps,
+                    nfe=g.nfe_for(self.guidance), seed=self.seed, num_samples=self.num_samples)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.name}|{self.seed}|{self.num_samples}|{self.guidance}".encode()).hexdigest()
@@ -215,7 +226,7 @@ class FolderSource(Source):
         h = hashlib.sha256()
         for f in self.files:
             h.update(str(f.relative_to(self.root)).encode() + b"\0")
-            sha256_file(f, h)
+            update_sha256(h, f)
         return h.hexdigest()
 
 
@@ -238,17 +249,7 @@ class NpzSource(Source):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if "arr_0" not in keys:
-                    raise UserError(f"{self.path} has no 'arr_0' (keys: {keys}): it is not an ADM sample npz; "
-                                    "images must be in arr_0 as uint8 NHWC")
-                self.images, labels = z["arr_0"], z["arr_1"] if "arr_1" in keys else None
-        except FileNotFoundError:
-            raise UserError(f"npz file {self.path} does not exist: check the path") from None
-        except (OSError, ValueError, EOFError) as e:
-            raise UserError(f"{self.path} is not a readable npz ({e}): regenerate it") from None
+        self.images, labels = read_npz(self.path)
         check_npz_arrays(self.path, self.images, labels)  # the checks training applies to the same file
         self.labels = None if labels is None else torch.from_numpy(labels.astype(np.int64))
         self.name, self.num_samples = str(self.path), len(self.images)
@@ -319,7 +320,7 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
 
 
 def open_source(spec: str, *, num_samples: int | None = None, resolution: int | None = None, split: str = "train",
-                seed: int = 0, labels="uniform", guidance: float | None = None, sampler: str | None = None,
+                seed: int = 0, labels="seed", guidance: float | None = None, sampler: str | None = None,
                 steps: int | None = None, device: str | torch.device = "cpu") -> Source:
     """A checkpoint (.safetensors), an image folder, an ADM .npz, or the bundled `photos[:split[:res]]`."""
     path = Path(spec)

@@ -12,14 +12,13 @@ import io
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pagoda.checkpoint import write_atomic
+from pagoda.data import open_npz, write_npz
 from pagoda.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -203,6 +202,8 @@ class Reference:
     labels: np.ndarray | None = None
     image_labels: np.ndarray | None = None  # ADM `arr_1`: the class of each of `images` (read with them)
     image_size: int | None = None  # ADM `arr_0`: side of its square images, from the header (no loading)
+    mu_s: np.ndarray | None = None  # sFID statistics (Inception mixed_6/conv[..., :7], 2023-d): ADM `mu_s`,
+    sigma_s: np.ndarray | None = None  # `sigma_s`, or ours when the extractor has spatial features
 
 
 def _validate(ref: Reference, path) -> Reference:
@@ -226,6 +227,14 @@ def _validate(ref: Reference, path) -> Reference:
         ref.features = f
     if ref.labels is not None:
         ref.labels = _checked_labels(ref.labels, ref.features, path)
+    if (ref.mu_s is None) != (ref.sigma_s is None):
+        raise UserError(f"{path}: holds only one of mu_s / sigma_s (sFID statistics): rebuild it with `python -m eval.ref`")
+    if ref.mu_s is not None:
+        mu_s, sigma_s = np.asarray(ref.mu_s, dtype=np.float64), np.asarray(ref.sigma_s, dtype=np.float64)
+        if mu_s.ndim != 1 or sigma_s.shape != (len(mu_s), len(mu_s)) or not np.isfinite(sigma_s).all():
+            raise UserError(f"{path}: mu_s {list(mu_s.shape)} / sigma_s {list(sigma_s.shape)} are not finite [D] / "
+                            "[D, D] sFID statistics: rebuild the reference with `python -m eval.ref`")
+        ref.mu_s, ref.sigma_s = mu_s, sigma_s
     return ref
 
 
@@ -251,12 +260,10 @@ def save_reference(path: str | os.PathLike, ref: Reference) -> None:
         arrays["features"] = np.asarray(ref.features, dtype=np.float32)
     if ref.labels is not None:
         arrays["labels"] = ref.labels
+    if ref.mu_s is not None:
+        arrays["mu_s"], arrays["sigma_s"] = ref.mu_s, ref.sigma_s
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-            np.savez(f, **arrays)
-
-    write_atomic(path, write)
+    write_npz(path, arrays)
 
 
 def _npy_header(z, key: str) -> tuple[tuple, np.dtype]:
@@ -270,18 +277,14 @@ def _npy_header(z, key: str) -> tuple[tuple, np.dtype]:
 
 def _load_npz(path: Path, load_images: bool) -> Reference:
     """Our npz, ADM npz (mu, sigma, mu_s, sigma_s, arr_0) or clean-fid / pytorch-fid npz (mu, sigma)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            data = {k: z[k] for k in keys if k != "arr_0"}
-            if "arr_0" in keys:
-                shape, dtype = _npy_header(z, "arr_0")
-                is_images = dtype == np.uint8 and len(shape) == 4
-                if not is_images or load_images:
-                    data["arr_0"] = z["arr_0"]
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: cannot read it as an npz ({e}); pass a reference made by `python -m eval.ref`, "
-                        "an ADM / clean-fid npz or an EDM2 pkl") from None
+    with open_npz(path, "reference") as z:
+        keys = set(z.files)
+        data = {k: z[k] for k in keys if k != "arr_0"}
+        if "arr_0" in keys:
+            shape, dtype = _npy_header(z, "arr_0")
+            is_images = dtype == np.uint8 and len(shape) == 4
+            if not is_images or load_images:
+                data["arr_0"] = z["arr_0"]
     if "mu" not in data or "sigma" not in data:
         hint = ("it holds images (arr_0) but no statistics: build a reference from it with "
                 f"`python -m eval.ref {path} -o REF.npz`") if "arr_0" in keys else \
@@ -293,8 +296,10 @@ def _load_npz(path: Path, load_images: bool) -> Reference:
         except json.JSONDecodeError:
             raise UserError(f"{path}: its 'provenance' is not valid JSON; rebuild it with `python -m eval.ref`") from None
         return Reference(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]) if "n" in data else None,
-                         features=data.get("features"), provenance=provenance, labels=data.get("labels"))
-    ref = Reference(mu=data["mu"], sigma=data["sigma"], format="adm" if keys & {"arr_0", "mu_s"} else "npz")
+                         features=data.get("features"), provenance=provenance, labels=data.get("labels"),
+                         mu_s=data.get("mu_s"), sigma_s=data.get("sigma_s"))
+    ref = Reference(mu=data["mu"], sigma=data["sigma"], format="adm" if keys & {"arr_0", "mu_s"} else "npz",
+                    mu_s=data.get("mu_s"), sigma_s=data.get("sigma_s"))
     if "arr_0" in keys and is_images:
         ref.n, ref.images = shape[0], data.get("arr_0")  # ADM reference batches store images, not features
         ref.image_size = shape[1] if shape[1] == shape[2] else None
@@ -377,7 +382,8 @@ def _kind(path: Path) -> str:
 
 
 def load_reference(path: str | os.PathLike, *, expect_extractor: str | None = None, expect_dim: int | None = None,
-                   metric: str | None = None, load_images: bool = False) -> Reference:
+                   expect_resize: str | None = None, metric: str | None = None,
+                   load_images: bool = False) -> Reference:
     """Read reference statistics from any supported format; check extractor and dimension if asked.
 
     An ADM npz whose `arr_0` holds the reference images (uint8 NHWC) sets `n` from its header; the
@@ -389,17 +395,36 @@ def load_reference(path: str | os.PathLike, *, expect_extractor: str | None = No
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: reference file not found; build it with `python -m eval.ref DATASET -o {path}`")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the reference file is empty (0 bytes); rebuild it with "
+                        f"`python -m eval.ref DATASET -o {path} --force`")
     ref = _load_npz(path, load_images) if _kind(path) == "npz" else _load_pkl(path, metric, expect_extractor)
     ref = _validate(ref, path)
     made_by = ref.provenance.get("extractor")
     if expect_extractor is not None and made_by is not None and made_by != expect_extractor:
         raise UserError(f"{path}: made with extractor '{made_by}', not '{expect_extractor}'; rebuild it with "
                         f"`python -m eval.ref DATASET -o {path} --extractor {expect_extractor} --force`")
+    _check_resize(ref, path, expect_resize)
     dim = ref.mu.shape[0]
     if expect_dim is not None and dim != expect_dim:
         raise UserError(f"{path}: holds {dim}-d statistics but extractor '{expect_extractor or '?'}' gives "
                         f"{expect_dim}-d features; use a reference made with that extractor")
     return ref
+
+
+# The image conventions that published statistics were made with: EDM2's `fd_dinov2` statistics come from
+# its DINOv2Detector with the default resize_mode='torch' (see eval.extractors: resize "edm2-torch").
+EDM2_RESIZE = {"fd_dinov2": "edm2-torch"}
+
+
+def _check_resize(ref: Reference, path, expect_resize: str | None) -> None:
+    """UserError when the reference's image convention (resize) differs from the extractor's."""
+    made = ref.provenance.get("resize") or EDM2_RESIZE.get(ref.format.removeprefix("edm2:"))
+    if expect_resize is None or made is None or made == expect_resize:
+        return
+    raise UserError(f"{path}: its features were made with resize '{made}' but the extractor uses '{expect_resize}'; "
+                    f"features of two image conventions are not comparable: pass --resize {made} (or rebuild the "
+                    "reference with the other convention)")
 
 
 _MISSING = "<missing>"

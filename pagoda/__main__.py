@@ -155,7 +155,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from pagoda.generator import load_generator
-    out = Path(args.output)
+    out = Path(args.out)
     if out.suffix.lower() not in (".npz", ".png"):
         raise UserError(f"-o {out}: the output must end in .npz (ADM sample file) or .png (image grid)")
     gen = load_generator(args.ckpt, sampler=args.sampler, steps=args.steps, device=args.device)
@@ -197,7 +197,7 @@ def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images with a checkpoint", description="Generate images of the "
                        "given seeds with a checkpoint; sample i depends on seed i only.")
     p.add_argument("--ckpt", required=True, help="model checkpoint (.safetensors)")
-    p.add_argument("-o", "--output", required=True, help="output: .npz (ADM: arr_0 uint8 NHWC, arr_1 labels) "
+    p.add_argument("-o", "--out", required=True, help="output: .npz (ADM: arr_0 uint8 NHWC, arr_1 labels) "
                    "or .png (grid)")
     p.add_argument("--seeds", type=int_list, default=list(range(64)), help="seeds, e.g. 0-63 or 1,5,7 (default 0-63)")
     p.add_argument("--labels", type=labels_arg, default="seed", help="class ids (one, or one per seed, e.g. 3 or "

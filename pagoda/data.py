@@ -9,6 +9,7 @@ is a sha256 over what defines the content; evaluation stores it as provenance.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from pagoda.errors import UserError
+from pagoda.weights import sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
@@ -121,12 +123,6 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _FlipDataset(torch.utils.data.Dataset):
@@ -222,21 +218,49 @@ class ImageFolderDataset(_FlipDataset):
         return _sha256_json({"kind": "folder", "files": entries, "resolution": self.resolution, "xflip": self.xflip})
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """arr_0 (and arr_1 when present) of an ADM sample npz, with one-line errors."""
-    if not path.exists():
-        raise UserError(f"npz file {path} does not exist: check the path")
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, what: str = "npz file"):
+    """The one npz reader: yields np.load's NpzFile (arrays read lazily, never unpickled).
+
+    Every way a file can fail to be an npz is a one-line UserError naming it: missing, empty, a plain
+    .npy array under an .npz name, a damaged zip, a member that needs pickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes): regenerate it")
     try:
         z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise UserError(f"{path} is a plain .npy array, not an npz: save it with np.savez(path, images)")
-        with z:
-            if "arr_0" not in z.files:
-                raise UserError(f"npz file {path} has no arr_0 (keys: {', '.join(z.files) or 'none'}): "
-                                "store the images as the first positional array of np.savez")
-            return z["arr_0"], (z["arr_1"] if "arr_1" in z.files else None)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path} is not a readable npz file ({e}): regenerate it with np.savez") from None
+        raise UserError(f"{what} {path} is not a readable npz ({str(e)[:120]}): regenerate it with np.savez") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"{what} {path} holds a plain {getattr(z, 'dtype', '')} array (an np.save file), not an npz: "
+                        "save it with np.savez(path, arr_0=...)")
+    with z:
+        try:
+            yield z
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+            raise UserError(f"{what} {path} could not be read ({str(e)[:120]}): regenerate it with np.savez") from None
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """arr_0 (and arr_1 when present) of an ADM sample npz, with one-line errors."""
+    with open_npz(path) as z:
+        if "arr_0" not in z.files:
+            raise UserError(f"npz file {path} has no arr_0 (keys: {', '.join(z.files) or 'none'}): "
+                            "store the images as the first positional array of np.savez")
+        return z["arr_0"], (z["arr_1"] if "arr_1" in z.files else None)
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """The one npz writer: np.savez of `arrays` to `path`, atomically (temp file, fsync, rename)."""
+    from pagoda.checkpoint import write_atomic
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare path
+            np.savez(f, **arrays)
+    return write_atomic(path, write)
 
 
 def check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
@@ -256,16 +280,10 @@ def check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None) 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write an ADM sample npz (arr_0 uint8 NHWC, arr_1 int64 labels when given) atomically."""
-    from pagoda.checkpoint import write_atomic
-
     arrays = {"arr_0": np.asarray(images, dtype=np.uint8)}
     if labels is not None:
         arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare path
-            np.savez(f, **arrays)
-    return write_atomic(path, write)
+    return write_npz(path, arrays)
 
 
 class NpzDataset(_FlipDataset):
@@ -277,7 +295,7 @@ class NpzDataset(_FlipDataset):
     def __init__(self, path: str | os.PathLike, resolution: int, xflip: bool = False):
         super().__init__(resolution, xflip)
         self.path = Path(path)
-        self.images, labels = _read_npz(self.path)
+        self.images, labels = read_npz(self.path)
         check_npz_arrays(self.path, self.images, labels)
         self.labels = None if labels is None else labels.astype(np.int64)
         self.num_classes = 0 if self.labels is None else int(self.labels.max()) + 1
@@ -295,7 +313,7 @@ class NpzDataset(_FlipDataset):
 
     def fingerprint(self) -> str:
         """sha256 over the file's sha256 (plus resolution and xflip)."""
-        return _sha256_json({"kind": "npz", "sha256": _sha256_file(self.path), "resolution": self.resolution,
+        return _sha256_json({"kind": "npz", "sha256": sha256_file(self.path), "resolution": self.resolution,
                              "xflip": self.xflip})
 
 

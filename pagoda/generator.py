@@ -62,6 +62,9 @@ class Generator(abc.ABC):
 
     name: str  # how result rows name the model
     kind: str  # the checkpoint kind it was loaded from
+    method: str = "generator"  # how result rows name the method ("heun", "ddim", "pagoda", "pd", ...)
+    sampler: str | None = None  # the ODE solver of a multi-step model; None for a one-step generator
+    steps: int | None = None  # its number of steps; None for a one-step generator
     resolution: int
     num_classes: int  # 0 = unconditional
     nfe: float  # declared network evaluations per sample at the default guidance

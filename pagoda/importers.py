@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 
@@ -28,6 +27,7 @@ from pagoda.checkpoint import save_model
 from pagoda.config import UNetConfig, get_preset, to_dict
 from pagoda.errors import UserError, run_cli
 from pagoda.networks.unet import UNet, count_parameters
+from pagoda.weights import sha256_file
 
 # The released network's architecture, in our config's terms (dropout as it was trained; no effect in eval).
 EDM_IMAGENET64 = UNetConfig(resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
@@ -75,15 +75,6 @@ def convert_edm_imagenet64(state_dict: dict, *, where: str = "state dict") -> di
     return out
 
 
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_state_dict_safely(path: str) -> dict:
     """torch.load with weights_only=True (never runs code from the file); any failure is a UserError."""
     if not os.path.isfile(path):
@@ -117,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pagoda import-edm",
                                      description="Import the public EDM ImageNet-64 teacher (edm_imagenet64_ema.pt).")
     parser.add_argument("src", help="path of edm_imagenet64_ema.pt from the consistency-models release")
-    parser.add_argument("-o", "--output", required=True, help="teacher checkpoint to write (.safetensors)")
+    parser.add_argument("-o", "--out", required=True, help="teacher checkpoint to write (.safetensors)")
     args = parser.parse_args(argv)
-    meta = import_edm_imagenet64(args.src, args.output)
+    meta = import_edm_imagenet64(args.src, args.out)
     with torch.device("meta"):
         n = count_parameters(UNet(**dataclasses.asdict(EDM_IMAGENET64)))
-    print(f"wrote {args.output}: EDM ImageNet-64 teacher, {n:,} parameters, source sha256 {meta['source_sha256'][:16]}...")
+    print(f"wrote {args.out}: EDM ImageNet-64 teacher, {n:,} parameters, source sha256 {meta['source_sha256'][:16]}...")
     return 0
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pagoda.checkpoint import write_atomic
 
-WEIGHTS_VERSION = "v1"  # bump when the way test weights are made changes
+WEIGHTS_VERSION = "v2"  # bump when the way test weights are made changes
 
 
 def _photos() -> list[np.ndarray]:
@@ -57,19 +58,49 @@ def inception_weights(extractor_weights_dir, real_images) -> Path:
     return path if path.exists() else random_inception_weights(extractor_weights_dir, real_images[::3])
 
 
-@pytest.fixture(scope="session")
-def dinov2_weights(extractor_weights_dir) -> Path:
-    """Random DINOv2 ViT-S/14 at 224 px as timm's model.safetensors would hold it."""
+def crop_photos(n: int, hw: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """n uint8 crops [n, 3, h, w] cut from the bundled photographs at their own resolution (no resampling,
+    so a crop larger than a network's input keeps the fine detail that tells resize conventions apart)."""
+    rng, photos, out = np.random.default_rng(seed), [p for p in _photos() if min(p.shape[:2]) >= max(hw)], []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        y, x = int(rng.integers(0, img.shape[0] - hw[0] + 1)), int(rng.integers(0, img.shape[1] - hw[1] + 1))
+        out.append(img[y : y + hw[0], x : x + hw[1], :3])
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def make_dinov2_weights(arch: str, path: Path, seed: int = 0) -> Path:
+    """Write a random timm DINOv2 `arch` to `path` (safetensors) as the published file holds it: the 518 px
+    (37 x 37) position grid, here a smooth random field (bicubic-upsampled 6 x 6 noise, std 0.1); LayerScale
+    gammas drawn from U(0.1, 1) instead of timm's 1e-5 init (which makes every block an identity, so the CLS
+    token ignores the image); everything else timm's init. Conventions that differ only in how the grid is
+    resampled, or in where the CLS token is read, then move the features far more than float noise."""
+    import timm
     from safetensors.torch import save_file
 
-    from eval.extractors import build_dinov2
-
-    path = extractor_weights_dir / "vit_small_patch14_dinov2.lvd142m.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        sd = {k: v.contiguous() for k, v in build_dinov2("vit_small_patch14_dinov2.lvd142m").state_dict().items()}
-        write_atomic(path, lambda p: save_file(sd, str(p)))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    sd = timm.create_model(arch, pretrained=False, num_classes=0).state_dict()
+    dim, grid = sd["pos_embed"].shape[-1], 37
+    assert sd["pos_embed"].shape[1] == 1 + grid * grid, "timm's DINOv2 default is the 518 px grid"
+    field = F.interpolate(torch.randn(1, dim, 6, 6, generator=gen), size=(grid, grid), mode="bicubic",
+                          align_corners=True)
+    field = 0.1 * field / field.std()
+    cls = 0.1 * torch.randn(1, 1, dim, generator=gen)
+    sd["pos_embed"] = torch.cat([cls, field.flatten(2).transpose(1, 2)], dim=1)
+    for k in sd:
+        if k.endswith(("ls1.gamma", "ls2.gamma")):
+            sd[k] = 0.1 + 0.9 * torch.rand(dim, generator=gen)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    write_atomic(path, lambda p: save_file(sd, str(p)))
     return path
+
+
+@pytest.fixture(scope="session")
+def dinov2_weights(extractor_weights_dir) -> Path:
+    """Random DINOv2 ViT-S/14 saved as timm's model.safetensors (518 px grid; see make_dinov2_weights)."""
+    path = extractor_weights_dir / "vit_small_patch14_dinov2.lvd142m.safetensors"
+    return path if path.exists() else make_dinov2_weights("vit_small_patch14_dinov2.lvd142m", path)
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +117,15 @@ def clip_weights(extractor_weights_dir) -> Path:
         sd = {k: v.contiguous().clone() for k, v in build_clip("ViT-B-32").state_dict().items()}
         write_atomic(path, lambda p: save_file(sd, str(p)))
     return path
+
+
+@pytest.fixture(scope="session")
+def photo_crops():
+    """`crop_photos(n, (h, w), seed)`: uint8 crops [n, 3, h, w] of the bundled photographs, unresampled."""
+    return crop_photos
+
+
+@pytest.fixture(scope="session")
+def dinov2_weight_maker():
+    """`make_dinov2_weights(arch, path, seed)`: a random DINOv2 file in the published layout (for slow tests)."""
+    return make_dinov2_weights

@@ -22,6 +22,7 @@ def test_bench_row(inception_weights, tmp_path, capsys):
     assert row["value"] == pytest.approx(extra["img_per_s_ours"] / extra["img_per_s_torch_fidelity"], rel=1e-2)
     assert extra["max_rel_feature_err"] < 1e-3 and extra["fid_ours"] > 0
     assert extra["abs_delta_fid"] <= 1e-3 * extra["fid_torch_fidelity"]
+    assert extra["sfid"] is True and extra["img_per_s_ours_fid_only"] > 0 and "sfid_extra_cost" in extra
     assert row["num_samples"] == 6 and "ratio" in capsys.readouterr().out
 
 

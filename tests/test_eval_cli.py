@@ -185,7 +185,7 @@ def _bad_input(case, tmp_path, ckpt, ref, weights_dir, dim):
     """argv for eval.fid and the words its error line must contain."""
     common = ["--extractor", "domain", "--weights-dir", str(weights_dir), "--allow-small"]
     if case == "corrupt_image":  # found only when decoded: enough images that no --allow-small warning shows
-        folder = _png_folder(tmp_path / "imgs", dim + 1, size=32)
+        folder = _png_folder(tmp_path / "imgs", dim + 1)
         data = (folder / "0003.png").read_bytes()
         (folder / "0003.png").write_bytes(data[: len(data) // 2])
         return ["--images", str(folder), "--ref", ref] + common[:-1], ["0003.png"]
@@ -248,7 +248,7 @@ def test_fid_of_images_and_save_samples(ckpt, ref, weights_dir, dim, tmp_path, c
     assert _fid(["--images", str(npz), "--ref", ref, "--extractor", "domain", "--weights-dir", str(weights_dir),
                  "--out", str(out), "--allow-small"]) == 0
     gen, img = read_rows(out)
-    assert img["method"] == "images" and abs(gen["value"] - img["value"]) < 1e-9  # same pixels, same FID
+    assert img["method"] == "samples" and abs(gen["value"] - img["value"]) < 1e-9  # same pixels, same FID
 
 
 def test_ref_fresh_stale_force(ref, weights_dir, tmp_path, capsys):
@@ -276,7 +276,7 @@ def test_folder_matches_tensor_pixels(tmp_path):
 def test_run_sweep_rows(ckpt, ref, weights_dir, dim, tmp_path, capsys):
     out = tmp_path / "sweep.jsonl"
     argv = ["--ckpt", ckpt, "--ref", ref, "--extractor", "domain", "--weights-dir", str(weights_dir),
-            "--metrics", "fid,kid,is,pr", "--guidance", "1,2", "--sampler", "euler", "--steps", "1,2",
+            "--metrics", "fid,kid,is,pr", "--estimator", "kid_subset=10", "--guidance", "1,2", "--sampler", "euler", "--steps", "1,2",
             "--num-samples", "20", "--batch", "10", "--allow-small", "--out", str(out)]
     assert run_cli(run_main, argv) == 0
     rows = read_rows(out)
@@ -327,7 +327,7 @@ def test_run_kid_pr_with_adm_image_reference(ckpt, ref, weights_dir, tmp_path):
     for name, path in (("ours", ref), ("adm", str(adm))):
         out = tmp_path / f"{name}.jsonl"
         argv = ["--ckpt", ckpt, "--ref", path, "--extractor", "domain", "--weights-dir", str(weights_dir),
-                "--metrics", "fid,kid,pr", "--num-samples", "40", "--batch", "20", "--allow-small", "--out", str(out)]
+                "--metrics", "fid,kid,pr", "--estimator", "kid_subset=20", "--num-samples", "40", "--batch", "20", "--allow-small", "--out", str(out)]
         assert run_cli(run_main, argv) == 0
         values[name] = {r["metric"]: r["value"] for r in read_rows(out)}
     assert values["adm"].keys() == {"fid", "kid", "precision", "recall"}

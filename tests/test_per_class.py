@@ -269,10 +269,10 @@ def _run(ckpt, ref, weights_dir, out, n, *more):
 
 
 def test_run_per_class_rows(ckpt, ref, weights_dir, tmp_path, capsys):
-    n = 56  # uniform labels: classes 0-7 get 4 samples, 8-15 get 3 (too few for P/R with k = 3)
-    assert _run(ckpt, ref, weights_dir, tmp_path / "plain.jsonl", n) == 0
+    n = 56  # balanced labels: label_i = perm[i] mod 16, so classes 0-7 get 4 samples, 8-15 get 3 (too few for P/R)
+    assert _run(ckpt, ref, weights_dir, tmp_path / "plain.jsonl", n, "--labels", "balanced") == 0
     capsys.readouterr()
-    assert _run(ckpt, ref, weights_dir, tmp_path / "pc.jsonl", n, "--per-class") == 0
+    assert _run(ckpt, ref, weights_dir, tmp_path / "pc.jsonl", n, "--per-class", "--labels", "balanced") == 0
     captured = capsys.readouterr()
     plain = {r["metric"]: r for r in read_rows(tmp_path / "plain.jsonl")}
     rows = read_rows(tmp_path / "pc.jsonl")
@@ -288,7 +288,7 @@ def test_run_per_class_rows(ckpt, ref, weights_dir, tmp_path, capsys):
         c = r["extra"]["class"]
         assert set(ROW_KEYS) <= set(r) and math.isfinite(r["value"]) and r["reference"] == ref
         assert r["extra"]["class_name"] == PHOTO_CLASSES[c] and r["extra"]["num_real"] == 64
-        assert r["extra"]["num_fake"] == (4 if c < 8 else 3)
+        assert r["extra"]["num_fake"] == (4 if c < 8 else 3) and r["extra"]["labels"] == "balanced"
     assert all(r["value"] > 0 for r in by_metric["fid_class"])
     assert all(0 <= r["value"] <= 1 for r in by_metric["precision_class"] + by_metric["recall_class"])
     assert "warning" in captured.err and "8 of 16 classes" in captured.err

@@ -24,7 +24,7 @@ fi
 # 3. Reference statistics of the held-out photos, then the metrics sweep.
 "$py" -m eval.ref photos:heldout:16 --extractor domain -o "$out/ref-photos16-domain.npz"
 "$py" -m eval.run --ckpt "$out/teacher/teacher.safetensors" --ref "$out/ref-photos16-domain.npz" \
-  --extractor domain --metrics fid,kid,is,pr --sampler heun,euler --steps 4,8,16 \
+  --extractor domain --metrics fid,kid,is,pr,dc --sampler heun,euler --steps 4,8,16 \
   --num-samples 1000 --batch 250 --out "$out/results.jsonl"
 
 # 4. Per-class FD and precision / recall of the Heun-16 cell (the teacher is class-conditional).

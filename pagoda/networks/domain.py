@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m pagoda domain`: train the photos classifier and write it."""
     p = argparse.ArgumentParser(prog="python -m pagoda domain", description="Train the domain classifier on "
                                 "the bundled photos data set (8..64 px) and write it as safetensors.")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file, e.g. weights/domain-photos.safetensors")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file, e.g. weights/domain-photos.safetensors")
     p.add_argument("--epochs", type=int, default=4, help="passes over all train crops at all resolutions (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -226,6 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     acc = ", ".join(f"{r} px {a:.3f}" for r, a in report["heldout_accuracy"].items())
     print(f"held-out accuracy: {acc} (mean {report['heldout_accuracy_mean']:.3f}, chance {report['chance']:.3f}); "
           f"trained in {report['train_seconds']} s")
-    save_domain_net(model, args.output, report)
-    print(f"wrote {args.output}")
+    save_domain_net(model, args.out, report)
+    print(f"wrote {args.out}")
     return 0

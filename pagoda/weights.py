@@ -1,4 +1,5 @@
-"""Local weight files for the feature extractors: where they live, what they hash to, how to load them.
+"""Local weight files of pretrained networks (feature extractors, backbones): where they live, what they
+hash to, how to load them. Also the project's one SHA-256 helper for files.
 
 Nothing here downloads. A file is looked up in `--weights-dir`, else `$PAGODA_WEIGHTS`, else
 `./weights`; a missing file fails at once with the name to fetch, where it is published and
@@ -41,14 +42,16 @@ INCEPTION = WeightsSpec(
 )
 
 
-def _timm_spec(key: str, arch: str) -> WeightsSpec:
-    """DINOv2 weights as timm publishes them on the Hugging Face hub (official hash not pinned)."""
+def _dinov2_spec(key: str, arch: str, hub: str) -> WeightsSpec:
+    """DINOv2 weights as timm publishes them on the Hugging Face hub, or the torch.hub file of
+    facebookresearch/dinov2 (`{hub}_pretrain.pth`, the same tensors plus an unused mask token); not pinned."""
     return WeightsSpec(
         key=key,
-        files=(f"{arch}.safetensors", f"{arch}/model.safetensors", f"{arch}.pth"),
+        files=(f"{arch}.safetensors", f"{arch}/model.safetensors", f"{arch}.pth", f"{hub}_pretrain.pth"),
         url=f"https://huggingface.co/timm/{arch}/resolve/main/model.safetensors",
         sha256=(),
-        what=f"timm {arch} state dict (safetensors or a torch state dict)",
+        what=f"timm {arch} state dict, or torch.hub's {hub}_pretrain.pth "
+             f"(https://dl.fbaipublicfiles.com/dinov2/{hub}/{hub}_pretrain.pth)",
     )
 
 
@@ -60,6 +63,7 @@ def _clip_spec(key: str, model: str, hf_repo: str) -> WeightsSpec:
             f"{model}-openai.safetensors",
             f"{model}-openai/open_clip_model.safetensors",
             f"{model}-openai/open_clip_pytorch_model.bin",
+            f"{hf_repo.split('/')[-1]}/open_clip_model.safetensors",
         ),
         url=f"https://huggingface.co/{hf_repo}/resolve/main/open_clip_model.safetensors",
         sha256=(),
@@ -69,11 +73,12 @@ def _clip_spec(key: str, model: str, hf_repo: str) -> WeightsSpec:
 
 SPECS: dict[str, WeightsSpec] = {
     "inception": INCEPTION,
-    "dinov2": _timm_spec("dinov2", "vit_large_patch14_dinov2.lvd142m"),
-    "dinov2-vitb14": _timm_spec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m"),
-    "dinov2-vits14": _timm_spec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m"),
+    "dinov2": _dinov2_spec("dinov2", "vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14"),
+    "dinov2-vitb14": _dinov2_spec("dinov2-vitb14", "vit_base_patch14_dinov2.lvd142m", "dinov2_vitb14"),
+    "dinov2-vits14": _dinov2_spec("dinov2-vits14", "vit_small_patch14_dinov2.lvd142m", "dinov2_vits14"),
     "clip": _clip_spec("clip", "ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
     "clip-vitb32": _clip_spec("clip-vitb32", "ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
+    "clip-vitl14-336": _clip_spec("clip-vitl14-336", "ViT-L-14-336", "timm/vit_large_patch14_clip_336.openai"),
     "domain": WeightsSpec(
         key="domain",
         files=("domain-photos.safetensors",),
@@ -111,16 +116,20 @@ def resolve_weights(spec: WeightsSpec | str, weights_dir: str | os.PathLike | No
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def update_sha256(h, path: str | os.PathLike):
+    """Feed a file's bytes (1 MiB chunks) into the hashlib object `h`; returns h."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks, cached by (path, size, mtime)."""
+    """SHA-256 hex digest of a file, cached by (path, size, mtime)."""
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = update_sha256(hashlib.sha256(), path).hexdigest()
     return _SHA_CACHE[key]
 
 
