@@ -22,19 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.sources import check_images
 from pagoda.errors import UserError
 from pagoda.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def check_images(x: torch.Tensor, who: str) -> None:
-    """UserError unless `x` is a uint8 tensor [N, 3, H, W]."""
-    if not torch.is_tensor(x) or x.dtype != torch.uint8:
-        what = f"{x.dtype} tensor" if torch.is_tensor(x) else type(x).__name__
-        raise UserError(f"{who} extractor got a {what}: pass uint8 RGB images (float -> uint8 by (x+1)*127.5, round)")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise UserError(f"{who} extractor got shape {tuple(x.shape)}: pass [N, 3, H, W] RGB (repeat grey channels)")
 
 
 @contextlib.contextmanager
@@ -84,7 +76,7 @@ class Extractor:
         self.spec, self.weights_path, self.weights_sha256, self.device = spec, path, sha, torch.device(device)
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_images(images, self.name)
+        check_images(images, f"{self.name} extractor")
         with torch.inference_mode(), deterministic():
             out = self._forward(images.to(self.device))
         return {k: v.float() for k, v in out.items()}

@@ -30,10 +30,15 @@ def dist_info() -> tuple[int, int]:
     return dist.rank(), dist.world_size()
 
 
-def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-        desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UserError(f"{what} gave {desc} instead of uint8 images [N,3,H,W]: convert the images to uint8 RGB")
+def check_images(x: torch.Tensor, what: str) -> torch.Tensor:
+    """`x` if it is a uint8 tensor [N, 3, H, W]; else a UserError naming `what` and the fix."""
+    if not torch.is_tensor(x) or x.dtype != torch.uint8:
+        desc = f"a {x.dtype} tensor" if torch.is_tensor(x) else f"a {type(x).__name__}"
+        raise UserError(f"{what} got {desc}, not uint8 RGB images: convert (float in [-1, 1] -> uint8 by "
+                        "(x + 1) * 127.5, rounded)")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise UserError(f"{what} got shape {tuple(x.shape)}, not uint8 images [N, 3, H, W]: give RGB images "
+                        "(repeat grey channels)")
     return x
 
 
@@ -86,7 +91,7 @@ class Source:
         index = torch.arange(rank, self.num_samples, world, dtype=torch.int64)
         for chunk in index.split(batch):
             x, y = self.load(chunk)
-            yield _check_images(x, self.name), y, chunk
+            yield check_images(x, self.name), y, chunk
 
 
 class RandomOrder(Source):
@@ -167,7 +172,7 @@ class GeneratorSource(Source):
         if self._bad:  # with CFG the network may see the batch twice: position mod batch is the sample
             raise UserError(f"{self.name}: the model produced NaN/inf at seed {int(seeds[self._bad[0] % len(seeds)])}"
                             ": the checkpoint is broken (diverged training?); evaluate an earlier snapshot")
-        return _check_images(x.cpu(), self.name), y
+        return check_images(x.cpu(), self.name), y
 
     def row_fields(self) -> dict:
         g = self.generator
@@ -301,7 +306,7 @@ class TensorSource(Source):
             index = torch.arange(start, start + len(x), dtype=torch.int64)
             start += len(x)
             keep = index % world == rank
-            yield _check_images(x[keep], self.name), None if y is None else y[keep], index[keep]
+            yield check_images(x[keep], self.name), None if y is None else y[keep], index[keep]
         self.num_samples = start
 
     def fingerprint(self) -> str:

@@ -217,3 +217,76 @@ def test_npz_source_refuses_plain_array(tmp_path):
     (tmp_path / "x.npy").rename(tmp_path / "x.npz")
     with pytest.raises(UserError, match="plain uint8 array"):
         NpzSource(tmp_path / "x.npz")
+
+
+@pytest.fixture(scope="module")
+def photo_sets(tmp_path_factory):
+    """Two ADM npz sets of 8 different 32 px photo crops each (the 'reference' and the 'samples')."""
+    from pagoda.data import PhotosDataset
+
+    images = PhotosDataset(32, "train").images
+    folder = tmp_path_factory.mktemp("sets")
+    out = []
+    for name, idx in (("a", slice(0, 64, 8)), ("b", slice(3, 67, 8))):
+        np.savez(folder / f"{name}.npz", arr_0=images[idx].permute(0, 2, 3, 1).numpy())
+        out.append(folder / f"{name}.npz")
+    return out
+
+
+def test_sfid_end_to_end(inception_weights, photo_sets, tmp_path):
+    """sFID from eval.ref's stored spatial statistics equals the closed form on the extractor's spatial
+    features; sFID(x, x) = 0; an ADM batch's mu_s / sigma_s are read and used as they are."""
+    from eval.extractors import get_extractor
+    from eval.metrics import frechet_distance
+    from eval.stats import load_reference
+
+    a, b = photo_sets
+    common = ["--weights-dir", str(inception_weights.parent), "--allow-small", "--batch", "4"]
+    assert run_cli(ref_main, [str(a), "-o", str(tmp_path / "ref.npz"), *common]) == 0
+    ref = load_reference(tmp_path / "ref.npz")
+    ex = get_extractor("inception", weights_dir=inception_weights.parent)
+    sa, sb = (ex(torch.from_numpy(np.load(p)["arr_0"]).permute(0, 3, 1, 2))["spatial"].double().numpy()
+              for p in (a, b))
+    assert sa.shape == (8, 2023) and ref.mu_s.shape == (2023,)
+    assert np.allclose(ref.mu_s, sa.mean(0), atol=1e-6) and np.allclose(ref.sigma_s, np.cov(sa, rowvar=False), atol=1e-6)
+    for images, name in ((a, "self"), (b, "other")):
+        assert _run("--images", images, "--ref", tmp_path / "ref.npz", "--metrics", "fid,sfid", *common,
+                    "--out", tmp_path / f"{name}.jsonl") == 0
+    self_rows = {r["metric"]: r for r in read_rows(tmp_path / "self.jsonl")}
+    other = {r["metric"]: r for r in read_rows(tmp_path / "other.jsonl")}
+    assert 0 <= self_rows["sfid"]["value"] < 1e-6 and 0 <= self_rows["fid"]["value"] < 1e-6
+    closed = frechet_distance(sb.mean(0), np.cov(sb, rowvar=False), sa.mean(0), np.cov(sa, rowvar=False))
+    assert other["sfid"]["value"] == pytest.approx(closed, rel=1e-5) and other["sfid"]["value"] > 1
+    assert other["sfid"]["extra"]["layer"] == "mixed_6/conv[..., :7]"
+    adm = tmp_path / "VIRTUAL_a.npz"  # an ADM reference batch: images plus mu / sigma / mu_s / sigma_s
+    np.savez(adm, arr_0=np.load(a)["arr_0"], mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s)
+    assert _run("--images", b, "--ref", adm, "--metrics", "sfid", *common, "--out", tmp_path / "adm.jsonl") == 0
+    assert read_rows(tmp_path / "adm.jsonl")[0]["value"] == pytest.approx(other["sfid"]["value"], rel=1e-9)
+
+
+def test_cmmd_and_clip_captions(clip_weights, photo_sets, tmp_path, capsys):
+    """CMMD through eval.run equals the closed form on the stored embeddings (and 0 against itself); CLIP
+    score of sample files takes one caption per image, or refuses unlabelled images without captions."""
+    from eval.extractors import get_extractor
+    from eval.metrics import cmmd
+    from eval.stats import load_reference
+
+    a, b = photo_sets
+    wd = clip_weights.parents[1]
+    common = ["--weights-dir", str(wd), "--allow-small", "--batch", "4"]
+    assert run_cli(ref_main, [str(a), "-o", str(tmp_path / "ref.npz"), "--extractor", "clip-vitb32", *common]) == 0
+    ref = load_reference(tmp_path / "ref.npz")
+    (tmp_path / "caps.txt").write_text("\n".join(f"a photo number {i}" for i in range(8)))
+    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "cmmd,clip", "--cmmd", "clip-vitb32",
+                "--clip", "clip-vitb32", "--captions", tmp_path / "caps.txt", *common,
+                "--out", tmp_path / "r.jsonl") == 0
+    rows = {r["metric"]: r for r in read_rows(tmp_path / "r.jsonl")}
+    ex = get_extractor("clip-vitb32", weights_dir=wd)
+    fb = ex(torch.from_numpy(np.load(b)["arr_0"]).permute(0, 3, 1, 2))["features"].double().numpy()
+    assert rows["cmmd"]["value"] == pytest.approx(cmmd(ref.features, fb), rel=1e-6) and rows["cmmd"]["value"] > 0
+    assert rows["cmmd"]["extractor"] == "clip-vitb32" and 0 <= rows["clip"]["value"] <= 100
+    assert cmmd(ref.features, ref.features) == pytest.approx(0, abs=1e-9)
+    capsys.readouterr()
+    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "clip", "--clip", "clip-vitb32",
+                *common, "--out", tmp_path / "x.jsonl") == 2
+    _one_error_line(capsys, "no class labels", "--captions")
