@@ -350,8 +350,9 @@ def _load_pkl(path: Path, metric: str | None, expect_extractor: str | None) -> R
     if not isinstance(stats, dict):
         raise UserError(f"{path}: holds a {type(stats).__name__}, not an EDM2 stats dict; pass an EDM2 stats pkl")
     implied = EDM2_METRICS.get(expect_extractor)
-    if metric is None:
-        metric = implied or "fid"
+    if metric is None:  # the extractor's statistics, else fid, else the first present (e.g. only fd_dinov2)
+        present = [k for k, v in stats.items() if isinstance(v, dict) and "mu" in v]
+        metric = implied or ("fid" if "fid" in present or not present else present[0])
     elif implied is not None and metric != implied:
         raise UserError(f"{path}: metric '{metric}' statistics were made with another network than extractor "
                         f"'{expect_extractor}' (which uses '{implied}'); pick the matching metric or extractor")

@@ -290,3 +290,32 @@ def test_cmmd_and_clip_captions(clip_weights, photo_sets, tmp_path, capsys):
     assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "clip", "--clip", "clip-vitb32",
                 *common, "--out", tmp_path / "x.jsonl") == 2
     _one_error_line(capsys, "no class labels", "--captions")
+
+
+def test_fd_dinov2_conventions_must_match(dinov2_weights, photo_sets, tmp_path, capsys):
+    """FD-DINOv2 against EDM2 `fd_dinov2` statistics runs only with EDM2's convention (edm2-torch) and the
+    row says so; a reference of one resize and features of the other are refused."""
+    import pickle
+
+    from eval.stats import load_reference
+
+    a, b = photo_sets
+    common = ["--weights-dir", str(dinov2_weights.parent), "--allow-small", "--batch", "4"]
+    assert run_cli(ref_main, [str(a), "-o", str(tmp_path / "pil.npz"), "--extractor", "dinov2-vits14",
+                              "--resize", "pil-bicubic", *common]) == 0
+    ours = load_reference(tmp_path / "pil.npz")
+    assert ours.provenance["resize"] == "pil-bicubic"
+    edm2 = tmp_path / "img64.pkl"  # EDM2's layout: {'fd_dinov2': {'mu', 'sigma'}, ...}
+    edm2.write_bytes(pickle.dumps({"fd_dinov2": {"mu": ours.mu, "sigma": ours.sigma}, "num_images": 8}))
+    run = ["--images", b, "--metrics", "fd_dinov2", "--dinov2", "dinov2-vits14", *common]
+    assert _run(*run, "--ref", edm2, "--out", tmp_path / "ok.jsonl") == 0
+    (row,) = read_rows(tmp_path / "ok.jsonl")
+    assert row["extra"]["resize"] == "edm2-torch" and row["value"] > 0
+    capsys.readouterr()
+    assert _run(*run, "--ref", edm2, "--resize", "pil-bicubic", "--out", tmp_path / "x.jsonl") == 2
+    _one_error_line(capsys, "img64.pkl", "edm2-torch", "pil-bicubic", "--resize")
+    assert _run(*run, "--ref", tmp_path / "pil.npz", "--out", tmp_path / "x.jsonl") == 2
+    _one_error_line(capsys, "pil.npz", "'pil-bicubic'", "'edm2-torch'")
+    assert _run(*run, "--ref", tmp_path / "pil.npz", "--resize", "pil-bicubic", "--out", tmp_path / "p.jsonl") == 0
+    assert read_rows(tmp_path / "p.jsonl")[0]["extra"]["resize"] == "pil-bicubic"
+    assert not (tmp_path / "x.jsonl").exists()
