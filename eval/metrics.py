@@ -169,7 +169,8 @@ def inception_score(logits, *, splits: int = 10, style: str = "adm", seed: int =
     z = _f64(logits)
     n = len(z)
     if n < splits:
-        raise UserError(f"inception score: {n} samples cannot fill {splits} splits; use more samples or fewer splits")
+        raise UserError(f"inception score: {n} samples cannot fill {splits} splits; use more samples or fewer "
+                        "splits (eval.run: --estimator is_splits=N)")
     if style == "torch-fidelity":
         z = z[np.random.RandomState(seed).permutation(n)]
     log_p = z - z.max(axis=1, keepdims=True)

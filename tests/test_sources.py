@@ -144,3 +144,11 @@ def test_open_source_errors(tmp_path):
         open_source(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="resolution"):
         open_source("photos:train")
+
+
+def test_generator_source_removes_its_hooks():
+    gen = ToyGenerator()
+    with GeneratorSource(gen, 4) as src:
+        assert len(gen.net._forward_hooks) == 1
+        next(src.batches(2, rank=0, world=1))
+    assert len(gen.net._forward_hooks) == 0
