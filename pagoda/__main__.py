@@ -1,4 +1,5 @@
-"""`python -m pagoda <command>`: train a stage, sample a checkpoint, inspect one, list presets.
+"""`python -m pagoda <command>`: train a stage, invert data into pairs, sample a checkpoint, inspect one,
+list presets.
 
 Every mistake a user can make ends as one line `error: ...` and exit status 2 (argparse's own
 errors included). Stages are a dict: a later stage adds one entry to STAGES.
@@ -18,7 +19,10 @@ from pathlib import Path
 from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
-STAGES = {"teacher": "pagoda.stages.teacher"}
+STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill"}
+# inputs of a stage given as options (each is the config field of the same name): stage -> {option: help}
+STAGE_INPUTS = {"distill": {"teacher": "the Stage-1 teacher checkpoint (G starts as a copy of its network)",
+                            "pairs": "the teacher's inversion pairs (python -m pagoda pairs)"}}
 # commands whose module parses its own arguments: name -> (module with main(argv), help)
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
@@ -74,7 +78,9 @@ def device_arg(text: str) -> str:
 def cmd_stage(args) -> int:
     """Resolve the stage config; print it (--dry-run) or train (resuming when the run directory has state)."""
     from pagoda.config import dumps, resolve
-    cfg = resolve(args.command, args.preset, args.set, args.config)
+    inputs = [f"{name}={getattr(args, name)}" for name in STAGE_INPUTS.get(args.command, {})
+              if getattr(args, name) is not None]
+    cfg = resolve(args.command, args.preset, inputs + args.set, args.config)
     if args.dry_run:
         print(dumps(cfg))
         return 0
@@ -177,6 +183,14 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    """Stage 2a: invert the data (and its mirror images) with the teacher into --out; resumes when rerun."""
+    from pagoda.pairs import make_pairs
+    make_pairs(args.teacher, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size,
+               batch=args.batch, device=args.device)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser.
 
@@ -190,6 +204,8 @@ def _add_stage(sub, stage: str) -> None:
                    help="override one config value, e.g. --set train.steps=100 (repeatable; values are JSON)")
     p.add_argument("--out", metavar="DIR", help=f"run directory (default runs/<preset>-{stage})")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
+    for name, text in STAGE_INPUTS.get(stage, {}).items():
+        p.add_argument(f"--{name}", help=f"{text} (= --set {name}=...)")
     p.set_defaults(func=cmd_stage)
 
 
@@ -214,12 +230,35 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
+def _add_pairs(sub) -> None:
+    p = sub.add_parser("pairs", help="Stage 2a: DDIM-invert the training data with a teacher (resumes when "
+                       "run again)",
+                       description="DDIM inversion of every training image and its mirror (item j = image "
+                       "j // 2, flipped iff j odd) into checksummed shards + index.json. Rerunning the same "
+                       "command resumes; under torchrun each rank writes its own shards.")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (.safetensors); sets the resolution")
+    p.add_argument("--data", required=True, help="'photos', an image folder or an ADM .npz (the teacher's "
+                   "training data)")
+    p.add_argument("-o", "--out", required=True, metavar="DIR",
+                   help="pairs folder (created; resumed if it exists)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                   help="latent storage type (default: the folder's, else float32)")
+    p.add_argument("--shard-size", type=positive_int, default=None,
+                   help="items per shard file, a multiple of --batch (default: the folder's, else 1024)")
+    p.add_argument("--batch", type=positive_int, default=None, help="items per network call, aligned to item "
+                   "ids; recorded, as float results depend on it (default: the folder's, else 32)")
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="torch device (default cuda when available, else cpu)")
+    p.set_defaults(func=cmd_pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pagoda", description="PaGoDA: train one-step generators and their teachers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         _add_stage(sub, stage)
     _add_sample(sub)
+    _add_pairs(sub)
     p = sub.add_parser("info", help="print a checkpoint's metadata", description="Print a checkpoint's metadata.")
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--kind", default=None, help="refuse a checkpoint of another kind (e.g. teacher)")

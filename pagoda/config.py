@@ -165,18 +165,68 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class LossConfig:
+    """Stage 2b objective (METHOD §2): L = L_rec (or L_dstl) + w_adv * lambda * L_adv."""
+
+    kind: str = "rec"  # rec: d(G(z_x), x) on inversion pairs; dstl: d(G(z), ODE_teacher(z)) (paper Fig. 5)
+    w_adv: float = 0.2  # weight of the adversarial loss (0 = reconstruction only)
+    adaptive: bool = True  # lambda = clip(|grad_W L_rec| / (|grad_W L_adv| + 1e-4), 0.01, 10); else 1
+    backbone: str = "random"  # feature backbone of the distance d (pagoda.networks.features)
+    augment: bool = True  # DiffAugment (colour, translation, cutout), one draw shared by both images
+    dstl_steps: int = 18  # Heun steps of the teacher ODE that makes L_dstl's targets
+
+    def validate(self) -> None:
+        _check(self.kind in ("rec", "dstl"), f"loss.kind={self.kind!r} must be rec or dstl")
+        _check(self.w_adv >= 0, f"loss.w_adv={self.w_adv} must be >= 0")
+        _check(self.dstl_steps >= 1, f"loss.dstl_steps={self.dstl_steps} must be >= 1")
+
+
+@dataclass(frozen=True)
+class DiscConfig:
+    """The projected discriminator of Stage 2b and its optimiser (RAdam, METHOD §2)."""
+
+    backbone: str = "random"  # frozen feature backbone (pagoda.networks.features)
+    lr: float = 2e-3
+    cond_dim: int = 64  # projection conditioning width
+
+    def validate(self) -> None:
+        _check(self.lr > 0 and self.cond_dim >= 1, "disc.lr must be > 0 and disc.cond_dim >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage 2b: the one-step generator G, a copy of the teacher network queried at sigma_max."""
+
+    teacher: str = ""  # the Stage-1 teacher checkpoint (G starts as an exact copy of its network)
+    pairs: str = ""  # the Stage-2a inversion pairs of the teacher (python -m pagoda pairs)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch=32, steps=600, lr=1e-4, lr_warmup=0,
+                                                                 adam_betas=(0.9, 0.999), ema_rate=0.999,
+                                                                 snapshot_every=100, log_every=10))
+
+    def validate(self) -> None:
+        for f in fields(self):
+            sub = getattr(self, f.name)
+            if hasattr(sub, "validate"):
+                sub.validate()
+
+
+@dataclass(frozen=True)
 class Preset:
     """A named experiment: one config per stage (later stages are added by their issues)."""
 
     name: str
     description: str
     teacher: TeacherConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         self.teacher.validate()
+        self.distill.validate()
 
 
-STAGES = ("teacher",)
+STAGES = ("teacher", "distill")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,14 +241,19 @@ def _imagenet64() -> Preset:
     train = TrainConfig(batch=4096, micro_batch=32, steps=600_000, lr=1e-4, lr_warmup=1000,
                         ema_rate=0.9999, snapshot_every=5000, log_every=100, dtype="bfloat16")
     data = DataConfig(source="data/imagenet/train", resolution=64, num_workers=8)
+    # Stage 2b as the released 64 px model (METHOD §2): batch 96, RAdam lr_G 8e-6 / lr_D 2e-3, EMA 0.999,
+    # w_adv 0.2 with the adaptive weight, DeiT + EfficientNet-lite0 features, ~90k G (+ 90k D) updates.
+    distill = DistillConfig(loss=LossConfig(w_adv=0.2, backbone="paper"), disc=DiscConfig(backbone="paper", lr=2e-3),
+                            train=TrainConfig(batch=96, micro_batch=12, steps=90_000, lr=8e-6, lr_warmup=0,
+                                              ema_rate=0.999, snapshot_every=2000, log_every=100, dtype="float16"))
     return Preset("imagenet64", "ImageNet 64x64 EDM teacher (paper architecture, ~296M parameters)",
-                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)))
+                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)), distill)
 
 
 def _photos() -> Preset:
     # Sized for a 2-core CPU: a ~1.3M-parameter UNet at 16 px trains at ~100 img/s.
     return Preset("photos", "bundled photographs at 16 px, ~1.3M-parameter UNet, minutes on a CPU",
-                  TeacherConfig())
+                  TeacherConfig(), DistillConfig())
 
 
 def _smoke() -> Preset:
@@ -206,9 +261,11 @@ def _smoke() -> Preset:
     net = UNetConfig(resolution=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(4,), num_head_channels=32)
     train = TrainConfig(batch=16, steps=20, lr=2e-3, lr_warmup=5, snapshot_every=10, log_every=5)
+    distill = DistillConfig(train=TrainConfig(batch=8, steps=6, lr=1e-4, lr_warmup=0, snapshot_every=3,
+                                              log_every=2))
     return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds",
                   TeacherConfig(data=DataConfig(resolution=8), network=net, train=train,
-                                sample=SampleConfig(steps=8)))
+                                sample=SampleConfig(steps=8)), distill)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (_imagenet64(), _photos(), _smoke())}
@@ -303,7 +360,7 @@ def resolve(stage: str, preset: str, overrides: list[str] = (), config_file: str
     return cfg
 
 
-STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig}
+STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig, "distill": DistillConfig}
 
 
 def load_json(stage: str, path: str) -> Any:

@@ -50,6 +50,15 @@ class EDMPrecond(nn.Module):
         return D_x
 
 
+# PaGoDA's one-step generator G (METHOD §2, Stage 2b): the teacher's network F queried at sigma_max with the
+# raw network output as the image, x = F(c_in(sigma_max) z; c_noise(sigma_max), y) with z = sigma_max * eps
+# (no c_skip / c_out). `net` is a UNet (or its DDP wrapper); returns float [N, C, H, W] in the net's dtype.
+def one_step(net, z: torch.Tensor, labels=None, *, sigma_max: float, sigma_data: float = 0.5, guidance=None):
+    sigma = torch.full((z.shape[0],), float(sigma_max), dtype=torch.float32, device=z.device)
+    _, _, c_in, c_noise = edm_scalings(sigma, sigma_data)
+    return net(c_in.reshape(-1, 1, 1, 1) * z.float(), c_noise, labels, guidance)
+
+
 # Karras et al. eq. (5): rho-spaced grid from sigma_max down to sigma_min, then a final 0.
 # Returns float64 [num_steps + 1]; num_steps is the number of nonzero sigmas (Euler NFE).
 def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):

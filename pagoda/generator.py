@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pagoda.checkpoint import load_network, read_meta
 from pagoda.config import DiffusionConfig, SampleConfig, from_dict
 from pagoda.data import to_uint8
-from pagoda.diffusion import EDMPrecond, karras_sigmas
+from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
 from pagoda.errors import UserError
 from pagoda.samplers import get_sampler
 
@@ -170,6 +171,47 @@ class DiffusionGenerator(Generator):
         return to_uint8(x)
 
 
+class OneStepGenerator(Generator):
+    """PaGoDA's one-step G: x = F(c_in(sigma_max) z; c_noise(sigma_max), y), z = sigma_max * eps, one
+    network call, clamped to [-1, 1] (METHOD §2, Stage 2b). NFE = 1 at every resolution (a grown G keeps
+    its base-resolution noise; see `noise_shape`)."""
+
+    kind = method = "pagoda"
+    nfe = 1.0
+
+    def __init__(self, net: nn.Module, *, resolution: int, num_classes: int, sigma_max: float = 80.0,
+                 sigma_data: float = 0.5, noise_resolution: int | None = None, name: str = "pagoda",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.resolution, self.num_classes, self.name = int(resolution), int(num_classes), name
+        self.sigma_max, self.sigma_data = float(sigma_max), float(sigma_data)
+        self.noise_resolution = int(noise_resolution or resolution)
+        self.device, self.dtype = torch.device(device), dtype
+        self.net = net.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (3, self.noise_resolution, self.noise_resolution)
+
+    def nfe_for(self, guidance: float | None) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
+        """Images of the seeds (uint8 [N, 3, R, R]); labels drawn from the seeds when not given."""
+        seeds = as_seeds(seeds)
+        labels = self.check_labels(labels, len(seeds))
+        if guidance not in (None, 1, 1.0):
+            raise UserError(f"{self.name} was not trained with a guidance embedding: sample it with guidance 1 "
+                            "(a guidance-conditioned G comes from the Stage 3 issue)")
+        eps, drawn = seeded_draws(seeds, self.noise_shape, self.device, self.num_classes if labels is None else 0)
+        labels = drawn if labels is None else labels.to(self.device)
+        ctx = contextlib.nullcontext() if self.dtype == torch.float32 else \
+            torch.autocast(self.device.type, dtype=self.dtype)
+        with ctx:
+            x = one_step(self.net, eps * self.sigma_max, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
+        return to_uint8(x.float().clamp(-1, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading by checkpoint kind.
 
@@ -191,7 +233,21 @@ def _load_teacher(path: str, meta: dict, *, sampler: str | None, steps: int | No
                               name=Path(path).stem, device=device, dtype=dtype)
 
 
-LOADERS = {"teacher": _load_teacher}
+def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
+                   dtype: torch.dtype) -> OneStepGenerator:
+    """A PaGoDA G file -> OneStepGenerator; a sampler or step count is refused (one network call)."""
+    if sampler is not None or steps is not None:
+        raise UserError(f"{path} is a one-step generator (kind {meta.get('kind')!r}): it takes no sampler or steps; "
+                        "drop --sampler / --steps for it")
+    net, meta = load_network(path, device=device)
+    diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    return OneStepGenerator(net, resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
+                            sigma_max=diffusion.sigma_max, sigma_data=diffusion.sigma_data,
+                            noise_resolution=meta.get("noise_resolution"), name=Path(path).stem, device=device,
+                            dtype=dtype)
+
+
+LOADERS = {"teacher": _load_teacher, "pagoda": _load_one_step}
 
 
 def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps: int | None = None,

@@ -35,7 +35,15 @@ from pagoda.errors import UserError
 
 
 class Stage(Protocol):
-    """What the loop needs from a stage (teacher, distill, grow)."""
+    """What the loop needs from a stage (teacher, distill, grow).
+
+    A stage may also own a discriminator: an attribute `disc` (nn.Module, or None), a method
+    `d_step(disc, net, batch, generator) -> (loss, stats)` called once per optimizer step after the
+    network's update, on a batch from a second, independently shuffled stream over the same data set,
+    and `optimizer(params, which) -> torch.optim.Optimizer` (which = "net" or "disc"; default Adam
+    with cfg.lr for the net). The loop averages the discriminator's gradients over ranks itself (no
+    DDP wrapper: a discriminator sees real and fake batches in two forwards).
+    """
 
     name: str  # the deliverable is <out_dir>/<name>.safetensors
     kind: str  # checkpoint kind written into its metadata
@@ -195,6 +203,28 @@ def save_snapshot(out_dir: Path, stage: Stage, *, ema: nn.Module, state: dict, m
     checkpoint.save_training_state(out_dir / "state.pt", state)
 
 
+def make_optimizer(stage, params: list, cfg: TrainConfig, which: str) -> torch.optim.Optimizer:
+    """The stage's optimizer for `which` ("net" / "disc") if it defines one, else Adam with cfg's settings."""
+    if hasattr(stage, "optimizer"):
+        return stage.optimizer(params, which)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Mean of each parameter's gradient over ranks (one flat all-reduce; a no-op in one process)."""
+    if dist.world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
+    for p, g in zip(params, flat.split([q.numel() for q in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def _accumulate_stats(sums: dict, stats: dict, accum: int, device, prefix: str = "") -> None:
+    for k, v in stats.items():
+        sums[prefix + k] = sums.get(prefix + k, 0.0) + torch.as_tensor(v, device=device).detach().float() / accum
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -209,12 +239,17 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
     model_path, state_path, log_path = out_dir / f"{stage.name}.safetensors", out_dir / "state.pt", out_dir / "log.jsonl"
     prepare_run_dir(out_dir, config_dict)
 
-    # Network, EMA, optimizer, loss scaler (float16 only), autocast.
+    # Network, EMA, optimizer, loss scaler (float16 only), autocast; the stage's discriminator if it has one.
     net = stage.net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(stage, params, cfg, "net")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    disc = getattr(stage, "disc", None)
+    if disc is not None:
+        disc = disc.to(device).train()
+        params_d = [p for p in disc.parameters() if p.requires_grad]
+        opt_d = make_optimizer(stage, params_d, cfg, "disc")
     autocast = dict(device_type=device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
 
     # Resume from state.pt when there is one.
@@ -225,6 +260,9 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["optimizer_disc"])
         step = int(state["step"])
     if step >= cfg.steps:
         dist.print0(f"{out_dir}: finished ({step} of {cfg.steps} steps), nothing to do; model: {model_path}")
@@ -241,6 +279,11 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
                           rank=rank, world=world)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                                pin_memory=device.type == "cuda"))
+    if disc is not None:  # the discriminator's real images: a second, independently shuffled stream
+        sampler_d = StepSampler(len(dataset), seed=derive_seed(cfg.seed, 3), batch=cfg.batch, micro=micro,
+                                start=step, steps=cfg.steps, rank=rank, world=world)
+        batches_d = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler_d, num_workers=num_workers,
+                                                     pin_memory=device.type == "cuda"))
     bar = tqdm(total=cfg.steps, initial=step, unit="step", mininterval=2.0, disable=None if dist.is_main() else True)
     loss_sum, stat_sums, window_steps, window_t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
     while step < cfg.steps:
@@ -261,8 +304,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
                     loss, stats = stage.step(ddp, batch, generator)
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float() / accum
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, 0.0) + torch.as_tensor(v, device=device).detach().float() / accum
+            _accumulate_stats(stat_sums, stats, accum, device)
 
         # Optimizer step (gradients unscaled first when clipping), then EMA.
         if cfg.grad_clip > 0:
@@ -271,6 +313,19 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         scaler.step(opt)
         scaler.update()
         update_ema(ema, net, ema_beta(cfg.ema_rate, step))
+
+        # The discriminator's update (stages that have one): its own micro-batches, gradients averaged here.
+        if disc is not None:
+            opt_d.zero_grad(set_to_none=True)
+            for a in range(accum):
+                m = a * world + rank
+                batch_d = [t.to(device, non_blocking=True) for t in next(batches_d)]
+                generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 4, step, m))
+                loss_d, stats_d = stage.d_step(disc, net, batch_d, generator)
+                (loss_d / accum).backward()
+                _accumulate_stats(stat_sums, {"loss": loss_d, **stats_d}, accum, device, prefix="d_")
+            average_gradients(params_d)
+            opt_d.step()
         step += 1
         window_steps += 1
         bar.update(1)
@@ -292,8 +347,11 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         # Snapshot: models first, state.pt last, so a state always has its model files.
         if step % cfg.snapshot_every == 0 or step == cfg.steps:
             if dist.is_main():
-                state = _cpu(dict(step=step, net=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                                  scaler=scaler.state_dict()))
+                state = dict(step=step, net=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                             scaler=scaler.state_dict())
+                if disc is not None:
+                    state.update(disc=disc.state_dict(), optimizer_disc=opt_d.state_dict())
+                state = _cpu(state)
                 meta = checkpoint.model_meta(kind=stage.kind, stage=stage.name, config=config_dict, step=step,
                                              ema_rate=cfg.ema_rate, extra=meta_extra)
                 save_snapshot(out_dir, stage, ema=ema, state=state, meta=meta)

@@ -71,6 +71,26 @@ def _clip_spec(key: str, model: str, hf_repo: str) -> WeightsSpec:
     )
 
 
+def _timm_spec(key: str, arch: str, tag: str, hub_file: str, hub_url: str) -> WeightsSpec:
+    """A timm classifier as timm publishes it on the Hugging Face hub, or its original torch.hub file (whose name
+    carries the first 8 hex digits of its SHA-256, torch.hub's naming rule); not pinned."""
+    return WeightsSpec(
+        key=key,
+        files=(f"{arch}.{tag}.safetensors", f"{arch}.{tag}/model.safetensors", hub_file),
+        url=f"https://huggingface.co/timm/{arch}.{tag}/resolve/main/model.safetensors",
+        sha256=(),
+        what=f"timm {arch} state dict (classifier heads included), or {hub_file} ({hub_url})",
+    )
+
+
+# Frozen backbones of PaGoDA's reconstruction distance and discriminator (pagoda.networks.features `paper`).
+DEIT = _timm_spec("deit-base-distilled", "deit_base_distilled_patch16_224", "fb_in1k",
+                  "deit_base_distilled_patch16_224-df68dfff.pth",
+                  "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth")
+EFFICIENTNET_LITE0 = _timm_spec(
+    "efficientnet-lite0", "tf_efficientnet_lite0", "in1k", "tf_efficientnet_lite0-0aa007d2.pth",
+    "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth")
+
 SPECS: dict[str, WeightsSpec] = {
     "inception": INCEPTION,
     "dinov2": _dinov2_spec("dinov2", "vit_large_patch14_dinov2.lvd142m", "dinov2_vitl14"),
@@ -79,6 +99,8 @@ SPECS: dict[str, WeightsSpec] = {
     "clip": _clip_spec("clip", "ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
     "clip-vitb32": _clip_spec("clip-vitb32", "ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
     "clip-vitl14-336": _clip_spec("clip-vitl14-336", "ViT-L-14-336", "timm/vit_large_patch14_clip_336.openai"),
+    "deit-base-distilled": DEIT,
+    "efficientnet-lite0": EFFICIENTNET_LITE0,
     "domain": WeightsSpec(
         key="domain",
         files=("domain-photos.safetensors",),
