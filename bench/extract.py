@@ -11,7 +11,6 @@ sFID over FID alone, and |FID_ours - FID_torch-fidelity| between the two sets. W
 weights with BatchNorm statistics calibrated on the photos stand in (the row says so).
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -23,10 +22,10 @@ from tqdm import tqdm
 
 from eval.extractors import InceptionExtractor, calibrate_batchnorm, torch_fidelity_inception
 from eval.metrics import fid_from_features
-from eval.rows import append_rows, make_row
+from eval.rows import append_rows, check_rows_output, make_row
 from eval.stats import FeatureStats
 from pagoda.checkpoint import write_atomic
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import ArgumentParser, UserError, run_cli
 from pagoda.weights import INCEPTION, load_state_dict, resolve_weights
 
 
@@ -103,13 +102,14 @@ def run(n: int, batch: int, weights_dir: str | None, threads: int | None) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.extract", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m bench.extract", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=2000, help="images per set; two sets are extracted (default 2000)")
     p.add_argument("--batch", type=int, default=100, help="images per forward pass (default 100)")
     p.add_argument("--weights-dir", default=None, help="folder with the Inception weights (default: calibrated random)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("-o", "--out", default="results/bench.jsonl", help="JSONL file the row is appended to")
     args = p.parse_args(argv)
+    check_rows_output(args.out)
     if args.images < 2 or args.batch < 1:
         raise UserError(f"--images {args.images} --batch {args.batch}: need at least 2 images and 1 per batch")
     r = run(args.images, args.batch, args.weights_dir, args.threads)

@@ -378,10 +378,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_clip(model: str) -> nn.Module:
-    """open_clip model with OpenAI's QuickGELU activation, randomly initialised (never downloads)."""
+    """open_clip model with OpenAI's QuickGELU activation, randomly initialised (never downloads); open_clip's
+    "No pretrained weights loaded" warning is silenced: the weights are loaded from the local file next."""
+    import logging
+
     import open_clip
 
-    return open_clip.create_model(model, pretrained=None, force_quick_gelu=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(model, pretrained=None, force_quick_gelu=True)
+    finally:
+        root.setLevel(level)
 
 
 class CLIPExtractor(Extractor):

@@ -22,19 +22,20 @@ import numpy as np
 
 from eval.pipeline import extract, init_distributed, is_main
 from eval.registry import Estimators, score, wants
-from eval.rows import append_rows, format_table
+from eval.rows import append_rows, check_rows_output, format_table
 from eval.run import (
     DEFAULT_SAMPLES,
     Plan,
     References,
     add_common_args,
+    check_bootstrap,
     check_cell,
     make_extractors,
     refuse_checkpoint_options,
     score_cell,
 )
 from eval.sources import dist_info, open_source, save_samples
-from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
+from pagoda.errors import ArgumentParser, UserError, check_output, guidance_scale, positive_int, run_cli
 
 
 def measure(source, ex, ref, *, batch: int, device, bootstrap: int = 0) -> tuple[float, tuple]:
@@ -64,7 +65,7 @@ class SampleSaver:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.fid", description=__doc__,
+    p = ArgumentParser(prog="python -m eval.fid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a .safetensors checkpoint to sample from")
@@ -78,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-samples", default=None, help="also write the generated images as an ADM npz")
     add_common_args(p)
     args = p.parse_args(argv)
-    if args.bootstrap < 0:
-        p.error(f"--bootstrap {args.bootstrap} must be >= 0")
+    check_bootstrap(args.bootstrap)
+    check_rows_output(args.out)
     if args.images:
         refuse_checkpoint_options(args, "--images")
         if args.save_samples:
             raise UserError("--save-samples saves generated images: use it with --ckpt, not --images")
+    if args.save_samples:
+        check_output(args.save_samples, "--save-samples")
     device = init_distributed()
     plan = Plan(metrics=("fid",), roles={"main": args.extractor}, est=Estimators(bootstrap=args.bootstrap),
                 batch=args.batch, allow_small=args.allow_small)

@@ -28,11 +28,11 @@ import sys
 from dataclasses import dataclass
 
 from eval.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import ArgumentParser, UserError, run_cli
 
 # +1: lower is better (a rise is a regression); -1: higher is better.
-LOWER_IS_BETTER = ("fid", "kid", "fd_", "latency", "memory", "nfe")
-HIGHER_IS_BETTER = ("is", "precision", "recall", "clip", "img_per_s", "throughput")
+LOWER_IS_BETTER = ("fid", "sfid", "kid", "fd_", "cmmd", "latency", "memory", "nfe")
+HIGHER_IS_BETTER = ("is", "precision", "recall", "density", "coverage", "clip", "img_per_s", "throughput")
 
 
 def known_direction(metric: str) -> int | None:
@@ -84,6 +84,11 @@ def parse_tolerances(text: str) -> dict[str, Tolerance]:
         metric, sign, num, exp, pct = m.groups()
         amount = float(num) * 10 ** int(exp or 0)
         direction = {"+": 1, "-": -1}.get(sign) or known_direction(metric)
+        if sign and known_direction(metric) not in (None, direction):
+            better = "lower" if known_direction(metric) > 0 else "higher"
+            raise UserError(f"--tolerance {item!r}: {better} {metric} is better, so a regression is a "
+                            f"{'rise' if better == 'lower' else 'fall'}: write {metric}="
+                            f"{'+' if better == 'lower' else '-'}{num}{pct} (or no sign)")
         if direction is None:
             raise UserError(f"--tolerance {item!r}: the better direction of {metric!r} is unknown: "
                             f"give a sign ({metric}=+{num}{pct} if lower is better, -{num}{pct} if higher)")
@@ -128,8 +133,8 @@ def check_estimators(new: dict[tuple, dict], base: dict[tuple, dict]) -> None:
     """UserError when a row and its baseline were measured with different estimator parameters or extractors."""
     for key in base.keys() & new.keys():
         b, n = base[key], new[key]
-        pb, pn = dict(estimator_params(b), extractor=b.get("extractor")), dict(estimator_params(n),
-                                                                                extractor=n.get("extractor"))
+        same = ("extractor", "extractor_sha256", "num_samples")  # a FID's bias depends on the sample count
+        pb, pn = ({**estimator_params(r), **{k: r.get(k) for k in same}} for r in (b, n))
         diff = sorted(k for k in pb.keys() | pn.keys() if pb.get(k) != pn.get(k))
         if diff:
             what = ", ".join(f"{k} {pb.get(k)!r} in the baseline vs {pn.get(k)!r} in the results" for k in diff)
@@ -156,7 +161,7 @@ def format_diff(verdicts: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.gate", description=__doc__,
+    p = ArgumentParser(prog="python -m eval.gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", required=True, help="JSONL rows of the new measurement")
     p.add_argument("--baseline", required=True, help="JSONL rows to compare against")
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tolerances = parse_tolerances(args.tolerance)
     results, baseline = read_rows(args.results, "--results file"), read_rows(args.baseline, "--baseline file")
+    if not baseline:
+        raise UserError(f"--baseline file {args.baseline} holds no rows: nothing to compare against; give the "
+                        "rows of a reference measurement")
     present = {r["metric"] for r in results + baseline}
     absent = sorted(set(tolerances) - present)
     if absent:

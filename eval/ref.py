@@ -23,7 +23,7 @@ from eval.pipeline import Want, check_sample_count, extract, init_distributed, i
 from eval.run import make_extractors
 from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
-from pagoda.errors import UserError, positive_int, run_cli
+from pagoda.errors import ArgumentParser, UserError, check_output, positive_int, run_cli
 from pagoda.version import __version__
 
 
@@ -66,7 +66,7 @@ def build(source, ex, *, batch: int, store: int, device, provenance: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.ref", description=__doc__,
+    p = ArgumentParser(prog="python -m eval.ref", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", help="an image folder, an ADM .npz, or photos[:split[:resolution]]")
     p.add_argument("-o", "--out", required=True, help="output reference .npz")
@@ -83,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-small", action="store_true", help="accept fewer images than feature dimensions")
     p.add_argument("--force", action="store_true", help="rebuild an existing output whose provenance differs")
     args = p.parse_args(argv)
+    check_output(args.out)
     if args.store_features < 0:
         raise UserError(f"--store-features={args.store_features} must be >= 0")
+    spec = args.dataset
+    if spec.endswith(".safetensors"):
+        raise UserError(f"{spec} is a checkpoint: eval.ref takes a data set (an image folder, an ADM .npz or "
+                        "photos[:split[:resolution]]); measure checkpoints with eval.run / eval.fid")
+    if spec.startswith("photos:") and (args.split != "train" or args.resolution is not None):
+        raise UserError(f"{spec} names its split / resolution itself: drop --split / --resolution, or write "
+                        "photos:SPLIT:RES")
     device = init_distributed()
     (ex,) = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device,
                             resize=args.resize).values()
-    spec = args.dataset
     if ":" not in spec and spec == "photos":
         spec = f"photos:{args.split}"
     source = open_source(spec, resolution=args.resolution, split=args.split)

@@ -65,6 +65,8 @@ def estimators_arg(text: str) -> Estimators:
         key, _, value = item.partition("=")
         if key not in known or not value:
             raise argparse.ArgumentTypeError(f"{item!r}: write key=value with key one of {', '.join(known)}")
+        if key in values:
+            raise argparse.ArgumentTypeError(f"{key} is given twice: give each estimator parameter once")
         if key == "is_style":
             if value not in ("adm", "torch-fidelity"):
                 raise argparse.ArgumentTypeError(f"is_style={value}: use adm or torch-fidelity")

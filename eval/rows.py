@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pagoda.checkpoint import write_atomic
-from pagoda.errors import UserError
+from pagoda.errors import UserError, check_output
 from pagoda.version import git_commit
 
 # The fixed schema, in the order a table shows it.
@@ -76,6 +76,18 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
 def estimator_params(row: dict) -> dict:
     """The estimator parameters recorded in a row's `extra` (ESTIMATOR_EXTRA entries present)."""
     return {k: v for k, v in (row.get("extra") or {}).items() if k in ESTIMATOR_EXTRA}
+
+
+def check_rows_output(path: str | os.PathLike, what: str = "-o") -> None:
+    """UserError unless rows can be appended to `path`: a writable new file, or a JSONL file of rows (anything
+    else there, an npz say, would be damaged by the append)."""
+    check_output(path, what)
+    if Path(path).exists() and Path(path).stat().st_size:
+        try:
+            read_rows(path, f"{what} file")
+        except UserError as e:
+            raise UserError(f"{e} -- {what} appends rows to an existing file only if it holds rows: choose "
+                            "another file") from None
 
 
 def read_rows(path: str | os.PathLike, what: str = "results file") -> list[dict]:

@@ -54,10 +54,17 @@ from eval.registry import (
     score,
     wants,
 )
-from eval.rows import append_rows, format_table, make_row
+from eval.rows import append_rows, check_rows_output, format_table, make_row
 from eval.sources import GeneratorSource, TensorSource, open_source
 from eval.stats import load_reference
-from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
+from pagoda.errors import (
+    ArgumentParser,
+    UserError,
+    guidance_scale,
+    positive_int,
+    run_cli,
+    sample_count,
+)
 
 DEFAULT_SAMPLES = 50_000
 
@@ -96,18 +103,28 @@ class References:
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
     def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):
-        """(path, Reference) holding what `metric` needs; labels=True (--per-class) also needs stored labels."""
+        """(path, Reference) holding what `metric` needs; labels=True (--per-class) also needs stored labels.
+        A reference with provenance (extractor, resolution) is preferred to one without; two equally good
+        ones are refused as ambiguous."""
         ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
               and self.prov[p].get("resolution") in (None, resolution)]
-        ok.sort(key=lambda p: (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None))
+
+        def rank(p):
+            return (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None)
+        ok.sort(key=rank)
         if not ok:
-            raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} "
-                            f"(given: {', '.join(self.paths) or 'none'}): build one with python -m eval.ref ... "
-                            f"--extractor {ex.name}")
+            given = "; ".join(f"{p} ({self.prov[p].get('extractor') or 'any extractor'}, "
+                              f"{self.prov[p].get('resolution') or 'any'} px)" for p in self.paths) or "none"
+            raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} (given: "
+                            f"{given}): build one with python -m eval.ref DATA -o REF.npz --extractor {ex.name}")
+        if len(ok) > 1 and rank(ok[0]) == rank(ok[1]):
+            raise UserError(f"--ref {ok[0]} and --ref {ok[1]} both fit {metric} at resolution {resolution} with "
+                            f"{ex.name}: give only the one to measure against")
         path, key = ok[0], (ok[0], ex.name)
         if key not in self.loaded:
             self.loaded[key] = load_reference(path, expect_extractor=ex.name, expect_dim=ex.feature_dim,
                                               expect_resize=getattr(ex, "resize", None),
+                                              expect_sha256=getattr(ex, "weights_sha256", None),
                                               metric=_edm2_key(METRICS[metric].role))
         ref = self.loaded[key]
         need = METRICS[metric].ref
@@ -309,7 +326,7 @@ def lines_arg(text: str) -> tuple[str, ...]:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Options shared by eval.fid and eval.run: sampling, extraction and output."""
-    p.add_argument("--num-samples", type=positive_int, default=None,
+    p.add_argument("--num-samples", type=sample_count, default=None,
                    help=f"images to generate per checkpoint cell (default {DEFAULT_SAMPLES}); "
                         "with --images: the first N (default all)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per batch per process (no effect on results)")
@@ -338,16 +355,22 @@ def make_extractors(names: set[str], *, weights_dir, device, resize: str | None)
     return out
 
 
+def check_bootstrap(rounds: int) -> None:
+    """UserError unless --bootstrap is 0 (off) or enough rounds for a percentile interval."""
+    if rounds != 0 and rounds < 10:
+        raise UserError(f"--bootstrap {rounds}: use 0 (no interval) or at least 10 rounds (100+ for a usable 95% CI)")
+
+
 def refuse_checkpoint_options(args, what: str) -> None:
     """UserError for sampling options given with sample files only (they would be silently ignored)."""
     given = [opt for opt, v in (("--guidance", args.guidance), ("--sampler", args.sampler), ("--steps", args.steps),
                                 ("--labels", args.labels), ("--seed", args.seed)) if v is not None]
     if given:
-        raise UserError(f"{', '.join(given)} apply to checkpoints, not to {what}: drop them")
+        raise UserError(f"{', '.join(given)}: sampling option(s) for checkpoints only, not for {what}: drop them")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
+    p = ArgumentParser(prog="python -m eval.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint to evaluate (repeatable)")
     p.add_argument("--images", action="append", default=[], help="ADM npz or image folder of samples (repeatable)")
@@ -373,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.ckpt and not args.images:
         p.error("give at least one --ckpt or --images")
-    if args.bootstrap < 0:
-        p.error(f"--bootstrap {args.bootstrap} must be >= 0")
+    check_bootstrap(args.bootstrap)
+    check_rows_output(args.out)
     if args.per_class and not set(PER_CLASS) & set(args.metrics):
         p.error("--per-class applies to fid and pr: add one of them to --metrics")
     if not args.ckpt:
@@ -414,16 +437,21 @@ def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, ex
             print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
             continue
         cells += cells_of(ckpt, gen, guidance, samplers, steps)
-    cells += [Cell(spec, images=True) for spec in images]
+    for spec in images:
+        res = open_source(spec).resolution
+        if resolutions and res not in resolutions:
+            print(f"skip {spec}: resolution {res} not in --resolutions", file=sys.stderr)
+            continue
+        cells.append(Cell(spec, images=True))
     if not cells:
-        raise UserError(f"no checkpoint has a resolution in --resolutions {resolutions}: check the list")
+        raise UserError(f"no checkpoint or image set has a resolution in --resolutions {resolutions}: check the list")
 
     def source_of(cell: Cell):
         if cell.images:
             return open_source(cell.spec, num_samples=num_samples)
         gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device)
         return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels,
-                               guidance=cell.guidance, name=gen.name)
+                               guidance=cell.guidance, name=cell.spec)
 
     for cell in cells:  # every refusal before any image is generated
         with source_of(cell) as source:

@@ -88,8 +88,8 @@ class Source:
         """This rank's samples (i % world == rank) in batches of at most `batch`."""
         if rank is None or world is None:
             rank, world = dist_info()
-        index = torch.arange(rank, self.num_samples, world, dtype=torch.int64)
-        for chunk in index.split(batch):
+        for start in range(rank, self.num_samples, batch * world):  # chunks made lazily: no [N] index tensor
+            chunk = torch.arange(start, min(start + batch * world, self.num_samples), world, dtype=torch.int64)
             x, y = self.load(chunk)
             yield check_images(x, self.name), y, chunk
 
@@ -318,8 +318,9 @@ class TensorSource(Source):
 def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
     """`photos[:split[:res]]` -> ("photos", split, res)."""
     parts = spec.split(":")
-    if len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
-        raise UserError(f"data set {spec!r} must look like photos[:split[:resolution]] (e.g. photos:train:16)")
+    if len(parts) > 3 or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) >= 4)):
+        raise UserError(f"data set {spec!r} must look like photos[:split[:resolution]] with a resolution >= 4 "
+                        "(e.g. photos:train:16)")
     return parts[0], (parts[1] if len(parts) > 1 and parts[1] else "train"), \
         (int(parts[2]) if len(parts) == 3 else None)
 
@@ -336,8 +337,9 @@ def open_source(spec: str, *, num_samples: int | None = None, resolution: int | 
         gen = load_generator(spec, sampler=sampler, steps=steps, device=device)
         return GeneratorSource(gen, num_samples, seed=seed, labels=labels, guidance=guidance,
                                name=getattr(gen, "name", None) or path.stem)
-    if path.is_dir():
-        return FolderSource(path).limit(num_samples)
+    if path.is_dir():  # a class-sorted folder is read in a fixed random order: no class-sorted runs or subsets
+        folder = FolderSource(path)
+        return (RandomOrder(folder, seed=0) if folder.num_classes else folder).limit(num_samples)
     if spec.endswith(".npz"):
         return NpzSource(path).limit(num_samples)
     if spec.split(":")[0] == "photos":

@@ -383,7 +383,7 @@ def _kind(path: Path) -> str:
 
 
 def load_reference(path: str | os.PathLike, *, expect_extractor: str | None = None, expect_dim: int | None = None,
-                   expect_resize: str | None = None, metric: str | None = None,
+                   expect_resize: str | None = None, expect_sha256: str | None = None, metric: str | None = None,
                    load_images: bool = False) -> Reference:
     """Read reference statistics from any supported format; check extractor and dimension if asked.
 
@@ -394,6 +394,9 @@ def load_reference(path: str | os.PathLike, *, expect_extractor: str | None = No
     pkl it picks the statistics (`inception` -> 'fid', `dinov2` -> 'fd_dinov2') unless `metric` says.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a reference file: give the .npz / .pkl inside it, or build one "
+                        f"with `python -m eval.ref {path} -o REF.npz`")
     if not path.is_file():
         raise UserError(f"{path}: reference file not found; build it with `python -m eval.ref DATASET -o {path}`")
     if path.stat().st_size == 0:
@@ -406,6 +409,11 @@ def load_reference(path: str | os.PathLike, *, expect_extractor: str | None = No
         raise UserError(f"{path}: made with extractor '{made_by}', not '{expect_extractor}'; rebuild it with "
                         f"`python -m eval.ref DATASET -o {path} --extractor {expect_extractor} --force`")
     _check_resize(ref, path, expect_resize)
+    made_sha = ref.provenance.get("extractor_sha256")
+    if expect_sha256 and made_sha and made_sha != expect_sha256:
+        raise UserError(f"{path}: made with {made_by} weights of SHA-256 {made_sha[:16]}..., but the extractor now "
+                        f"loads {expect_sha256[:16]}...: features of other weights are not comparable; rebuild it "
+                        f"with `python -m eval.ref DATASET -o {path} --force`, or pass the weights it was made with")
     dim = ref.mu.shape[0]
     if expect_dim is not None and dim != expect_dim:
         raise UserError(f"{path}: holds {dim}-d statistics but extractor '{expect_extractor or '?'}' gives "

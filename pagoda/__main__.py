@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from pagoda.errors import UserError, guidance_scale, positive_int, run_cli
+from pagoda.errors import ArgumentParser, UserError, check_output, guidance_scale, positive_int, run_cli
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
 STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill"}
@@ -29,13 +29,6 @@ DELEGATED = {
     "import-edm": ("pagoda.importers", "import the public EDM ImageNet-64 teacher (python -m pagoda import-edm -h)"),
 }
 MAX_SEEDS = 1_000_000
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one line on stderr, exit status 2, like every other mistake."""
-
-    def error(self, message):
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def int_list(text: str) -> list[int]:
@@ -164,6 +157,7 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".npz", ".png"):
         raise UserError(f"-o {out}: the output must end in .npz (ADM sample file) or .png (image grid)")
+    check_output(out)
     gen = load_generator(args.ckpt, sampler=args.sampler, steps=args.steps, device=args.device)
     if args.resolution is not None and gen.resolution != args.resolution:
         raise UserError(f"--ckpt {args.ckpt} is at resolution {gen.resolution}, not --resolution "
@@ -253,7 +247,7 @@ def _add_pairs(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m pagoda", description="PaGoDA: train one-step generators and their teachers.")
+    parser = ArgumentParser(prog="python -m pagoda", description="PaGoDA: train one-step generators and their teachers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         _add_stage(sub, stage)

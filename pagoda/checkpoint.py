@@ -52,8 +52,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on a temp path beside `path`, fsync it, then os.replace it over `path`."""
+    """Call write(tmp) on a temp path beside `path`, fsync it, then os.replace it over `path` (over the file a
+    symlink `path` points to, so that the link survives)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:

@@ -230,10 +230,15 @@ def open_npz(path: str | os.PathLike, what: str = "npz file"):
         raise UserError(f"{what} {path} does not exist: check the path")
     if path.stat().st_size == 0:
         raise UserError(f"{what} {path} is empty (0 bytes): regenerate it")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head[:2] != b"PK" and head != b"\x93NUMPY":
+        raise UserError(f"{what} {path} is not an npz archive (no zip header): give a file written by np.savez")
     try:
         z = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise UserError(f"{what} {path} is not a readable npz ({str(e)[:120]}): regenerate it with np.savez") from None
+        why = "it holds pickled objects, which are never loaded" if "pickle" in str(e) else str(e)[:120]
+        raise UserError(f"{what} {path} is not a readable npz ({why}): regenerate it with np.savez") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise UserError(f"{what} {path} holds a plain {getattr(z, 'dtype', '')} array (an np.save file), not an npz: "
                         "save it with np.savez(path, arr_0=...)")

@@ -27,6 +27,34 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 130
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one line `error: ...` on stderr and exit status 2 (through
+    run_cli), like every other mistake, instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def check_output(path, what: str = "-o") -> None:
+    """UserError unless `path` can be written as a file: not a directory, not inside a file, and when it
+    exists a regular file (a device or fifo would be read whole or replaced by the atomic rename)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory: give a file name inside it, e.g. {p / 'results.jsonl'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {p}: {parent} is a file, not a directory: choose another path")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{what} {p}: directory {parent} is not writable: choose another path")
+            break
+    if p.exists() and not p.resolve().is_file():
+        raise UserError(f"{what} {p} exists and is not a regular file: choose another path")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -35,6 +63,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+MAX_SAMPLES = 100_000_000
+
+
+def sample_count(text: str) -> int:
+    """argparse type: a number of samples, 1 .. 100,000,000."""
+    value = positive_int(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"{text} is more than {MAX_SAMPLES:,} samples")
     return value
 
 

@@ -16,7 +16,6 @@ Key mapping decisions (see pagoda.networks.unet):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 
 from pagoda.checkpoint import save_model
 from pagoda.config import UNetConfig, get_preset, to_dict
-from pagoda.errors import UserError, run_cli
+from pagoda.errors import ArgumentParser, UserError, run_cli
 from pagoda.networks.unet import UNet, count_parameters
 from pagoda.weights import sha256_file
 
@@ -105,7 +104,7 @@ def import_edm_imagenet64(src_path: str, dst_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pagoda import-edm SRC.pt -o teacher.safetensors`."""
-    parser = argparse.ArgumentParser(prog="python -m pagoda import-edm",
+    parser = ArgumentParser(prog="python -m pagoda import-edm",
                                      description="Import the public EDM ImageNet-64 teacher (edm_imagenet64_ema.pt).")
     parser.add_argument("src", help="path of edm_imagenet64_ema.pt from the consistency-models release")
     parser.add_argument("-o", "--out", required=True, help="teacher checkpoint to write (.safetensors)")

@@ -129,10 +129,11 @@ def resolve_weights(spec: WeightsSpec | str, weights_dir: str | os.PathLike | No
             if (folder / name).is_file():
                 return folder / name
     where = f"in {folder}" if folder is not None else f"(no --weights-dir given, ${ENV} unset, no ./weights)"
-    raise UserError(
-        f"{spec.key} weights not found {where}: fetch {spec.files[0]} from {spec.url} and put it at "
-        f"${ENV}/{spec.files[0]} or pass --weights-dir DIR (also accepted: {', '.join(spec.files[1:]) or '-'})"
-    )
+    dest = folder / spec.files[0] if folder is not None else f"${ENV}/{spec.files[0]}"
+    get = spec.url if spec.url.startswith("made by") else f"fetch it from {spec.url}"
+    also = f" (also accepted there: {', '.join(spec.files[1:])})" if spec.files[1:] else ""
+    raise UserError(f"{spec.key} weights not found {where}: put {spec.files[0]} at {dest} (or in the folder named "
+                    f"by --weights-dir DIR / ${ENV}){also}; {get}")
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}

@@ -319,3 +319,69 @@ def test_fd_dinov2_conventions_must_match(dinov2_weights, photo_sets, tmp_path, 
     assert _run(*run, "--ref", tmp_path / "pil.npz", "--resize", "pil-bicubic", "--out", tmp_path / "p.jsonl") == 0
     assert read_rows(tmp_path / "p.jsonl")[0]["extra"]["resize"] == "pil-bicubic"
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["huge_num_samples", "out_is_dir", "out_inside_file", "out_is_npz",
+                                  "other_weights_ref", "ambiguous_refs", "bootstrap_1", "estimator_twice",
+                                  "argparse_one_line", "ref_of_checkpoint", "ref_split_conflict",
+                                  "gate_sign_flips_direction", "gate_empty_baseline"])
+def test_newcomer_findings_are_one_line(case, ckpt, ref, samples, weights_dir, tmp_path, capsys, monkeypatch):
+    """Inputs a new user tried that ended in tracebacks, damaged files or silently wrong numbers."""
+    monkeypatch.setattr(GeneratorSource, "load", lambda *a: pytest.fail("sampled before refusing"))
+    out = tmp_path / "r.jsonl"
+    run = ["--ckpt", ckpt, "--ref", ref, "--extractor", "domain", "--weights-dir", str(weights_dir),
+           "--allow-small", "--num-samples", "20"]
+    if case == "huge_num_samples":
+        code, needles = _run(*run, "--num-samples", 10 ** 14, "--out", out), ["--num-samples", "100,000,000"]
+    elif case == "out_is_dir":
+        code, needles = _run(*run, "--out", tmp_path), ["is a directory"]
+    elif case == "out_inside_file":
+        code, needles = _run(*run, "--out", f"{samples}/x.jsonl"), ["is a file"]
+    elif case == "out_is_npz":
+        before = samples.read_bytes()
+        code, needles = _run(*run, "--out", samples), ["samples.npz", "another file"]
+        assert samples.read_bytes() == before
+    elif case == "other_weights_ref":
+        from pagoda.networks.domain import DomainNet, save_domain_net
+        other = tmp_path / "w2"
+        other.mkdir()
+        torch.manual_seed(123)
+        save_domain_net(DomainNet(16).eval(), other / "domain-photos.safetensors", {})
+        code, needles = _run("--ckpt", ckpt, "--ref", ref, "--extractor", "domain", "--weights-dir", other,
+                             "--allow-small", "--num-samples", "20", "--out", out), ["SHA-256", "--force"]
+    elif case == "ambiguous_refs":
+        import shutil
+        shutil.copy(ref, tmp_path / "copy.npz")
+        code, needles = _run(*run, "--ref", tmp_path / "copy.npz", "--out", out), ["copy.npz", "both fit"]
+    elif case == "bootstrap_1":
+        code, needles = _run(*run, "--bootstrap", 1, "--out", out), ["--bootstrap 1", "at least 10"]
+    elif case == "estimator_twice":
+        code, needles = _run(*run, "--estimator", "kid_subset=5,kid_subset=6", "--out", out), ["twice"]
+    elif case == "argparse_one_line":
+        code, needles = _run(*run, "--batch", 0, "--out", out), ["--batch", "eval.run"]
+    elif case == "ref_of_checkpoint":
+        code = run_cli(ref_main, [ckpt, "-o", str(tmp_path / "r.npz"), "--extractor", "domain"])
+        needles = ["is a checkpoint", "eval.run"]
+    elif case == "ref_split_conflict":
+        code = run_cli(ref_main, ["photos:train:8", "--split", "heldout", "-o", str(tmp_path / "r.npz"),
+                                  "--extractor", "domain", "--weights-dir", str(weights_dir)])
+        needles = ["--split"]
+    elif case == "gate_sign_flips_direction":
+        (tmp_path / "b.jsonl").write_text(json.dumps({"model": "m", "metric": "fid", "value": 1.0}) + "\n")
+        code = run_cli(gate_main, ["--results", str(tmp_path / "b.jsonl"), "--baseline", str(tmp_path / "b.jsonl"),
+                                   "--tolerance", "fid=-1"])
+        needles = ["fid=+1", "lower fid is better"]
+    else:
+        (tmp_path / "b.jsonl").write_text("")
+        (tmp_path / "n.jsonl").write_text(json.dumps({"model": "m", "metric": "fid", "value": 1.0}) + "\n")
+        code = run_cli(gate_main, ["--results", str(tmp_path / "n.jsonl"), "--baseline", str(tmp_path / "b.jsonl")])
+        needles = ["holds no rows"]
+    assert code == 2
+    _one_error_line(capsys, *needles)
+    assert not out.exists()
+
+
+def test_gate_knows_the_new_metrics_directions():
+    from eval.gate import known_direction
+    assert [known_direction(m) for m in ("sfid", "cmmd", "fid", "kid")] == [1, 1, 1, 1]
+    assert [known_direction(m) for m in ("density", "coverage", "precision", "is")] == [-1, -1, -1, -1]

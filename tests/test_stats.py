@@ -213,7 +213,7 @@ def test_missing_file_and_wrong_format(tmp_path):
     with pytest.raises(UserError, match="neither an npz nor a pkl"):
         load_reference(tmp_path / "ref.txt")
     (tmp_path / "bad.npz").write_text("not a zip")
-    with pytest.raises(UserError, match="not a readable npz"):
+    with pytest.raises(UserError, match="not an npz archive"):
         load_reference(tmp_path / "bad.npz")
 
 

@@ -9,7 +9,6 @@ discriminator). It owns its preprocessing, so any uint8 image of any size can be
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from torch import nn
 
 from pagoda.checkpoint import write_atomic
 from pagoda.data import PHOTO_CLASSES, PhotosDataset, to_model
-from pagoda.errors import UserError
+from pagoda.errors import ArgumentParser, UserError
 
 KIND = "domain-classifier"
 TRAIN_RESOLUTIONS = (8, 16, 32, 64)
@@ -213,7 +212,7 @@ def load_domain_net(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pagoda domain`: train the photos classifier and write it."""
-    p = argparse.ArgumentParser(prog="python -m pagoda domain", description="Train the domain classifier on "
+    p = ArgumentParser(prog="python -m pagoda domain", description="Train the domain classifier on "
                                 "the bundled photos data set (8..64 px) and write it as safetensors.")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file, e.g. weights/domain-photos.safetensors")
     p.add_argument("--epochs", type=int, default=4, help="passes over all train crops at all resolutions (default 4)")
