@@ -129,3 +129,13 @@ def photo_crops():
 def dinov2_weight_maker():
     """`make_dinov2_weights(arch, path, seed)`: a random DINOv2 file in the published layout (for slow tests)."""
     return make_dinov2_weights
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module (float results can depend on the thread count; the box is shared).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -219,7 +219,7 @@ def test_bad_npz(tmp_path):
     with pytest.raises(UserError, match="keys.npz has no arr_0 .keys: images"):
         NpzDataset(tmp_path / "keys.npz", 8)
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
-    with pytest.raises(UserError, match="junk.npz is not a readable npz"):
+    with pytest.raises(UserError, match="junk.npz is not an npz archive"):
         NpzDataset(tmp_path / "junk.npz", 8)
     np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(UserError, match="float.npz: arr_0 is float32"):

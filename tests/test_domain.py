@@ -17,14 +17,7 @@ from pagoda.networks.domain import (
     train_domain_net,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test box is shared: one torch thread trains faster than two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

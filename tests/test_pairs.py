@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_eval_cli import _one_error_line
 
 from pagoda.__main__ import main
 from pagoda.checkpoint import model_meta, save_model
@@ -39,13 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RES, SHARD, BATCH = 8, 4, 4  # 16 images -> 32 items -> 8 shards of 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Float results can depend on the thread count; subprocesses here run with OMP_NUM_THREADS=1 too."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_teacher(path, *, seed=1, perturb=0.02, num_classes=None, kind="teacher"):
@@ -89,14 +84,6 @@ def ref(files, tmp_path_factory):
 
 def _listing(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def _one_error_line(capsys, *needles):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-    return err[0]
 
 
 def _cli(*argv):
