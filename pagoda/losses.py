@@ -81,16 +81,13 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -_per_sample(logits_fake).mean(1)
 
 
-def adaptive_weight(l_rec: torch.Tensor | float, l_adv: torch.Tensor, last_layer_weight: torch.Tensor,
-                    reduce_grads=None) -> torch.Tensor:
+def adaptive_weight(l_rec: torch.Tensor | float, l_adv: torch.Tensor, last_layer_weight: torch.Tensor) -> torch.Tensor:
     """lambda = clip(|grad_W L_rec| / (|grad_W L_adv| + 1e-4), 0.01, 10), the ratio first clamped to [0, 1e4],
     detached (METHOD; VQGAN's `calculate_adaptive_weight`, Esser et al. 2021, as CTM / PaGoDA clip it).
 
     l_rec, l_adv: the losses (reduced by mean when not scalars, as the references pass means), still attached
     to the graph, which is kept (retain_graph) for the caller's backward. last_layer_weight: W, e.g.
-    `adaptive_weight_layer(unet)`. `reduce_grads(g) -> g`, if given, maps each gradient before its norm is
-    taken (a training stage passes a mean over ranks, so that several processes compute the lambda of the
-    global batch; the function itself gathers nothing). Returns a 0-dim float32 tensor on W's device; 1 when
+    `adaptive_weight_layer(unet)`. Returns a 0-dim float32 tensor on W's device; 1 when
     L_rec = 0 (METHOD: "skipped"), also when l_rec is a plain 0 or a constant tensor. Both norms are of
     unscaled gradients, so pass the losses before any loss scaling (a common scale would cancel anyway).
     ValueError if L_rec != 0 does not depend on W, or L_adv does not.
@@ -109,8 +106,6 @@ def adaptive_weight(l_rec: torch.Tensor | float, l_adv: torch.Tensor, last_layer
         g_rec = torch.zeros_like(last_layer_weight)  # only allowed when L_rec = 0, checked below
         if l_rec.detach() != 0:
             raise ValueError("L_rec does not depend on the adaptive-weight layer: pass the generator's last layer")
-    if reduce_grads is not None:
-        g_rec, g_adv = reduce_grads(g_rec.detach()), reduce_grads(g_adv.detach())
     ratio = (g_rec.norm() / (g_adv.norm() + LAMBDA_EPS)).clamp(0, LAMBDA_MAX_RATIO).detach()
     lam = ratio.clamp(*LAMBDA_CLIP).float()
     return torch.where(l_rec.detach() == 0, one, lam)

@@ -42,7 +42,8 @@ class Stage(Protocol):
     network's update, on a batch from a second, independently shuffled stream over the same data set,
     and `optimizer(params, which) -> torch.optim.Optimizer` (which = "net" or "disc"; default Adam
     with cfg.lr for the net). The loop averages the discriminator's gradients over ranks itself (no
-    DDP wrapper: a discriminator sees real and fake batches in two forwards).
+    DDP wrapper: a discriminator sees real and fake batches in two forwards). An optional
+    `after_step(step)` runs on every rank once both updates of a step are done.
     """
 
     name: str  # the deliverable is <out_dir>/<name>.safetensors
@@ -326,6 +327,8 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
                 _accumulate_stats(stat_sums, {"loss": loss_d, **stats_d}, accum, device, prefix="d_")
             average_gradients(params_d)
             opt_d.step()
+        if hasattr(stage, "after_step"):
+            stage.after_step(step)
         step += 1
         window_steps += 1
         bar.update(1)

@@ -2,9 +2,11 @@
 (resume bitwise), loads as a one-step Generator that eval measures unchanged, and refuses bad inputs."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from test_pairs import _save_teacher as save_tiny_teacher
 
@@ -14,6 +16,7 @@ from pagoda.__main__ import main
 from pagoda.config import PRESETS
 from pagoda.data import build_dataset, save_npz
 from pagoda.diffusion import edm_scalings
+from pagoda.dist import shutdown
 from pagoda.errors import run_cli
 from pagoda.generator import OneStepGenerator, load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
@@ -83,7 +86,6 @@ def test_eval_measures_the_one_step_generator(files, tmp_path):
     out = tmp_path / "r.jsonl"
     assert run_cli(fid_main, ["--ckpt", str(tmp_path / "g" / "G.safetensors"), "--ref", str(tmp_path / "ref.npz"),
                               "--num-samples", "16", "--out", str(out), *common]) == 0
-    import json
     row = json.loads(out.read_text())
     assert row["method"] == "pagoda" and row["nfe"] == 1 and row["sampler"] is None and row["value"] > 0
 
@@ -142,3 +144,27 @@ def test_smoke_and_photos_presets_resolve():
         (96, 8e-6, 2e-3, 0.999, 0.2)
     assert paper.loss.backbone == paper.disc.backbone == "paper"
     assert dataclasses.replace(paper).train.dtype == "float16"
+
+
+def _ddp_distill(rank: int, init_file: str, files: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        assert _distill(files, out, "--set", "train.steps=3", "--set", "train.log_every=1") == 0
+    finally:
+        shutdown()
+
+
+def test_two_gloo_processes_equal_one_process(files, tmp_path):
+    """Two processes of one micro-batch each == one process accumulating the same two micro-batches: the same
+    data, noise and DiffAugment draws (per micro-batch), D gradients averaged, spectral norms per step."""
+    mp.spawn(_ddp_distill, args=(str(tmp_path / "init"), files, str(tmp_path / "two")), nprocs=2, join=True)
+    assert _distill(files, tmp_path / "one", "--set", "train.steps=3", "--set", "train.log_every=1",
+                    "--set", "train.micro_batch=4") == 0
+    one, two = (torch.load(tmp_path / p / "state.pt", weights_only=True) for p in ("one", "two"))
+    for part in ("net", "ema", "disc"):
+        for k in one[part]:
+            if one[part][k].is_floating_point() and "running_" not in k:  # BN running stats: per process
+                torch.testing.assert_close(one[part][k], two[part][k], rtol=0, atol=1e-5, msg=f"{part}.{k}")
+    rows = [[json.loads(line) for line in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in ("one", "two")]
+    assert [r["l_rec"] for r in rows[1]] == pytest.approx([r["l_rec"] for r in rows[0]], rel=1e-5)

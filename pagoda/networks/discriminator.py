@@ -134,6 +134,25 @@ class ProjectedDiscriminator(nn.Module):
         self.heads.requires_grad_(requires_grad)  # the backbone stays frozen
         return self
 
+    def train(self, mode: bool = True) -> ProjectedDiscriminator:
+        """Train mode for BatchNorm; the spectral norms never advance in a forward (see `power_iteration`)."""
+        super().train(mode)
+        for m in self.modules():
+            if type(m).__name__ == "_SpectralNorm":
+                m.eval()
+        return self
+
+    @torch.no_grad()
+    def power_iteration(self, n: int = 1) -> None:
+        """Advance every spectral norm's power iteration by n steps on the current weights: called once per
+        optimizer step (Miyato et al. 2018, Alg. 1: one iteration per update), so that the normalised weights
+        do not depend on how many forwards a step makes (micro-batches, real and fake passes, G's step)."""
+        for m in self.modules():
+            para = getattr(m, "parametrizations", None)
+            if para is not None and "weight" in para:
+                sn = para.weight[0]
+                sn._power_method(sn._reshape_weight_to_matrix(para.weight.original), n)
+
 
 def _drop_backbone(module, state_dict, prefix, local_metadata) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + "backbone.")]:

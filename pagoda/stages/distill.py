@@ -8,7 +8,8 @@ as the image: x = F(c_in(sigma_max) z; c_noise(sigma_max), y) (pagoda.diffusion.
 
 with d the feature distance of pagoda.losses on a frozen backbone, L_adv_G the hinge generator loss of a
 projected discriminator on G(sigma_max eps, y) (the labels of the reconstruction batch), and lambda the
-adaptive weight at G's last output conv, computed from gradients averaged over ranks. G and D steps
+adaptive weight at G's last output conv, per micro-batch like every loss (so that two processes equal one
+process accumulating the same micro-batches; D's spectral norms advance once per step). G and D steps
 alternate 1:1 (pagoda.train runs `step`, then `d_step` on a second, independently shuffled stream whose
 real images are paired with fakes of their labels, one DiffAugment draw shared by fake_i and real_i).
 RAdam for both; EMA of G after G steps only. The deliverable G.safetensors loads as a OneStepGenerator.
@@ -106,9 +107,14 @@ class DistillStage:
         self.disc.requires_grad_(True)
         lam = torch.ones((), device=x.device)
         if loss_cfg.adaptive:
-            lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net), reduce_grads=dist.all_reduce_mean)
+            lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net))
         loss = l_rec + loss_cfg.w_adv * lam * l_adv
         return loss, {"l_rec": l_rec.detach(), "l_adv": l_adv.detach(), "lambda": lam}
+
+    def after_step(self, step: int) -> None:
+        """Once per optimizer step, on every rank alike: advance the discriminator's spectral norms."""
+        if self.disc is not None:
+            self.disc.power_iteration()
 
     def d_step(self, disc, net, batch: list[torch.Tensor], generator: torch.Generator):
         """One D micro-batch: hinge loss of real images against G's fakes of their labels, one shared draw."""
