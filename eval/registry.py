@@ -5,7 +5,7 @@ CLIP / CMMD networks), what the streaming pass must keep for it (mean / covarian
 features, logits, spatial sums, image-text cosines), what it needs of the extractor and of the
 reference, the sample counts below which it is undefined, and how it turns an extraction into rows.
 The CLIs never branch on metric names: they plan with `wants`, refuse impossible requests with
-`check_request` / `check_reference` before any image is generated, and call `Metric.score`.
+`check_extractor` / `check_reference` / `check_request` before any image is generated, and call `Metric.score`.
 
 Estimator parameters (KID subsets, IS splits and style, k of P/R and D/C, bootstrap rounds) live in
 one frozen `Estimators` and are written into every row's `extra`, so that eval.gate can refuse to
@@ -229,31 +229,31 @@ CAPABILITY = {"num_logits": "logits", "spatial_dim": "spatial features", "encode
 
 def check_extractor(metric: str, ex) -> None:
     """UserError when the extractor picked for `metric` cannot measure it (no logits for IS, say). `ex` is a
-    built extractor, or a registry name (checked against the metrics its entry declares, before any weights
-    are loaded)."""
+    built extractor (its attributes are checked), or a registry name (checked against the metrics its entry
+    declares, before any weights are loaded)."""
     from eval.extractors import EXTRACTORS
     m = METRICS[metric]
+    if not m.needs:
+        return
     if isinstance(ex, str):
-        if m.needs and ex in EXTRACTORS and metric not in EXTRACTORS[ex].metrics:
-            ex = type("Unfit", (), {"name": ex})()  # lacks the capability: fall through to the message
-        else:
-            return
-    if m.needs and not getattr(ex, m.needs, None):
+        name, fits = ex, ex not in EXTRACTORS or metric in EXTRACTORS[ex].metrics
+    else:
+        name, fits = ex.name, bool(getattr(ex, m.needs, None))
+    if not fits:
         ok = [n for n, e in EXTRACTORS.items() if metric in e.metrics]
         raise UserError(f"metric {metric} needs an extractor with {CAPABILITY[m.needs]}, which "
-                        f"{ROLE_OPTION[m.role]} {ex.name} lacks: pass {ROLE_OPTION[m.role]} {' or '.join(ok) or '?'} "
+                        f"{ROLE_OPTION[m.role]} {name} lacks: pass {ROLE_OPTION[m.role]} {' or '.join(ok) or '?'} "
                         f"or drop {metric} from --metrics")
 
 
 def check_request(metrics: list[str], extractors: dict, roles: dict[str, str], est: Estimators, n: int, *,
                   allow_small: bool, what: str, option: str = "--num-samples") -> None:
-    """UserError for every metric that is undefined at `n` generated samples (or whose extractor cannot
-    measure it); the message names the option to change."""
+    """UserError for every metric that is undefined at `n` generated samples; the message names the option to
+    change. (Whether the extractor can measure the metric at all is `check_extractor`'s, called first.)"""
     for metric in metrics:
         m, ex = METRICS[metric], extractors[roles[METRICS[metric].role]]
-        check_extractor(metric, ex)
         if m.frechet:
-            dim = ex.spatial_dim if metric == "sfid" else ex.feature_dim
+            dim = ex.spatial_dim if m.ref == "spatial" else ex.feature_dim
             check_sample_count(n, dim, allow_small=allow_small, what=what, option=option, metric=metric.upper())
         elif n < m.min_samples(est):
             fix = option if m.option == "--num-samples" else f"{option} >= {m.min_samples(est)} or a smaller {m.option}"

@@ -428,42 +428,44 @@ def main(argv: list[str] | None = None) -> int:
 def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, extractors: dict,
         num_samples: int | None, seed: int, labels: str, guidance: list, samplers: list, steps: list,
         resolutions: list[int] | None, device) -> list[dict]:
-    """Check every cell, then measure them in order; the rows of all cells."""
+    """Check every cell, then measure them in order; the rows of all cells. Each checkpoint is loaded once to
+    plan and check its cells (the sampler and steps of a cell change nothing that is checked) and once per
+    cell to measure it; each sample set is opened once."""
     from pagoda.generator import load_generator
-    cells = []
+
+    def generator_source(gen, cell: Cell) -> GeneratorSource:
+        return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels, guidance=cell.guidance,
+                               name=cell.spec)
+
+    cells, image_sources = [], {}
     for ckpt in ckpts:
         gen = load_generator(ckpt, device=device)
         if resolutions and gen.resolution not in resolutions:
             print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
             continue
-        cells += cells_of(ckpt, gen, guidance, samplers, steps)
+        for cell in cells_of(ckpt, gen, guidance, samplers, steps):  # every refusal before any image is made
+            with generator_source(gen, cell) as source:
+                check_cell(plan, source, extractors, refs, what=ckpt, option="--num-samples")
+            cells.append(cell)
     for spec in images:
-        res = open_source(spec).resolution
-        if resolutions and res not in resolutions:
-            print(f"skip {spec}: resolution {res} not in --resolutions", file=sys.stderr)
+        source = open_source(spec, num_samples=num_samples)
+        if resolutions and source.resolution not in resolutions:
+            print(f"skip {spec}: resolution {source.resolution} not in --resolutions", file=sys.stderr)
             continue
+        check_cell(plan, source, extractors, refs, what=spec, option="--num-samples (or more images)")
+        image_sources[spec] = source
         cells.append(Cell(spec, images=True))
     if not cells:
         raise UserError(f"no checkpoint or image set has a resolution in --resolutions {resolutions}: check the list")
-
-    def source_of(cell: Cell):
-        if cell.images:
-            return open_source(cell.spec, num_samples=num_samples)
-        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device)
-        return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels,
-                               guidance=cell.guidance, name=cell.spec)
-
-    for cell in cells:  # every refusal before any image is generated
-        with source_of(cell) as source:
-            check_cell(plan, source, extractors, refs, what=cell.spec,
-                       option="--num-samples (or more images)" if cell.images else "--num-samples")
     rows = []
     for cell in cells:
-        with source_of(cell) as source:
-            rows += score_cell(plan, source, extractors, refs, device=device,
-                               seed=None if cell.images else seed)
+        if cell.images:
+            rows += score_cell(plan, image_sources[cell.spec], extractors, refs, device=device, seed=None)
+            continue
+        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device)
+        with generator_source(gen, cell) as source:
+            rows += score_cell(plan, source, extractors, refs, device=device, seed=seed)
     return rows
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -26,7 +26,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from pagoda.config import UNetConfig, from_dict, to_dict
+from pagoda.config import DiffusionConfig, UNetConfig, from_dict, to_dict
 from pagoda.errors import UserError
 from pagoda.version import __version__, git_commit
 
@@ -169,6 +169,12 @@ def build_network(meta: dict, *, where: str = "checkpoint"):
                         f"{_IMPORT_HINT}")
     cfg = from_dict(UNetConfig, meta["network"], where=f"{where} network")
     return UNet(**dataclasses.asdict(cfg))
+
+
+def diffusion_config(path: str | os.PathLike, meta: dict) -> DiffusionConfig:
+    """The EDM constants (sigma range, sigma_data, rho) in a model file's meta; the imported EDM teacher has no
+    'diffusion' entry, so EDM's defaults apply to it. Unknown or mistyped keys are UserErrors."""
+    return from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
 
 
 def load_network(path: str | os.PathLike, *, kind: str | None = None, resolution: int | None = None,

@@ -7,8 +7,10 @@ itself reports their errors in one line with exit status 2).
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -38,9 +40,6 @@ class ArgumentParser(argparse.ArgumentParser):
 def check_output(path, what: str = "-o") -> None:
     """UserError unless `path` can be written as a file: not a directory, not inside a file, and when it
     exists a regular file (a device or fifo would be read whole or replaced by the atomic rename)."""
-    import os
-    from pathlib import Path
-
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{what} {p} is a directory: give a file name inside it, e.g. {p / 'results.jsonl'}")

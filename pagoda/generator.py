@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.checkpoint import load_network, read_meta
-from pagoda.config import DiffusionConfig, SampleConfig, from_dict
+from pagoda.checkpoint import diffusion_config, load_network, read_meta
+from pagoda.config import SampleConfig, from_dict
 from pagoda.data import to_uint8
 from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
 from pagoda.errors import UserError
@@ -219,7 +219,7 @@ def _load_teacher(path: str, meta: dict, *, sampler: str | None, steps: int | No
                   dtype: torch.dtype) -> DiffusionGenerator:
     """A teacher file -> DiffusionGenerator with the file's `sample` settings unless overridden."""
     net, meta = load_network(path, kind="teacher", device=device)
-    diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    diffusion = diffusion_config(path, meta)
     sample = from_dict(SampleConfig, meta.get("sample", {}), where=f"checkpoint {path} sample")
     steps = sample.steps if steps is None else int(steps)
     if steps < 1:
@@ -240,7 +240,7 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
         raise UserError(f"{path} is a one-step generator (kind {meta.get('kind')!r}): it takes no sampler or steps; "
                         "drop --sampler / --steps for it")
     net, meta = load_network(path, device=device)
-    diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    diffusion = diffusion_config(path, meta)
     return OneStepGenerator(net, resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
                             sigma_max=diffusion.sigma_max, sigma_data=diffusion.sigma_data,
                             noise_resolution=meta.get("noise_resolution"), name=Path(path).stem, device=device,

@@ -50,8 +50,7 @@ import safetensors.torch
 import torch
 
 from pagoda import dist
-from pagoda.checkpoint import check_meta, load_network, read_meta, write_atomic
-from pagoda.config import DiffusionConfig, from_dict
+from pagoda.checkpoint import check_meta, diffusion_config, load_network, read_meta, write_atomic
 from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import UserError
@@ -97,13 +96,9 @@ def invert(denoiser, x: torch.Tensor, labels: torch.Tensor | None, sigmas: torch
 def load_teacher(path: str | os.PathLike, *, device="cpu") -> tuple[EDMPrecond, dict]:
     """(EDM denoiser D(x, sigma, labels), meta) of a teacher checkpoint; UserError for any other file."""
     net, meta = load_network(path, kind="teacher", device=device)
-    diffusion = _diffusion(path, meta)
+    diffusion = diffusion_config(path, meta)
     return EDMPrecond(net, sigma_data=diffusion.sigma_data).eval().requires_grad_(False), meta
 
-
-def _diffusion(path, meta: dict) -> DiffusionConfig:
-    # The imported EDM teacher has no 'diffusion' entry: the EDM defaults (0.002, 80, rho 7) apply.
-    return from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
 
 
 def _get(tree: dict, dotted: str):
@@ -142,7 +137,7 @@ def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int) -
     check_meta(teacher, meta, kind="teacher")
     resolution = int(meta.get("resolution") or meta.get("network", {}).get("resolution"))
     classes = int(meta.get("num_classes", meta.get("network", {}).get("num_classes", 0)))
-    diffusion = _diffusion(teacher, meta)
+    diffusion = diffusion_config(teacher, meta)
     dataset = build_dataset(data, resolution)
     _check_classes(teacher, data, classes, dataset.num_classes)
     sigmas = inversion_sigmas(NUM_POINTS, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max,

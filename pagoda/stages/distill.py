@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import load_network
-from pagoda.config import DiffusionConfig, DistillConfig, from_dict, to_dict
+from pagoda.checkpoint import diffusion_config, load_network
+from pagoda.config import DiffusionConfig, DistillConfig, to_dict
 from pagoda.data import to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
 from pagoda.errors import UserError
@@ -136,7 +136,7 @@ def load_teacher(path: str | os.PathLike) -> tuple[nn.Module, DiffusionConfig, d
         raise UserError("no teacher given: pass --teacher T.safetensors (the Stage-1 checkpoint the pairs were "
                         "made with)")
     net, meta = load_network(path, kind="teacher")
-    return net, from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion"), meta
+    return net, diffusion_config(path, meta), meta
 
 
 def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
