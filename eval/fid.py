@@ -35,7 +35,15 @@ from eval.run import (
     score_cell,
 )
 from eval.sources import dist_info, open_source, save_samples
-from pagoda.errors import ArgumentParser, UserError, check_output, guidance_scale, positive_int, run_cli
+from pagoda.errors import (
+    ArgumentParser,
+    UserError,
+    check_output,
+    guidance_scale,
+    positive_int,
+    run_cli,
+    sampler_spec,
+)
 
 
 def measure(source, ex, ref, *, batch: int, device, bootstrap: int = 0) -> tuple[float, tuple]:
@@ -73,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", required=True, help="reference statistics (eval.ref npz, ADM npz, clean-fid npz, EDM2 pkl)")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (default: the model's own)")
-    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None, help="sampler of a diffusion model")
+    p.add_argument("--sampler", type=sampler_spec, default=None,
+                   help="ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m; grid karras "
+                   "(rho 7), karras-rhoR or loguniform (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps of a diffusion model")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for a 95%% CI (0 = none)")
     p.add_argument("--save-samples", default=None, help="also write the generated images as an ADM npz")

@@ -64,6 +64,7 @@ from pagoda.errors import (
     positive_int,
     run_cli,
     sample_count,
+    sampler_spec,
 )
 
 DEFAULT_SAMPLES = 50_000
@@ -174,7 +175,7 @@ class Cell:
 
 def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> list[Cell]:
     """The sweep for one model, collapsed where an axis does not apply to it."""
-    diffusion = gen.sampler is not None
+    diffusion = gen.sweepable
     conditional = gen.num_classes > 0 and gen.supports_guidance
     return [Cell(ckpt, w, s, n) for w in (guidance if conditional else [None]) or [None]
             for s in (samplers if diffusion else [None]) or [None]
@@ -299,12 +300,6 @@ def csv_of(kind):
     return parse
 
 
-def sampler_name(text: str) -> str:
-    if text not in ("heun", "euler", "ddim"):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose from heun, euler, ddim")
-    return text
-
-
 def labels_arg(text: str) -> str:
     """argparse type: how a conditional model's labels are chosen."""
     if text not in ("seed", "balanced"):
@@ -382,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmmd", default="clip-vitl14-336", help="extractor of cmmd (default clip-vitl14-336)")
     p.add_argument("--resolutions", type=csv_of(int), default=None, help="keep checkpoints of these resolutions")
     p.add_argument("--guidance", type=csv_of(guidance_scale), default=None, help="CFG scales, e.g. 1,1.5,2")
-    p.add_argument("--sampler", type=csv_of(sampler_name), default=None, help="diffusion samplers, e.g. heun,euler")
+    p.add_argument("--sampler", type=csv_of(sampler_spec), default=None, help="diffusion samplers, each name[:grid]: heun, euler (= ddim), dpmpp2m "
+                   "(DPM-Solver++(2M)); grid karras (default, rho 7), karras-rhoR or loguniform, e.g. "
+                   "heun,dpmpp2m:loguniform,euler:karras-rho3")
     p.add_argument("--steps", type=csv_of(positive_int), default=None, help="diffusion sampler steps, e.g. 8,18")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for fid/fd/P-R/D-C CIs (0 = none)")
     p.add_argument("--estimator", type=estimators_arg, default=Estimators(),

@@ -145,9 +145,15 @@ class GeneratorSource(Source):
         self._hooks = []
 
     def row_extra(self) -> dict:
-        if self.labels is None:
-            return {}
-        return {"labels": self.labels if isinstance(self.labels, str) else "given"}
+        g, extra = self.generator, {}
+        if self.labels is not None:
+            extra["labels"] = self.labels if isinstance(self.labels, str) else "given"
+        if getattr(g, "grid", None):
+            extra["grid"] = g.grid  # the sampler's sigma grid: "karras rho=7", "loguniform", "given" (a PD student)
+        w = self.guidance if self.guidance is not None else getattr(g, "guidance", 1.0)
+        if g.sampler is not None and w not in (None, 1, 1.0) and g.num_classes > 0:
+            extra["cfg_calls"] = "batched"  # cond + uncond rows in one call of 2N rows: nfe counts both
+        return extra
 
     def _watch(self, module, inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output

@@ -16,13 +16,26 @@ import os
 import sys
 from pathlib import Path
 
-from pagoda.errors import ArgumentParser, UserError, check_output, guidance_scale, positive_int, run_cli
+from pagoda.errors import (
+    ArgumentParser,
+    UserError,
+    check_output,
+    guidance_scale,
+    positive_int,
+    run_cli,
+    sampler_spec,
+)
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
-STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill"}
+STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill",
+          "pd": "pagoda.baselines.progressive_distillation"}
 # inputs of a stage given as options (each is the config field of the same name): stage -> {option: help}
 STAGE_INPUTS = {"distill": {"teacher": "the Stage-1 teacher checkpoint (G starts as a copy of its network)",
-                            "pairs": "the teacher's inversion pairs (python -m pagoda pairs)"}}
+                            "pairs": "the teacher's inversion pairs (python -m pagoda pairs)"},
+                "pd": {"teacher": "the Stage-1 teacher checkpoint (first round's teacher and student)",
+                       "from_steps": "the teacher's steps in the first round (a power of two)",
+                       "to_steps": "the last student's steps (from_steps / 2^k)",
+                       "data": "training images (default: the teacher's own training data)"}}
 # commands whose module parses its own arguments: name -> (module with main(argv), help)
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
@@ -199,7 +212,7 @@ def _add_stage(sub, stage: str) -> None:
     p.add_argument("--out", metavar="DIR", help=f"run directory (default runs/<preset>-{stage})")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     for name, text in STAGE_INPUTS.get(stage, {}).items():
-        p.add_argument(f"--{name}", help=f"{text} (= --set {name}=...)")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{text} (= --set {name}=...)")
     p.set_defaults(func=cmd_stage)
 
 
@@ -214,8 +227,9 @@ def _add_sample(sub) -> None:
                    "0-63), 'uniform' (seed index mod classes) or 'seed' (drawn from each seed; default)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (1 = none; default: the "
                    "checkpoint's)")
-    p.add_argument("--sampler", choices=("heun", "euler", "ddim"), default=None,
-                   help="ODE sampler of a diffusion checkpoint (default: the checkpoint's)")
+    p.add_argument("--sampler", type=sampler_spec, default=None,
+                   help="ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m; grid karras "
+                   "(rho 7), karras-rhoR or loguniform (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--batch", type=positive_int, default=64, help="images per forward batch (default 64)")
     p.add_argument("--resolution", type=positive_int, default=None, help="refuse a checkpoint not at this "

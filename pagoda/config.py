@@ -112,6 +112,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    lr_decay: str = "none"  # none | linear (to 0 at the last step, after the warm-up)
     ema_rate: float = 0.999  # EMA decay per step (0 = no EMA)
     snapshot_every: int = 100  # steps between training-state + model snapshots
     log_every: int = 10  # steps between JSONL log rows
@@ -129,19 +130,20 @@ class TrainConfig:
                "train.snapshot_every and train.log_every must be >= 1")
         _check(self.dtype in ("float32", "bfloat16", "float16"),
                f"train.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+        _check(self.lr_decay in ("none", "linear"), f"train.lr_decay={self.lr_decay!r} must be none or linear")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     """How a diffusion model is sampled when it is evaluated or demoed."""
 
-    sampler: str = "heun"  # heun | euler (= DDIM, eta 0)
+    sampler: str = "heun"  # heun | euler (= DDIM, eta 0) | dpmpp2m, optionally :grid (pagoda.generator.parse_sampler)
     steps: int = 18  # grid points with nonzero sigma; Heun costs 2*steps - 1 NFE
     guidance: float = 1.0  # CFG scale w (1 = no guidance)
 
     def validate(self) -> None:
-        _check(self.sampler in ("heun", "euler", "ddim"),
-               f"sample.sampler={self.sampler!r} is unknown: use heun, euler or ddim")
+        _check(self.sampler.partition(":")[0] in ("heun", "euler", "ddim", "dpmpp2m"),
+               f"sample.sampler={self.sampler!r} is unknown: use heun, euler, ddim or dpmpp2m")
         _check(self.steps >= 1, f"sample.steps={self.steps} must be >= 1")
         _check(self.guidance >= 0, f"sample.guidance={self.guidance} must be >= 0")
 
@@ -212,6 +214,41 @@ class DistillConfig:
                 sub.validate()
 
 
+PD_FORMULATIONS = ("edm", "vp-cosine")
+PD_LOSSES = ("truncated-snr", "x", "v", "eps")
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """Progressive distillation (Salimans & Ho 2022; METHOD §3): rounds that halve the student's steps.
+
+    One round per halving, from_steps -> from_steps / 2 -> ... -> to_steps; `train` is one round's run
+    (steps = updates per round, the learning rate decays linearly to 0 within each round).
+    """
+
+    teacher: str = ""  # the Stage-1 teacher checkpoint (the first round's teacher and student)
+    data: str = ""  # training images; "" = the teacher's own training data (its checkpoint's config)
+    from_steps: int = 16  # the teacher's steps in the first round (its student takes half)
+    to_steps: int = 1  # the last round's student steps
+    formulation: str = "edm"  # edm: Karras grid, Euler half-steps (consistency-models' progdist); vp-cosine: original
+    loss: str = "truncated-snr"  # squared error of: x, v (= (1 + SNR) x), eps (= SNR x), truncated-snr = max(x, eps)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch=32, steps=250, lr=1e-4, lr_warmup=0,
+                                                                 lr_decay="linear", grad_clip=1.0, ema_rate=0.0,
+                                                                 snapshot_every=50, log_every=10))
+
+    def validate(self) -> None:
+        self.train.validate()
+        _check(self.from_steps >= 2 and self.from_steps & (self.from_steps - 1) == 0,
+               f"from_steps={self.from_steps} must be a power of two >= 2 (each round halves the steps)")
+        _check(1 <= self.to_steps < self.from_steps and self.from_steps % self.to_steps == 0
+               and (self.from_steps // self.to_steps) & (self.from_steps // self.to_steps - 1) == 0,
+               f"to_steps={self.to_steps} must be from_steps={self.from_steps} divided by a power of two "
+               f"(e.g. {self.from_steps // 2}, ..., 1)")
+        _check(self.formulation in PD_FORMULATIONS,
+               f"formulation={self.formulation!r} must be one of {', '.join(PD_FORMULATIONS)}")
+        _check(self.loss in PD_LOSSES, f"loss={self.loss!r} must be one of {', '.join(PD_LOSSES)}")
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named experiment: one config per stage (later stages are added by their issues)."""
@@ -220,13 +257,15 @@ class Preset:
     description: str
     teacher: TeacherConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pd: PDConfig = field(default_factory=PDConfig)
 
     def validate(self) -> None:
         self.teacher.validate()
         self.distill.validate()
+        self.pd.validate()
 
 
-STAGES = ("teacher", "distill")
+STAGES = ("teacher", "distill", "pd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +285,13 @@ def _imagenet64() -> Preset:
     distill = DistillConfig(loss=LossConfig(w_adv=0.2, backbone="paper"), disc=DiscConfig(backbone="paper", lr=2e-3),
                             train=TrainConfig(batch=96, micro_batch=12, steps=90_000, lr=8e-6, lr_warmup=0,
                                               ema_rate=0.999, snapshot_every=2000, log_every=100, dtype="float16"))
+    # Progressive distillation as Salimans & Ho ran ImageNet 64 (METHOD §3): 1024 -> 1 steps, 50k updates per round
+    # of batch 2048, Adam lr 1e-4 decaying linearly within each round, gradient clip 1, no EMA.
+    pd = PDConfig(from_steps=1024, train=TrainConfig(batch=2048, micro_batch=32, steps=50_000, lr=1e-4, lr_warmup=0,
+                                                     lr_decay="linear", grad_clip=1.0, ema_rate=0.0,
+                                                     snapshot_every=2000, log_every=100, dtype="bfloat16"))
     return Preset("imagenet64", "ImageNet 64x64 EDM teacher (paper architecture, ~296M parameters)",
-                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)), distill)
+                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)), distill, pd)
 
 
 def _photos() -> Preset:
@@ -263,9 +307,11 @@ def _smoke() -> Preset:
     train = TrainConfig(batch=16, steps=20, lr=2e-3, lr_warmup=5, snapshot_every=10, log_every=5)
     distill = DistillConfig(train=TrainConfig(batch=8, steps=6, lr=1e-4, lr_warmup=0, snapshot_every=3,
                                               log_every=2))
+    pd = PDConfig(from_steps=4, train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0, lr_decay="linear",
+                                                  grad_clip=1.0, ema_rate=0.0, snapshot_every=2, log_every=2))
     return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds",
                   TeacherConfig(data=DataConfig(resolution=8), network=net, train=train,
-                                sample=SampleConfig(steps=8)), distill)
+                                sample=SampleConfig(steps=8)), distill, pd)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (_imagenet64(), _photos(), _smoke())}
@@ -360,7 +406,7 @@ def resolve(stage: str, preset: str, overrides: list[str] = (), config_file: str
     return cfg
 
 
-STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig, "distill": DistillConfig}
+STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig, "distill": DistillConfig, "pd": PDConfig}
 
 
 def load_json(stage: str, path: str) -> Any:

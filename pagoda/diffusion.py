@@ -5,6 +5,8 @@ never sees sigma directly; `EDMPrecond` turns it into the denoiser
 D(x; sigma, y) = c_skip x + c_out F(c_in x; c_noise, y) (EDM eq. (7), Table 1).
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -71,6 +73,28 @@ def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float 
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (hi + t * (lo - hi)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+# Uniform in ln(sigma) from sigma_max down to sigma_min (DPM-Solver's "logSNR" spacing, k-diffusion's
+# get_sigmas_exponential), then a final 0. Returns float64 [num_steps + 1].
+def loguniform_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max)  # the same argument checks
+    t = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
+    sigmas = torch.exp(math.log(sigma_max) + t * (math.log(sigma_min) - math.log(sigma_max)))
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+SCHEDULES = ("karras", "loguniform")
+
+
+# A sampling grid by name: "karras" (rho-spaced, EDM eq. (5)) or "loguniform" (uniform in ln sigma; rho unused).
+def sigma_grid(schedule: str, num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0):
+    if schedule == "karras":
+        return karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    if schedule == "loguniform":
+        return loguniform_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max)
+    raise UserError(f"sigma schedule {schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
 
 
 # Label dropout for CFG training: each label becomes the null class with probability p.

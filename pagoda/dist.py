@@ -7,6 +7,7 @@ CUDA, gloo on CPU. A process group created beforehand (e.g. by a test) is used a
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -70,3 +71,16 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session():
+    """init() for the duration of a stage; shut the process group down after it only if this call made it
+    (a caller that initialised it, e.g. a test or an outer command, keeps it)."""
+    owns_group = not dist.is_initialized()
+    init()
+    try:
+        yield
+    finally:
+        if owns_group:
+            shutdown()

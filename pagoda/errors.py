@@ -29,6 +29,17 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 130
 
 
+def sampler_spec(text: str) -> str:
+    """argparse type: an ODE sampler spec name[:grid] (pagoda.generator.parse_sampler), e.g. dpmpp2m:loguniform."""
+    from pagoda.generator import parse_sampler  # torch-heavy: only when a sampler is given
+
+    try:
+        parse_sampler(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one line `error: ...` on stderr and exit status 2 (through
     run_cli), like every other mistake, instead of a usage block."""

@@ -23,9 +23,9 @@ from torch import nn
 from pagoda.checkpoint import diffusion_config, load_network, read_meta
 from pagoda.config import SampleConfig, from_dict
 from pagoda.data import to_uint8
-from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
+from pagoda.diffusion import SCHEDULES, EDMPrecond, one_step, sigma_grid
 from pagoda.errors import UserError
-from pagoda.samplers import get_sampler
+from pagoda.samplers import SAMPLER_NFE, get_sampler
 
 
 # Per-seed draws on the CPU (EDM generate.py's convention): eps_i ~ N(0, I) of `shape` from
@@ -65,6 +65,7 @@ class Generator(abc.ABC):
     kind: str  # the checkpoint kind it was loaded from
     method: str = "generator"  # how result rows name the method ("heun", "ddim", "pagoda", "pd", ...)
     sampler: str | None = None  # the ODE solver of a multi-step model; None for a one-step generator
+    sweepable: bool = False  # True where sampler and steps may be chosen per call (a diffusion teacher)
     steps: int | None = None  # its number of steps; None for a one-step generator
     resolution: int
     num_classes: int  # 0 = unconditional
@@ -118,21 +119,67 @@ class Generator(abc.ABC):
             yield self.sample(seeds[i:i + batch], None if labels is None else labels[i:i + batch], guidance)
 
 
-class DiffusionGenerator(Generator):
-    """An EDM denoiser sampled by a deterministic ODE solver on the Karras grid (EDM Alg. 1, S_churn = 0).
+def parse_sampler(spec: str) -> tuple[str, str, float]:
+    """'heun' | 'dpmpp2m:loguniform' | 'euler:karras-rho3' -> (sampler, schedule, rho); UserError otherwise.
 
-    NFE per sample: `steps` (euler / ddim) or 2 * steps - 1 (heun), doubled under CFG (w != 1).
+    The part after ':' is the sigma grid (`pagoda.diffusion.sigma_grid`): karras (rho = 7), karras-rhoR, loguniform.
+    """
+    name, _, grid = str(spec).partition(":")
+    get_sampler(name)
+    grid = grid or "karras"
+    rho = 7.0
+    if grid.startswith("karras-rho"):
+        try:
+            rho = float(grid[len("karras-rho"):])
+        except ValueError:
+            rho = float("nan")
+        if not rho > 0:
+            raise UserError(f"sampler {spec!r}: karras-rhoR needs a number R > 0 (e.g. {name}:karras-rho3)")
+        grid = "karras"
+    if grid not in SCHEDULES:
+        raise UserError(f"sampler {spec!r}: grid {grid!r} is unknown; use {name}, {name}:loguniform or "
+                        f"{name}:karras-rhoR (e.g. {name}:karras-rho3)")
+    return name, grid, rho
+
+
+class Clamped(nn.Module):
+    """A denoiser whose output is clipped to [-1, 1] at every call (the original PD sampler's clip_x)."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        self.num_classes = getattr(denoiser, "num_classes", 0)
+
+    def forward(self, x, sigma, labels=None):
+        return self.denoiser(x, sigma, labels).clamp(-1, 1)
+
+
+class DiffusionGenerator(Generator):
+    """An EDM denoiser sampled by a deterministic ODE solver (EDM Alg. 1, S_churn = 0; DPM-Solver++(2M)).
+
+    `sampler` is a spec 'name[:grid]' (`parse_sampler`); the grid has `steps` nonzero sigmas then 0, unless
+    `sigmas` gives the grid itself (a PD student's). NFE per sample: N (euler / ddim / dpmpp2m on a grid of N
+    steps) or 2N - 1 (heun), doubled under CFG (w != 1; one batched call of 2N rows per evaluation).
     """
 
     kind = "teacher"
+    sweepable = True  # eval.run may sweep its sampler and steps (a PD student's are fixed)
 
     def __init__(self, denoiser: EDMPrecond, *, resolution: int, num_classes: int, sampler: str = "heun",
                  steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  guidance: float = 1.0, supports_guidance: bool | None = None, name: str = "diffusion",
+                 sigmas: torch.Tensor | None = None, method: str | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.sampler_fn = get_sampler(sampler)
-        self.sigmas = karras_sigmas(steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
-        self.sampler, self.steps, self.name = sampler, int(steps), name
+        base, schedule, spec_rho = parse_sampler(sampler)
+        self.sampler_fn = get_sampler(base)
+        rho = spec_rho if ":" in str(sampler) else rho
+        if sigmas is None:
+            self.sigmas = sigma_grid(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+            self.grid = "loguniform" if schedule == "loguniform" else f"karras rho={rho:g}"
+        else:
+            self.sigmas, self.grid = torch.as_tensor(sigmas, dtype=torch.float64), "given"
+        self.sampler, self.steps, self.name, self._method = str(sampler), len(self.sigmas) - 1, name, method
+        self.base_sampler = base
         self.resolution, self.num_classes, self.guidance = int(resolution), int(num_classes), float(guidance)
         self.supports_guidance = num_classes > 0 if supports_guidance is None else bool(supports_guidance)
         self.device, self.dtype = torch.device(device), dtype
@@ -140,8 +187,7 @@ class DiffusionGenerator(Generator):
 
     def nfe_for(self, guidance: float | None) -> float:
         w = self.guidance if guidance is None else float(guidance)
-        nfe = 2 * self.steps - 1 if self.sampler == "heun" else self.steps
-        return float(nfe * (2 if w != 1 and self.num_classes > 0 else 1))
+        return float(SAMPLER_NFE[self.base_sampler](self.steps) * (2 if w != 1 and self.num_classes > 0 else 1))
 
     @property
     def nfe(self) -> float:
@@ -149,8 +195,11 @@ class DiffusionGenerator(Generator):
 
     @property
     def method(self) -> str:
-        """How result rows name the sampling method: "heun" (EDM) or "ddim" (Euler on the PF-ODE)."""
-        return "heun" if self.sampler == "heun" else "ddim"
+        """How result rows name the method: "heun" (EDM), "ddim" (Euler on the PF-ODE), "dpmpp2m", or the
+        model's own (e.g. "pd" for a progressive-distillation student)."""
+        if self._method:
+            return self._method
+        return {"heun": "heun", "dpmpp2m": "dpmpp2m"}.get(self.base_sampler, "ddim")
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -247,7 +296,33 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
                             dtype=dtype)
 
 
-LOADERS = {"teacher": _load_teacher, "pagoda": _load_one_step}
+def _load_pd(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
+             dtype: torch.dtype) -> DiffusionGenerator:
+    """A progressive-distillation student -> DiffusionGenerator on its own grid (Euler, NFE = its steps; DDIM
+    with x clipped for the vp-cosine formulation); another sampler or step count is refused."""
+    from pagoda.baselines.progressive_distillation import student_sigmas
+
+    pd = meta.get("pd") or {}
+    if not isinstance(pd.get("steps"), int) or pd.get("formulation") not in ("edm", "vp-cosine"):
+        raise UserError(f"{path} is a PD checkpoint without its 'pd' entry (steps, formulation): the file was "
+                        "edited or is damaged; use the pd-<N>.safetensors a pd run wrote")
+    if sampler is not None or steps is not None:
+        raise UserError(f"{path} is a {pd['steps']}-step progressive-distillation student sampled on its own grid: "
+                        "drop --sampler / --steps for it")
+    net, meta = load_network(path, kind="pd", device=device)
+    diffusion = diffusion_config(path, meta)
+    sigmas = student_sigmas(pd["steps"], pd["formulation"], sigma_min=diffusion.sigma_min,
+                            sigma_max=diffusion.sigma_max, rho=diffusion.rho)
+    denoiser = EDMPrecond(net, sigma_data=diffusion.sigma_data)
+    gen = DiffusionGenerator(Clamped(denoiser) if pd["formulation"] == "vp-cosine" else denoiser,
+                             resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
+                             sampler="euler", sigmas=sigmas, method="pd", supports_guidance=False,
+                             name=Path(path).stem, device=device, dtype=dtype)
+    gen.sweepable = False
+    return gen
+
+
+LOADERS = {"teacher": _load_teacher, "pagoda": _load_one_step, "pd": _load_pd}
 
 
 def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps: int | None = None,

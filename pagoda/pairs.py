@@ -305,9 +305,7 @@ def make_pairs(teacher: str | os.PathLike, data: str, out: str | os.PathLike, *,
     not know, options that disagree with the folder's index, and non-finite latents.
     """
     out = Path(out)
-    owns_group = not torch.distributed.is_initialized()
-    dist.init()
-    try:
+    with dist.session():
         index, dataset = plan_pairs(teacher, data, **_settings(out, dtype, shard_size, batch))
         index = _prepare(out, index)
         if _up_to_date(out, index):
@@ -327,9 +325,6 @@ def make_pairs(teacher: str | os.PathLike, data: str, out: str | os.PathLike, *,
         if dist.is_main():
             _finish(out, index)
         return out / INDEX
-    finally:
-        if owns_group:
-            dist.shutdown()
 
 
 def _run_shards(teacher, out: Path, index: dict, dataset, *, device, progress: bool) -> None:

@@ -115,8 +115,12 @@ def micro_batching(cfg: TrainConfig, world: int) -> tuple[int, int]:
 # Schedules and EMA.
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up from lr / lr_warmup to lr over the first lr_warmup steps, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
+    """Linear warm-up from lr / lr_warmup to lr over the first lr_warmup steps, then constant
+    (lr_decay "none") or decaying linearly to 0 at step cfg.steps ("linear", Salimans & Ho's per-round schedule)."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
+    if cfg.lr_decay == "linear" and step >= cfg.lr_warmup:
+        lr *= 1 - (step - cfg.lr_warmup) / max(cfg.steps - cfg.lr_warmup, 1)
+    return lr
 
 
 def ema_beta(ema_rate: float, step: int) -> float:

@@ -23,7 +23,7 @@ from eval.rows import ROW_KEYS, read_rows
 from eval.run import main as run_main
 from eval.sources import DatasetSource, FolderSource, GeneratorSource, RandomOrder
 from eval.stats import Reference, load_reference, save_reference
-from pagoda.checkpoint import model_meta, save_model
+from pagoda.checkpoint import load_model, model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import PHOTO_CLASSES
 from pagoda.dist import shutdown
@@ -348,3 +348,29 @@ def test_run_dinov2_and_clip(ckpt, dinov2_weights, clip_weights, extractor_weigh
     assert rows["fd_dinov2"]["extractor"] == "dinov2-vits14" and rows["fd_dinov2"]["value"] > 0
     assert rows["clip"]["extractor"] == "clip-vitb32" and 0 <= rows["clip"]["value"] <= 100
     assert rows["fd_dinov2"]["reference"] == str(ref) and rows["clip"]["reference"] is None
+
+
+def test_run_solvers_grids_and_a_pd_student(ckpt, ref, weights_dir, tmp_path):
+    # A PD student (here: the teacher's weights saved as a 2-step student) sweeps with its own grid only; the
+    # teacher's solvers each carry their grid; CFG rows say how the guided NFE is counted.
+    cfg = PRESETS["smoke"].teacher
+    state, _ = load_model(ckpt)
+    student = tmp_path / "pd-2.safetensors"
+    save_model(student, state, model_meta(kind="pd", stage="pd-2", config=cfg, step=0, ema_rate=0.0,
+                                          extra=dict(method="pd", pd=dict(steps=2, formulation="edm"))))
+    out = tmp_path / "rows.jsonl"
+    argv = ["--ckpt", ckpt, "--ckpt", str(student), "--ref", ref, "--extractor", "domain", "--weights-dir",
+            str(weights_dir), "--metrics", "fid", "--sampler", "dpmpp2m:loguniform,heun:karras-rho3",
+            "--steps", "2", "--guidance", "1,2", "--num-samples", "20", "--batch", "10", "--allow-small",
+            "--out", str(out)]
+    assert run_cli(run_main, argv) == 0
+    rows = {(r["model"], r["sampler"], r["guidance"]): r for r in read_rows(out)}
+    assert set(rows) == {(ckpt, s, w) for s in ("dpmpp2m:loguniform", "heun:karras-rho3") for w in (1.0, 2.0)} | \
+        {(str(student), "euler", 1.0)}
+    pd_row = rows[(str(student), "euler", 1.0)]
+    assert (pd_row["method"], pd_row["nfe"], pd_row["steps"], pd_row["extra"]["grid"]) == ("pd", 2.0, 2, "given")
+    dpm = rows[(ckpt, "dpmpp2m:loguniform", 2.0)]
+    assert (dpm["method"], dpm["nfe"], dpm["extra"]["grid"], dpm["extra"]["cfg_calls"]) == \
+        ("dpmpp2m", 4.0, "loguniform", "batched")
+    heun = rows[(ckpt, "heun:karras-rho3", 1.0)]
+    assert (heun["nfe"], heun["extra"]["grid"]) == (3.0, "karras rho=3") and "cfg_calls" not in heun["extra"]

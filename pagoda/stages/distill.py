@@ -145,9 +145,7 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
 
     if not cfg.pairs:
         raise UserError("no pairs given: pass --pairs DIR (made by `python -m pagoda pairs --teacher T ...`)")
-    owns_group = not torch.distributed.is_initialized()
-    dist.init()
-    try:
+    with dist.session():
         teacher_net, diffusion, meta = load_teacher(cfg.teacher)
         pairs = load_pairs(cfg.pairs, teacher_sha256=sha256_file(cfg.teacher), resolution=teacher_net.resolution)
         torch.manual_seed(cfg.train.seed)  # the same discriminator init on every rank and every rerun
@@ -157,6 +155,3 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
                      teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda")
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)
-    finally:
-        if owns_group:
-            dist.shutdown()

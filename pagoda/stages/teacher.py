@@ -53,15 +53,10 @@ def check_classes(cfg: TeacherConfig, num_classes: int) -> None:
 
 def run(cfg: TeacherConfig, *, out_dir: str | os.PathLike) -> Path:
     """Train (or resume, or find finished) the teacher in out_dir; returns the path of teacher.safetensors."""
-    owns_group = not torch.distributed.is_initialized()
-    dist.init()
-    try:
+    with dist.session():
         dataset = build_dataset(cfg.data.source, cfg.data.resolution, xflip=cfg.data.xflip)
         check_classes(cfg, dataset.num_classes)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
         stage = TeacherStage(cfg)
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=dataset,
                      num_workers=cfg.data.num_workers)
-    finally:
-        if owns_group:
-            dist.shutdown()
