@@ -215,7 +215,8 @@ def model_meta(*, kind: str, stage: str, config: Any, step: int, ema_rate: float
     """The meta of a model file: what rebuilds the network and samples it, plus provenance."""
     config = _jsonable(config)
     network = config.get("network")
-    resolution = (network or config.get("data") or {}).get("resolution")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}  # a PD round's data is a source name
+    resolution = (network or data).get("resolution")
     meta = dict(kind=kind, stage=stage, resolution=resolution,
                 num_classes=(network or {}).get("num_classes", 0))
     for key in ("network", "diffusion", "sample"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -133,6 +134,35 @@ class TrainConfig:
         _check(self.lr_decay in ("none", "linear"), f"train.lr_decay={self.lr_decay!r} must be none or linear")
 
 
+SAMPLER_NAMES = ("heun", "euler", "ddim", "dpmpp2m")
+RHO_RANGE = (0.1, 100.0)
+
+
+def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
+    """'heun' | 'dpmpp2m:loguniform' | 'euler:karras-rho3' -> (sampler, schedule, rho or None = the model's).
+
+    The part after ':' names the sigma grid: karras (rho = the model's, 7 for EDM), karras-rhoR with R in
+    [0.1, 100], or loguniform (uniform in ln sigma). UserError for anything else.
+    """
+    name, _, grid = str(spec).partition(":")
+    if name not in SAMPLER_NAMES:
+        raise UserError(f"sampler {name!r} is unknown: use one of {', '.join(sorted(SAMPLER_NAMES))}")
+    grid, rho = grid or "karras", None
+    if grid.startswith("karras-rho"):
+        try:
+            rho = float(grid[len("karras-rho"):])
+        except ValueError:
+            rho = math.nan
+        if not RHO_RANGE[0] <= rho <= RHO_RANGE[1]:
+            raise UserError(f"sampler {spec!r}: karras-rhoR needs a number R in [{RHO_RANGE[0]:g}, "
+                            f"{RHO_RANGE[1]:g}] (e.g. {name}:karras-rho3)")
+        grid = "karras"
+    if grid not in ("karras", "loguniform"):
+        raise UserError(f"sampler {spec!r}: grid {grid!r} is unknown; use {name}, {name}:loguniform or "
+                        f"{name}:karras-rhoR (e.g. {name}:karras-rho3)")
+    return name, grid, rho
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """How a diffusion model is sampled when it is evaluated or demoed."""
@@ -142,8 +172,7 @@ class SampleConfig:
     guidance: float = 1.0  # CFG scale w (1 = no guidance)
 
     def validate(self) -> None:
-        _check(self.sampler.partition(":")[0] in ("heun", "euler", "ddim", "dpmpp2m"),
-               f"sample.sampler={self.sampler!r} is unknown: use heun, euler, ddim or dpmpp2m")
+        split_sampler_spec(self.sampler)
         _check(self.steps >= 1, f"sample.steps={self.steps} must be >= 1")
         _check(self.guidance >= 0, f"sample.guidance={self.guidance} must be >= 0")
 

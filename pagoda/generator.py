@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from pagoda.checkpoint import diffusion_config, load_network, read_meta
-from pagoda.config import SampleConfig, from_dict
+from pagoda.config import SampleConfig, from_dict, split_sampler_spec
 from pagoda.data import to_uint8
-from pagoda.diffusion import SCHEDULES, EDMPrecond, one_step, sigma_grid
+from pagoda.diffusion import EDMPrecond, one_step, sigma_grid
 from pagoda.errors import UserError
 from pagoda.samplers import SAMPLER_NFE, get_sampler
 
@@ -119,27 +119,11 @@ class Generator(abc.ABC):
             yield self.sample(seeds[i:i + batch], None if labels is None else labels[i:i + batch], guidance)
 
 
-def parse_sampler(spec: str) -> tuple[str, str, float]:
-    """'heun' | 'dpmpp2m:loguniform' | 'euler:karras-rho3' -> (sampler, schedule, rho); UserError otherwise.
-
-    The part after ':' is the sigma grid (`pagoda.diffusion.sigma_grid`): karras (rho = 7), karras-rhoR, loguniform.
-    """
-    name, _, grid = str(spec).partition(":")
+def parse_sampler(spec: str) -> tuple[str, str, float | None]:
+    """(sampler, schedule, rho or None) of a spec 'name[:grid]' (`pagoda.config.split_sampler_spec`)."""
+    name, schedule, rho = split_sampler_spec(spec)
     get_sampler(name)
-    grid = grid or "karras"
-    rho = 7.0
-    if grid.startswith("karras-rho"):
-        try:
-            rho = float(grid[len("karras-rho"):])
-        except ValueError:
-            rho = float("nan")
-        if not rho > 0:
-            raise UserError(f"sampler {spec!r}: karras-rhoR needs a number R > 0 (e.g. {name}:karras-rho3)")
-        grid = "karras"
-    if grid not in SCHEDULES:
-        raise UserError(f"sampler {spec!r}: grid {grid!r} is unknown; use {name}, {name}:loguniform or "
-                        f"{name}:karras-rhoR (e.g. {name}:karras-rho3)")
-    return name, grid, rho
+    return name, schedule, rho
 
 
 class Clamped(nn.Module):
@@ -172,7 +156,7 @@ class DiffusionGenerator(Generator):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         base, schedule, spec_rho = parse_sampler(sampler)
         self.sampler_fn = get_sampler(base)
-        rho = spec_rho if ":" in str(sampler) else rho
+        rho = rho if spec_rho is None else spec_rho
         if sigmas is None:
             self.sigmas = sigma_grid(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
             self.grid = "loguniform" if schedule == "loguniform" else f"karras rho={rho:g}"
@@ -298,8 +282,9 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
 
 def _load_pd(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
              dtype: torch.dtype) -> DiffusionGenerator:
-    """A progressive-distillation student -> DiffusionGenerator on its own grid (Euler, NFE = its steps; DDIM
-    with x clipped for the vp-cosine formulation); another sampler or step count is refused."""
+    """A progressive-distillation student -> DiffusionGenerator on its own grid: Euler (= DDIM, NFE = its steps)
+    with D clipped to [-1, 1] at each step (consistency-models' sampler with clip_denoised, the original's
+    clip_x); another sampler or step count is refused."""
     from pagoda.baselines.progressive_distillation import student_sigmas
 
     pd = meta.get("pd") or {}
@@ -314,7 +299,7 @@ def _load_pd(path: str, meta: dict, *, sampler: str | None, steps: int | None, d
     sigmas = student_sigmas(pd["steps"], pd["formulation"], sigma_min=diffusion.sigma_min,
                             sigma_max=diffusion.sigma_max, rho=diffusion.rho)
     denoiser = EDMPrecond(net, sigma_data=diffusion.sigma_data)
-    gen = DiffusionGenerator(Clamped(denoiser) if pd["formulation"] == "vp-cosine" else denoiser,
+    gen = DiffusionGenerator(Clamped(denoiser),
                              resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
                              sampler="euler", sigmas=sigmas, method="pd", supports_guidance=False,
                              name=Path(path).stem, device=device, dtype=dtype)

@@ -169,3 +169,13 @@ def test_load_generator_of_a_file_with_network_meta_only(tmp_path, net):
     gen = load_generator(path, steps=1)
     assert (gen.sampler, gen.steps, gen.nfe, gen.num_classes, gen.supports_guidance) == ("heun", 1, 1, 3, False)
     assert load_generator(path).steps == SampleConfig().steps
+
+
+@pytest.mark.parametrize("spec, needle", [("heun:karras-rho0.001", "[0.1, 100]"), ("heun:karras-rhoinf", "[0.1, 100]"),
+                                          ("euler:foo", "grid 'foo'"), ("dpm", "'dpm' is unknown")])
+def test_bad_sampler_specs_are_one_line_errors(spec, needle):
+    from pagoda.generator import parse_sampler
+    for check in (parse_sampler, lambda s: SampleConfig(sampler=s).validate()):
+        with pytest.raises(UserError) as e:
+            check(spec)
+        assert needle in str(e.value)

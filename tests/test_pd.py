@@ -91,6 +91,29 @@ def test_two_to_the_k_step_student_of_an_exact_teacher_stays_exact(formulation):
     assert (naive - reference).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_the_rounds_target_is_the_ideal_students_output(formulation):
+    # PDRound.target (grid indexing 2i, 2i + 1, 2i + 2; float64 combination) against the closed form, every interval.
+    n = 4
+    stage = PDRound(PDConfig(formulation=formulation), GaussianF(), DiffusionConfig(), n)
+    ideal = ideal_student(gaussian_D, stage.teacher_grid)
+    for i in range(n):
+        sigma = stage.grid[i].item()
+        x_t = (MU + sigma * noise(i)).float()
+        got = stage.target(x_t, torch.full((SHAPE[0],), i), None)
+        want = ideal(x_t.double(), torch.full((SHAPE[0],), sigma, dtype=torch.float64))
+        assert (got.double() - want).abs().max() < 1e-5 * (1 + want.abs().max()), (i, (got.double() - want).abs().max())
+
+
+def test_learning_rate_decays_linearly_within_a_round():
+    from pagoda.train import learning_rate
+    cfg = TrainConfig(lr=1e-4, lr_warmup=0, lr_decay="linear", steps=100)
+    assert [learning_rate(cfg, k) for k in (0, 50, 99)] == pytest.approx([1e-4, 5e-5, 1e-6])
+    warm = TrainConfig(lr=1e-4, lr_warmup=10, lr_decay="linear", steps=110)
+    assert learning_rate(warm, 4) == pytest.approx(5e-5) and learning_rate(warm, 60) == pytest.approx(5e-5)
+    assert learning_rate(TrainConfig(lr=1e-4, lr_warmup=0, steps=100), 99) == 1e-4  # lr_decay none
+
+
 def test_grids_nest_and_end_where_their_formulation_ends():
     for f in FORMULATIONS:
         for n in (1, 2, 4, 16):
@@ -211,13 +234,27 @@ def test_pd_rounds_make_generators_and_resume(smoke_teacher, formulation, tmp_pa
     assert (tmp_path / "pd-1" / "pd-1.safetensors").read_bytes() == before
 
 
-def test_round_one_student_starts_as_its_teacher(smoke_teacher):
+def test_round_one_student_starts_as_its_teacher_without_dropout(smoke_teacher):
     from pagoda.baselines.progressive_distillation import load_teacher
+    from pagoda.diffusion import EDMPrecond
     net, diffusion, _ = load_teacher(smoke_teacher)
+    for m in net.modules():  # a teacher trained with dropout (the imagenet64 preset and the EDM import have 0.1)
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
     stage = PDRound(PDConfig(), net, diffusion, 2)
     x, s = noise(0, (2, 3, 8, 8)).float(), torch.full((2,), 3.0)
-    from pagoda.diffusion import EDMPrecond
-    assert torch.equal(EDMPrecond(stage.net)(x, s), stage.teacher(x, s))
+    assert stage.net.training and torch.equal(EDMPrecond(stage.net)(x, s), stage.teacher(x, s))
+
+
+def test_pd_with_explicit_data_and_an_extended_schedule_reuses_finished_rounds(smoke_teacher, tmp_path, capsys):
+    argv = ["pd", "--preset", "smoke", "--teacher", str(smoke_teacher), "--data", "photos", "--out", str(tmp_path),
+            "--from-steps", "4", "--to-steps", "2"]
+    assert run_cli(main, argv) == 0 and not (tmp_path / "pd-1").exists()
+    first = (tmp_path / "pd-2" / "pd-2.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_cli(main, argv[:-1] + ["1"]) == 0  # to_steps 2 -> 1: round pd-2 is reused, pd-1 trained
+    assert "pd-2: finished" in capsys.readouterr().out
+    assert (tmp_path / "pd-2" / "pd-2.safetensors").read_bytes() == first and (tmp_path / "pd-1").is_dir()
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -123,6 +123,9 @@ class PDRound:
         self.teacher_grid = student_sigmas(2 * steps, cfg.formulation, **grid)  # the teacher's 2N steps
         self.grid = self.teacher_grid[::2].clone()  # the student's N steps: every other point
         self.net = copy.deepcopy(teacher_net).train().requires_grad_(True)  # student_0 = teacher
+        for m in self.net.modules():  # no dropout in distillation (Salimans & Ho's ImageNet config sets 0)
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
         self.teacher = EDMPrecond(teacher_net.eval().requires_grad_(False), sigma_data=self.sigma_data)
         self.num_classes = int(getattr(teacher_net, "num_classes", 0))
 
@@ -137,12 +140,19 @@ class PDRound:
 
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, i: torch.Tensor, labels) -> torch.Tensor:
-        """x~ of the student's interval i [N] from x_t: two teacher DDIM steps on the 2N grid, then pd_target."""
+        """x~ of the student's interval i [N] from x_t: two teacher DDIM steps on the 2N grid, then pd_target.
+        The network runs in float32; the steps and the target are combined in float64, because x~ divides by
+        1 - r (about 5e-3 near sigma_max in a 1024-step round) and float32 rounding would be amplified by it."""
         tg = self.teacher_grid.to(x_t.device)
         s, s_mid, s_next = tg[2 * i], tg[2 * i + 1], tg[2 * i + 2]
-        x_mid = ddim_step(self.teacher, x_t, s.float(), s_mid.float(), labels)
-        x_next = ddim_step(self.teacher, x_mid, s_mid.float(), s_next.float(), labels)
-        return pd_target(x_t.double(), x_next.double(), s, s_next).float()
+
+        def teacher(x, sigma, y):
+            return self.teacher(x.float(), sigma.float(), y).double()
+
+        x_t = x_t.double()
+        x_mid = ddim_step(teacher, x_t, s, s_mid, labels)
+        x_next = ddim_step(teacher, x_mid, s_mid, s_next, labels)
+        return pd_target(x_t, x_next, s, s_next).float()
 
     def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator):
         """Mean weighted squared error of the student's D(x_t, s_i) against x~; i ~ U{0..N-1} per sample."""
@@ -175,13 +185,15 @@ def load_teacher(path: str | os.PathLike, kind: str = "teacher") -> tuple[nn.Mod
 
 
 def data_source(cfg: PDConfig, meta: dict) -> tuple[str, bool]:
-    """(source, xflip) of the training images: cfg.data, else the teacher's own training data."""
-    data = (meta.get("config") or {}).get("data") or {}
+    """(source, xflip) of the training images: cfg.data, else the teacher's own training data; mirrored as the
+    teacher's were."""
+    data = (meta.get("config") or {}).get("data")
+    data = data if isinstance(data, dict) else {}
     source = cfg.data or data.get("source")
     if not source:
         raise UserError(f"teacher {cfg.teacher} does not record its training data: pass --data (photos, an "
                         "image folder or an .npz)")
-    return source, bool(data.get("xflip", False)) if not cfg.data else False
+    return source, bool(data.get("xflip", False))
 
 
 def rounds(cfg: PDConfig) -> list[int]:
@@ -207,10 +219,11 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
                             f"{teacher_net.num_classes}: pass the teacher's training data with --data")
         teacher_sha = sha256_file(cfg.teacher)
         round_cfg = {k: v for k, v in to_dict(cfg).items() if k != "to_steps"}  # a round does not depend on it
-        path, teacher_path = None, Path(cfg.teacher)
+        path, teacher_path, round_sha = None, Path(cfg.teacher), teacher_sha
         for n in rounds(cfg):
             if teacher_path != Path(cfg.teacher):
                 teacher_net, _, _ = load_teacher(teacher_path, kind="pd")
+                round_sha = sha256_file(teacher_path)
             stage = PDRound(cfg, teacher_net, diffusion, n).to(dist.device())
             extra = dict(network=meta["network"], diffusion=meta.get("diffusion", {}),
                          resolution=teacher_net.resolution, num_classes=teacher_net.num_classes,
@@ -218,7 +231,8 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
                          method="pd", pd=dict(steps=n, formulation=cfg.formulation, loss=cfg.loss,
                                               sigmas=stage.grid.tolist()))
             path = train(stage=stage, cfg=cfg.train, out_dir=Path(out_dir) / stage.name,
-                         config_dict={**round_cfg, "round": {"teacher_steps": 2 * n, "student_steps": n}},
+                         config_dict={**round_cfg, "round": {"teacher_steps": 2 * n, "student_steps": n,
+                                                             "teacher_sha256": round_sha}},
                          dataset=dataset, meta_extra=extra)
             teacher_path = path
         return path
