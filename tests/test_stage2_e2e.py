@@ -6,10 +6,15 @@ output from the same latents, and G's samples beat the teacher's Euler at NFE 1 
 against the held-out photos (same reference, same sample count). On held-out images (other strips of the
 same 16 photographs, inverted by the teacher) G's reconstructions are no closer than the teacher's one
 step: with 16 source photographs G does not generalise to unseen inversions (README, issue note).
+
+A second test does the held-out check where the data allow it: scikit-learn's 1,797 handwritten digits (8 px,
+upsampled to 16 px), 1,536 for training and 261 held out. There G's one-step reconstructions of held-out
+digits are far closer under d than the teacher's one step, and as close as those of training digits.
 """
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +73,45 @@ def test_stage2_on_photos_beats_the_teacher_at_one_and_two_steps(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     fd = {(r["method"], r["nfe"]): r["value"] for r in rows}
     assert fd[("pagoda", 1)] < fd[("ddim", 1)] and fd[("pagoda", 1)] < fd[("ddim", 2)], fd
+
+
+def _digits_npz(folder):
+    """scikit-learn's digits as 16 px RGB uint8 (bilinear from 8 px), split 1,536 train / 261 held out (seed 0)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False).clamp(0, 1)
+    x = (x.repeat(1, 3, 1, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    y = digits.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(y))
+    save_npz(folder / "train.npz", x[perm[:1536]], y[perm[:1536]])
+    save_npz(folder / "heldout.npz", x[perm[1536:]], y[perm[1536:]])
+
+
+def test_stage2_generalises_to_held_out_digits(tmp_path):
+    _digits_npz(tmp_path)
+    run = lambda *a: run_cli(main, [str(v) for v in a])  # noqa: E731
+    assert run("teacher", "--preset", "photos", "--out", tmp_path / "t", "--set", f"data.source={tmp_path / 'train.npz'}",
+               "--set", "network.num_classes=10", "--set", "train.steps=800") == 0
+    teacher = tmp_path / "t" / "teacher.safetensors"
+    for split in ("train", "heldout"):
+        assert run("pairs", "--teacher", teacher, "--data", tmp_path / f"{split}.npz", "-o", tmp_path / f"p-{split}",
+                   "--shard-size", 512, "--batch", 32) == 0
+    assert run("distill", "--preset", "photos", "--teacher", teacher, "--pairs", tmp_path / "p-train",
+               "--out", tmp_path / "g") == 0
+
+    den, _ = load_teacher(teacher)
+    g = load_generator(tmp_path / "g" / "G.safetensors")
+    backbone = build_backbone("random", seed=1)
+    result = {}
+    for split in ("train", "heldout"):
+        pairs = load_pairs(tmp_path / f"p-{split}")
+        items = [pairs[j] for j in range(0, len(pairs), max(1, len(pairs) // 256))][:256]
+        x, y, z = (torch.stack([it[k] for it in items]) for k in range(3))
+        with torch.no_grad():
+            rec_teacher = euler(den, z, karras_sigmas(1), labels=y).clamp(-1, 1)
+            rec_g = one_step(g.net, z, y, sigma_max=g.sigma_max).float().clamp(-1, 1)
+            result[split] = tuple(float(d(r, to_model(x), [backbone]).mean()) for r in (rec_g, rec_teacher))
+    # Measured (README): held-out d 0.028 for G against 0.264 for the teacher's one step; train 0.028.
+    assert result["heldout"][0] < 0.5 * result["heldout"][1], result
+    assert result["heldout"][0] < 1.5 * result["train"][0], result
