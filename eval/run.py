@@ -295,7 +295,9 @@ def csv_of(kind):
     def parse(text: str) -> list:
         try:
             return [kind(v) for v in text.split(",") if v.strip()]
-        except (ValueError, argparse.ArgumentTypeError):
+        except argparse.ArgumentTypeError as e:  # the item's own message names the fix
+            raise argparse.ArgumentTypeError(f"in {text!r}: {e}") from None
+        except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
     return parse
 

@@ -96,8 +96,9 @@ class DiffusionConfig:
 
     def validate(self) -> None:
         _check(0 < self.sigma_min < self.sigma_max, "diffusion: need 0 < sigma_min < sigma_max")
-        _check(self.sigma_data > 0 and self.rho > 0 and self.P_std > 0,
-               "diffusion: sigma_data, rho and P_std must be positive")
+        _check(self.sigma_data > 0 and self.P_std > 0, "diffusion: sigma_data and P_std must be positive")
+        _check(RHO_RANGE[0] <= self.rho <= RHO_RANGE[1],
+               f"diffusion.rho={self.rho} must be in [{RHO_RANGE[0]:g}, {RHO_RANGE[1]:g}] (EDM: 7)")
         _check(0.0 <= self.label_dropout < 1.0, f"diffusion.label_dropout={self.label_dropout} must be in [0, 1)")
 
 
@@ -135,7 +136,7 @@ class TrainConfig:
 
 
 SAMPLER_NAMES = ("heun", "euler", "ddim", "dpmpp2m")
-RHO_RANGE = (0.1, 100.0)
+RHO_RANGE = (1.0, 100.0)  # below 1 the Karras grid's float arithmetic no longer reaches sigma_min
 
 
 def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
@@ -147,6 +148,8 @@ def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
     name, _, grid = str(spec).partition(":")
     if name not in SAMPLER_NAMES:
         raise UserError(f"sampler {name!r} is unknown: use one of {', '.join(sorted(SAMPLER_NAMES))}")
+    if spec.endswith(":"):
+        raise UserError(f"sampler {spec!r} ends with ':': name a grid after it (loguniform, karras-rhoR) or drop the ':'")
     grid, rho = grid or "karras", None
     if grid.startswith("karras-rho"):
         try:

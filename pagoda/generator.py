@@ -156,13 +156,19 @@ class DiffusionGenerator(Generator):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         base, schedule, spec_rho = parse_sampler(sampler)
         self.sampler_fn = get_sampler(base)
-        rho = rho if spec_rho is None else spec_rho
+        default_rho, rho = rho, rho if spec_rho is None else spec_rho
         if sigmas is None:
             self.sigmas = sigma_grid(schedule, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
             self.grid = "loguniform" if schedule == "loguniform" else f"karras rho={rho:g}"
         else:
             self.sigmas, self.grid = torch.as_tensor(sigmas, dtype=torch.float64), "given"
-        self.sampler, self.steps, self.name, self._method = str(sampler), len(self.sigmas) - 1, name, method
+        # One label per distinct sampling (rows are matched on it): ddim is euler, the default grid is implicit.
+        label = "euler" if base == "ddim" else base
+        if schedule == "loguniform":
+            label += ":loguniform"
+        elif rho != default_rho:
+            label += f":karras-rho{rho:g}"
+        self.sampler, self.steps, self.name, self._method = label, len(self.sigmas) - 1, name, method
         self.base_sampler = base
         self.resolution, self.num_classes, self.guidance = int(resolution), int(num_classes), float(guidance)
         self.supports_guidance = num_classes > 0 if supports_guidance is None else bool(supports_guidance)

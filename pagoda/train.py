@@ -160,6 +160,10 @@ def prepare_run_dir(out_dir: Path, config_dict: dict) -> None:
     """Create the run directory with config.json, or check that the one there matches (resume)."""
     path = out_dir / "config.json"
     config_dict = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"run directory {out_dir}: {folder} is a file, not a directory; pass --out to a "
+                            "directory (it is created)")
     if path.exists():
         try:
             old = json.loads(path.read_text())

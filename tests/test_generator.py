@@ -171,11 +171,24 @@ def test_load_generator_of_a_file_with_network_meta_only(tmp_path, net):
     assert load_generator(path).steps == SampleConfig().steps
 
 
-@pytest.mark.parametrize("spec, needle", [("heun:karras-rho0.001", "[0.1, 100]"), ("heun:karras-rhoinf", "[0.1, 100]"),
-                                          ("euler:foo", "grid 'foo'"), ("dpm", "'dpm' is unknown")])
+@pytest.mark.parametrize("spec, needle", [("heun:karras-rho0.2", "[1, 100]"), ("heun:karras-rhoinf", "[1, 100]"),
+                                          ("euler:foo", "grid 'foo'"), ("dpm", "'dpm' is unknown"),
+                                          ("dpmpp2m:", "ends with ':'")])
 def test_bad_sampler_specs_are_one_line_errors(spec, needle):
     from pagoda.generator import parse_sampler
     for check in (parse_sampler, lambda s: SampleConfig(sampler=s).validate()):
         with pytest.raises(UserError) as e:
             check(spec)
         assert needle in str(e.value)
+
+
+def test_sampler_labels_are_canonical():
+    # Specs that sample identically get one label in rows (so eval.gate matches them): the default grid is implicit,
+    # ddim is euler, and an explicit rho equal to the model's is dropped.
+    den = EDMPrecond(UNet(**dataclasses.asdict(PRESETS["smoke"].teacher.network)))
+    label = lambda spec: DiffusionGenerator(den, resolution=8, num_classes=16, sampler=spec, steps=3).sampler  # noqa: E731
+    assert label("heun") == label("heun:karras") == label("heun:karras-rho7") == "heun"
+    assert label("ddim") == label("euler") == "euler"
+    assert label("dpmpp2m:loguniform") == "dpmpp2m:loguniform" and label("heun:karras-rho3") == "heun:karras-rho3"
+    gen = DiffusionGenerator(den, resolution=8, num_classes=16, sampler="ddim", steps=3)
+    assert gen.method == "ddim"

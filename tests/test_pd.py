@@ -282,3 +282,16 @@ def test_pd_refuses_a_non_teacher_and_pd_refuses_samplers(smoke_teacher, tmp_pat
     assert len(err) == 1 and "not a diffusion teacher" in err[0] and not (tmp_path / "q").exists()
     assert run_cli(main, ["sample", "--ckpt", str(student), "--steps", "4", "-o", str(tmp_path / "x.png")]) == 2
     assert "own grid" in capsys.readouterr().err
+
+
+def test_a_changed_schedule_is_refused_before_any_training(smoke_teacher, tmp_path, capsys):
+    base = ["pd", "--preset", "smoke", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "o")]
+    assert run_cli(main, base + ["--from-steps", "4"]) == 0
+    capsys.readouterr()
+    assert run_cli(main, base + ["--from-steps", "8"]) == 2  # round pd-4 would be new, pd-2 already differs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "from_steps = 4 there, 8 now" in err[0], err
+    assert not (tmp_path / "o" / "pd-4").exists()
+    (tmp_path / "file").write_text("x")
+    assert run_cli(main, base[:-1] + [str(tmp_path / "file" / "out")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

@@ -33,6 +33,7 @@ student pd-<N>.safetensors (kind "pd") loads as a Generator with nfe = N and met
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from pathlib import Path
@@ -46,7 +47,7 @@ from pagoda.config import DiffusionConfig, PDConfig, to_dict
 from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas
 from pagoda.errors import UserError
-from pagoda.train import train
+from pagoda.train import first_difference, train
 from pagoda.weights import sha256_file
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +206,27 @@ def rounds(cfg: PDConfig) -> list[int]:
     return out
 
 
+def check_rounds(out_dir: Path, cfg: PDConfig, round_cfg: dict) -> None:
+    """Before any training: every round already in out_dir must hold this run's config (its teacher's SHA-256,
+    known only once the previous round is trained, is checked by the loop when the round starts)."""
+    for n in rounds(cfg):
+        path = out_dir / f"pd-{n}" / "config.json"
+        if not path.is_file():
+            continue
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON: delete {path.parent} or pass --out elsewhere") from None
+        old_round = dict(old.get("round") or {}) if isinstance(old, dict) else {}
+        old_round.pop("teacher_sha256", None)
+        new = {**json.loads(json.dumps(round_cfg)), "round": {"teacher_steps": 2 * n, "student_steps": n}}
+        diff = first_difference({**old, "round": old_round} if isinstance(old, dict) else old, new)
+        if diff is not None:
+            raise UserError(f"run directory {path.parent} holds a round with a different config (first difference: "
+                            f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory or "
+                            f"delete {out_dir} to start over")
+
+
 def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
     """Every round from from_steps down to to_steps in out_dir/pd-<N>/ (resuming, skipping finished ones);
     returns the path of the last student."""
@@ -219,6 +241,7 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
                             f"{teacher_net.num_classes}: pass the teacher's training data with --data")
         teacher_sha = sha256_file(cfg.teacher)
         round_cfg = {k: v for k, v in to_dict(cfg).items() if k != "to_steps"}  # a round does not depend on it
+        check_rounds(Path(out_dir), cfg, round_cfg)
         path, teacher_path, round_sha = None, Path(cfg.teacher), teacher_sha
         for n in rounds(cfg):
             if teacher_path != Path(cfg.teacher):
