@@ -36,6 +36,7 @@ from eval.run import (
 )
 from eval.sources import dist_info, open_source, save_samples
 from pagoda.errors import (
+    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     check_output,
@@ -81,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref", required=True, help="reference statistics (eval.ref npz, ADM npz, clean-fid npz, EDM2 pkl)")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (default: the model's own)")
-    p.add_argument("--sampler", type=sampler_spec, default=None,
-                   help="ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m; grid karras "
-                   "(rho 7), karras-rhoR or loguniform (default: the checkpoint's)")
+    p.add_argument("--sampler", type=sampler_spec, default=None, help=SAMPLER_HELP + " (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps of a diffusion model")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for a 95%% CI (0 = none)")
     p.add_argument("--save-samples", default=None, help="also write the generated images as an ADM npz")

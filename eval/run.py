@@ -58,6 +58,7 @@ from eval.rows import append_rows, check_rows_output, format_table, make_row
 from eval.sources import GeneratorSource, TensorSource, open_source
 from eval.stats import load_reference
 from pagoda.errors import (
+    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     guidance_scale,
@@ -379,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cmmd", default="clip-vitl14-336", help="extractor of cmmd (default clip-vitl14-336)")
     p.add_argument("--resolutions", type=csv_of(int), default=None, help="keep checkpoints of these resolutions")
     p.add_argument("--guidance", type=csv_of(guidance_scale), default=None, help="CFG scales, e.g. 1,1.5,2")
-    p.add_argument("--sampler", type=csv_of(sampler_spec), default=None, help="diffusion samplers, each name[:grid]: heun, euler (= ddim), dpmpp2m "
-                   "(DPM-Solver++(2M)); grid karras (default, rho 7), karras-rhoR or loguniform, e.g. "
-                   "heun,dpmpp2m:loguniform,euler:karras-rho3")
+    p.add_argument("--sampler", type=csv_of(sampler_spec), default=None, help="comma-separated: " + SAMPLER_HELP)
     p.add_argument("--steps", type=csv_of(positive_int), default=None, help="diffusion sampler steps, e.g. 8,18")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for fid/fd/P-R/D-C CIs (0 = none)")
     p.add_argument("--estimator", type=estimators_arg, default=Estimators(),

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from pagoda.errors import (
+    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     check_output,
@@ -227,9 +228,7 @@ def _add_sample(sub) -> None:
                    "0-63), 'uniform' (seed index mod classes) or 'seed' (drawn from each seed; default)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (1 = none; default: the "
                    "checkpoint's)")
-    p.add_argument("--sampler", type=sampler_spec, default=None,
-                   help="ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m; grid karras "
-                   "(rho 7), karras-rhoR or loguniform (default: the checkpoint's)")
+    p.add_argument("--sampler", type=sampler_spec, default=None, help=SAMPLER_HELP + " (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the checkpoint's)")
     p.add_argument("--batch", type=positive_int, default=64, help="images per forward batch (default 64)")
     p.add_argument("--resolution", type=positive_int, default=None, help="refuse a checkpoint not at this "

@@ -135,7 +135,8 @@ class TrainConfig:
         _check(self.lr_decay in ("none", "linear"), f"train.lr_decay={self.lr_decay!r} must be none or linear")
 
 
-SAMPLER_NAMES = ("heun", "euler", "ddim", "dpmpp2m")
+SAMPLER_NAMES = ("heun", "euler", "ddim", "dpmpp2m")  # pagoda.samplers.SAMPLERS (tested equal)
+SCHEDULES = ("karras", "loguniform")  # pagoda.diffusion.sigma_grid
 RHO_RANGE = (1.0, 100.0)  # below 1 the Karras grid's float arithmetic no longer reaches sigma_min
 
 
@@ -143,7 +144,7 @@ def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
     """'heun' | 'dpmpp2m:loguniform' | 'euler:karras-rho3' -> (sampler, schedule, rho or None = the model's).
 
     The part after ':' names the sigma grid: karras (rho = the model's, 7 for EDM), karras-rhoR with R in
-    [0.1, 100], or loguniform (uniform in ln sigma). UserError for anything else.
+    RHO_RANGE = [1, 100], or loguniform (uniform in ln sigma). UserError for anything else.
     """
     name, _, grid = str(spec).partition(":")
     if name not in SAMPLER_NAMES:
@@ -160,7 +161,7 @@ def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
             raise UserError(f"sampler {spec!r}: karras-rhoR needs a number R in [{RHO_RANGE[0]:g}, "
                             f"{RHO_RANGE[1]:g}] (e.g. {name}:karras-rho3)")
         grid = "karras"
-    if grid not in ("karras", "loguniform"):
+    if grid not in SCHEDULES:
         raise UserError(f"sampler {spec!r}: grid {grid!r} is unknown; use {name}, {name}:loguniform or "
                         f"{name}:karras-rhoR (e.g. {name}:karras-rho3)")
     return name, grid, rho
@@ -170,7 +171,7 @@ def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
 class SampleConfig:
     """How a diffusion model is sampled when it is evaluated or demoed."""
 
-    sampler: str = "heun"  # heun | euler (= DDIM, eta 0) | dpmpp2m, optionally :grid (pagoda.generator.parse_sampler)
+    sampler: str = "heun"  # heun | euler (= DDIM, eta 0) | dpmpp2m, optionally :grid (split_sampler_spec)
     steps: int = 18  # grid points with nonzero sigma; Heun costs 2*steps - 1 NFE
     guidance: float = 1.0  # CFG scale w (1 = no guidance)
 

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from pagoda.config import SCHEDULES
 from pagoda.errors import UserError
 
 
@@ -61,13 +62,17 @@ def one_step(net, z: torch.Tensor, labels=None, *, sigma_max: float, sigma_data:
     return net(c_in.reshape(-1, 1, 1, 1) * z.float(), c_noise, labels, guidance)
 
 
-# Karras et al. eq. (5): rho-spaced grid from sigma_max down to sigma_min, then a final 0.
-# Returns float64 [num_steps + 1]; num_steps is the number of nonzero sigmas (Euler NFE).
-def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+def _check_grid(num_steps: int, sigma_min: float, sigma_max: float) -> None:
     if num_steps < 1:
         raise UserError(f"steps={num_steps} is not a number of sampling steps: use an integer >= 1")
     if not 0 < sigma_min <= sigma_max:
         raise UserError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min <= sigma_max")
+
+
+# Karras et al. eq. (5): rho-spaced grid from sigma_max down to sigma_min, then a final 0.
+# Returns float64 [num_steps + 1]; num_steps is the number of nonzero sigmas (Euler NFE).
+def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    _check_grid(num_steps, sigma_min, sigma_max)
     i = torch.arange(num_steps, dtype=torch.float64)
     t = i / max(num_steps - 1, 1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -78,13 +83,10 @@ def karras_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float 
 # Uniform in ln(sigma) from sigma_max down to sigma_min (DPM-Solver's "logSNR" spacing, k-diffusion's
 # get_sigmas_exponential), then a final 0. Returns float64 [num_steps + 1].
 def loguniform_sigmas(num_steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0):
-    karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max)  # the same argument checks
+    _check_grid(num_steps, sigma_min, sigma_max)
     t = torch.arange(num_steps, dtype=torch.float64) / max(num_steps - 1, 1)
     sigmas = torch.exp(math.log(sigma_max) + t * (math.log(sigma_min) - math.log(sigma_max)))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-SCHEDULES = ("karras", "loguniform")
 
 
 # A sampling grid by name: "karras" (rho-spaced, EDM eq. (5)) or "loguniform" (uniform in ln sigma; rho unused).

@@ -29,12 +29,17 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 130
 
 
+SAMPLER_HELP = ("ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m "
+                "(DPM-Solver++(2M)); grid karras (default: the checkpoint's rho, 7 for EDM), karras-rhoR (R in "
+                "[1, 100]) or loguniform, e.g. dpmpp2m:loguniform")
+
+
 def sampler_spec(text: str) -> str:
-    """argparse type: an ODE sampler spec name[:grid] (pagoda.generator.parse_sampler), e.g. dpmpp2m:loguniform."""
-    from pagoda.generator import parse_sampler  # torch-heavy: only when a sampler is given
+    """argparse type: an ODE sampler spec name[:grid] (pagoda.config.split_sampler_spec), e.g. dpmpp2m:loguniform."""
+    from pagoda.config import split_sampler_spec  # pagoda.config imports this module
 
     try:
-        parse_sampler(text)
+        split_sampler_spec(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text

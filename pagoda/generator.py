@@ -119,13 +119,6 @@ class Generator(abc.ABC):
             yield self.sample(seeds[i:i + batch], None if labels is None else labels[i:i + batch], guidance)
 
 
-def parse_sampler(spec: str) -> tuple[str, str, float | None]:
-    """(sampler, schedule, rho or None) of a spec 'name[:grid]' (`pagoda.config.split_sampler_spec`)."""
-    name, schedule, rho = split_sampler_spec(spec)
-    get_sampler(name)
-    return name, schedule, rho
-
-
 class Clamped(nn.Module):
     """A denoiser whose output is clipped to [-1, 1] at every call (the original PD sampler's clip_x)."""
 
@@ -141,20 +134,19 @@ class Clamped(nn.Module):
 class DiffusionGenerator(Generator):
     """An EDM denoiser sampled by a deterministic ODE solver (EDM Alg. 1, S_churn = 0; DPM-Solver++(2M)).
 
-    `sampler` is a spec 'name[:grid]' (`parse_sampler`); the grid has `steps` nonzero sigmas then 0, unless
+    `sampler` is a spec 'name[:grid]' (`pagoda.config.split_sampler_spec`); the grid has `steps` nonzero sigmas then 0, unless
     `sigmas` gives the grid itself (a PD student's). NFE per sample: N (euler / ddim / dpmpp2m on a grid of N
     steps) or 2N - 1 (heun), doubled under CFG (w != 1; one batched call of 2N rows per evaluation).
     """
 
     kind = "teacher"
-    sweepable = True  # eval.run may sweep its sampler and steps (a PD student's are fixed)
 
     def __init__(self, denoiser: EDMPrecond, *, resolution: int, num_classes: int, sampler: str = "heun",
                  steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                  guidance: float = 1.0, supports_guidance: bool | None = None, name: str = "diffusion",
                  sigmas: torch.Tensor | None = None, method: str | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        base, schedule, spec_rho = parse_sampler(sampler)
+        base, schedule, spec_rho = split_sampler_spec(sampler)
         self.sampler_fn = get_sampler(base)
         default_rho, rho = rho, rho if spec_rho is None else spec_rho
         if sigmas is None:
@@ -169,6 +161,7 @@ class DiffusionGenerator(Generator):
         elif rho != default_rho:
             label += f":karras-rho{rho:g}"
         self.sampler, self.steps, self.name, self._method = label, len(self.sigmas) - 1, name, method
+        self.sweepable = sigmas is None  # eval.run may sweep sampler and steps unless the grid is the model's own
         self.base_sampler = base
         self.resolution, self.num_classes, self.guidance = int(resolution), int(num_classes), float(guidance)
         self.supports_guidance = num_classes > 0 if supports_guidance is None else bool(supports_guidance)
@@ -305,12 +298,10 @@ def _load_pd(path: str, meta: dict, *, sampler: str | None, steps: int | None, d
     sigmas = student_sigmas(pd["steps"], pd["formulation"], sigma_min=diffusion.sigma_min,
                             sigma_max=diffusion.sigma_max, rho=diffusion.rho)
     denoiser = EDMPrecond(net, sigma_data=diffusion.sigma_data)
-    gen = DiffusionGenerator(Clamped(denoiser),
+    return DiffusionGenerator(Clamped(denoiser),
                              resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
                              sampler="euler", sigmas=sigmas, method="pd", supports_guidance=False,
                              name=Path(path).stem, device=device, dtype=dtype)
-    gen.sweepable = False
-    return gen
 
 
 LOADERS = {"teacher": _load_teacher, "pagoda": _load_one_step, "pd": _load_pd}

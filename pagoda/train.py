@@ -156,25 +156,46 @@ def first_difference(old, new, prefix: str = "") -> tuple[str, object, object] |
     return None if old == new else (prefix.rstrip("."), old, new)
 
 
-def prepare_run_dir(out_dir: Path, config_dict: dict) -> None:
-    """Create the run directory with config.json, or check that the one there matches (resume)."""
+def _drop(tree, dotted: str):
+    """A copy of a JSON tree without the (dotted) key, where present."""
+    head, _, rest = dotted.partition(".")
+    if not isinstance(tree, dict) or head not in tree:
+        return tree
+    if not rest:
+        return {k: v for k, v in tree.items() if k != head}
+    return {**tree, head: _drop(tree[head], rest)}
+
+
+def check_run_config(out_dir: Path, config_dict: dict, *, ignore: tuple[str, ...] = ()) -> None:
+    """UserError unless out_dir is (or can become) a run directory whose config.json, if any, equals config_dict
+    (the dotted keys in `ignore` left out on both sides)."""
     path = out_dir / "config.json"
-    config_dict = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
     for folder in (out_dir, *out_dir.parents):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"run directory {out_dir}: {folder} is a file, not a directory; pass --out to a "
                             "directory (it is created)")
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not valid JSON: delete the run directory {out_dir} or pass --out elsewhere") \
-                from None
-        diff = first_difference(old, config_dict)
-        if diff is not None:
-            raise UserError(f"run directory {out_dir} holds a run with a different config (first difference: "
-                            f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory "
-                            f"or delete {out_dir} to start over")
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: delete the run directory {out_dir} or pass --out elsewhere") \
+            from None
+    new = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
+    for key in ignore:
+        old, new = _drop(old, key), _drop(new, key)
+    diff = first_difference(old, new)
+    if diff is not None:
+        raise UserError(f"run directory {out_dir} holds a run with a different config (first difference: "
+                        f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory "
+                        f"or delete {out_dir} to start over")
+
+
+def prepare_run_dir(out_dir: Path, config_dict: dict) -> None:
+    """Create the run directory with config.json, or check that the one there matches (resume)."""
+    path = out_dir / "config.json"
+    config_dict = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
+    check_run_config(out_dir, config_dict)
     dist.barrier()  # every rank has read before rank 0 writes
     if dist.is_main() and not path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)

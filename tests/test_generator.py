@@ -175,8 +175,8 @@ def test_load_generator_of_a_file_with_network_meta_only(tmp_path, net):
                                           ("euler:foo", "grid 'foo'"), ("dpm", "'dpm' is unknown"),
                                           ("dpmpp2m:", "ends with ':'")])
 def test_bad_sampler_specs_are_one_line_errors(spec, needle):
-    from pagoda.generator import parse_sampler
-    for check in (parse_sampler, lambda s: SampleConfig(sampler=s).validate()):
+    from pagoda.config import split_sampler_spec
+    for check in (split_sampler_spec, lambda s: SampleConfig(sampler=s).validate()):
         with pytest.raises(UserError) as e:
             check(spec)
         assert needle in str(e.value)

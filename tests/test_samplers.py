@@ -259,5 +259,7 @@ def test_sampler_registry():
     assert get_sampler("ddim") is euler and get_sampler("heun") is heun
     assert get_sampler("dpmpp2m") is dpmpp_2m
     assert set(SAMPLERS) == {"euler", "ddim", "heun", "dpmpp2m"}
+    from pagoda.config import SAMPLER_NAMES  # the torch-free spec check knows the same names
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)
     with pytest.raises(UserError, match="'dpm'.*ddim, dpmpp2m, euler, heun"):
         get_sampler("dpm")

@@ -33,7 +33,6 @@ student pd-<N>.safetensors (kind "pd") loads as a Generator with nfe = N and met
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from pathlib import Path
@@ -47,7 +46,7 @@ from pagoda.config import DiffusionConfig, PDConfig, to_dict
 from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas
 from pagoda.errors import UserError
-from pagoda.train import first_difference, train
+from pagoda.train import check_run_config, train
 from pagoda.weights import sha256_file
 
 # ---------------------------------------------------------------------------------------------
@@ -82,12 +81,9 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def ddim_step(denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, labels=None,
-              clamp: bool = False) -> torch.Tensor:
+def ddim_step(denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, labels=None) -> torch.Tensor:
     """One Euler (= DDIM) step of the PF-ODE, per sample: D + (sigma_next / sigma)(x - D); sigma [N] > 0."""
     D_x = denoiser(x, sigma, labels)
-    if clamp:
-        D_x = D_x.clamp(-1, 1)
     return D_x + _col(sigma_next / sigma, x) * (x - D_x)
 
 
@@ -210,21 +206,8 @@ def check_rounds(out_dir: Path, cfg: PDConfig, round_cfg: dict) -> None:
     """Before any training: every round already in out_dir must hold this run's config (its teacher's SHA-256,
     known only once the previous round is trained, is checked by the loop when the round starts)."""
     for n in rounds(cfg):
-        path = out_dir / f"pd-{n}" / "config.json"
-        if not path.is_file():
-            continue
-        try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not valid JSON: delete {path.parent} or pass --out elsewhere") from None
-        old_round = dict(old.get("round") or {}) if isinstance(old, dict) else {}
-        old_round.pop("teacher_sha256", None)
-        new = {**json.loads(json.dumps(round_cfg)), "round": {"teacher_steps": 2 * n, "student_steps": n}}
-        diff = first_difference({**old, "round": old_round} if isinstance(old, dict) else old, new)
-        if diff is not None:
-            raise UserError(f"run directory {path.parent} holds a round with a different config (first difference: "
-                            f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory or "
-                            f"delete {out_dir} to start over")
+        check_run_config(out_dir / f"pd-{n}", {**round_cfg, "round": {"teacher_steps": 2 * n, "student_steps": n}},
+                         ignore=("round.teacher_sha256",))
 
 
 def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
