@@ -442,6 +442,7 @@ def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, ex
             print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
             continue
         for cell in cells_of(ckpt, gen, guidance, samplers, steps):  # every refusal before any image is made
+            gen.check_guidance(cell.guidance)  # e.g. a w outside a guidance-conditioned G's trained range
             with generator_source(gen, cell) as source:
                 check_cell(plan, source, extractors, refs, what=ckpt, option="--num-samples")
             cells.append(cell)

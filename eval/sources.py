@@ -153,6 +153,8 @@ class GeneratorSource(Source):
         w = self.guidance if self.guidance is not None else getattr(g, "guidance", 1.0)
         if g.sampler is not None and w not in (None, 1, 1.0) and g.num_classes > 0:
             extra["cfg_calls"] = "batched"  # cond + uncond rows in one call of 2N rows: nfe counts both
+        if getattr(g, "guidance_range", None):
+            extra["guidance_range"] = list(g.guidance_range)  # w is an input of the network (one call, nfe 1)
         return extra
 
     def _watch(self, module, inputs, output) -> None:

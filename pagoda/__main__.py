@@ -29,14 +29,18 @@ from pagoda.errors import (
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
 STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill",
-          "pd": "pagoda.baselines.progressive_distillation"}
+          "pd": "pagoda.baselines.progressive_distillation", "grow": "pagoda.stages.grow"}
 # inputs of a stage given as options (each is the config field of the same name): stage -> {option: help}
 STAGE_INPUTS = {"distill": {"teacher": "the Stage-1 teacher checkpoint (G starts as a copy of its network)",
                             "pairs": "the teacher's inversion pairs (python -m pagoda pairs)"},
                 "pd": {"teacher": "the Stage-1 teacher checkpoint (first round's teacher and student)",
                        "from_steps": "the teacher's steps in the first round (a power of two)",
                        "to_steps": "the last student's steps (from_steps / 2^k)",
-                       "data": "training images (default: the teacher's own training data)"}}
+                       "data": "training images (default: the teacher's own training data)"},
+                "grow": {"source": "the G to grow 2x (Stage 2b's G.safetensors or a grown one)",
+                         "pairs": "the Stage-2a pairs the source G was trained on",
+                         "resolution": "the output resolution, twice the source's (default)"}}
+FLAGS = {"source": "from"}  # config field -> option name where they differ
 # commands whose module parses its own arguments: name -> (module with main(argv), help)
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
@@ -65,6 +69,18 @@ def int_list(text: str) -> list[int]:
 def labels_arg(text: str) -> str | list[int]:
     """`seed` (drawn per seed), `uniform` (i mod num_classes) or class ids like `int_list`."""
     return text if text in ("seed", "uniform") else int_list(text)
+
+
+def guidance_range_arg(text: str) -> tuple[float, float]:
+    """`1:3` -> (1.0, 3.0); a single `2` -> (2.0, 2.0)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        lo, hi = float(lo), float(hi if sep else lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a range LO:HI of CFG scales (e.g. 1:3)") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LO <= HI (e.g. 1:3)")
+    return lo, hi
 
 
 def device_arg(text: str) -> str:
@@ -195,7 +211,7 @@ def cmd_pairs(args) -> int:
     """Stage 2a: invert the data (and its mirror images) with the teacher into --out; resumes when rerun."""
     from pagoda.pairs import make_pairs
     make_pairs(args.teacher, args.data, args.out, dtype=args.dtype, shard_size=args.shard_size,
-               batch=args.batch, device=args.device)
+               batch=args.batch, guidance=args.guidance, device=args.device)
     return 0
 
 
@@ -213,7 +229,7 @@ def _add_stage(sub, stage: str) -> None:
     p.add_argument("--out", metavar="DIR", help=f"run directory (default runs/<preset>-{stage})")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config as JSON and exit")
     for name, text in STAGE_INPUTS.get(stage, {}).items():
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{text} (= --set {name}=...)")
+        p.add_argument(f"--{FLAGS.get(name, name).replace('_', '-')}", dest=name, help=f"{text} (= --set {name}=...)")
     p.set_defaults(func=cmd_stage)
 
 
@@ -254,6 +270,9 @@ def _add_pairs(sub) -> None:
                    help="items per shard file, a multiple of --batch (default: the folder's, else 1024)")
     p.add_argument("--batch", type=positive_int, default=None, help="items per network call, aligned to item "
                    "ids; recorded, as float results depend on it (default: the folder's, else 32)")
+    p.add_argument("--guidance", type=guidance_range_arg, default=None, metavar="LO:HI",
+                   help="invert with the CFG-guided teacher, w_j spread evenly over [LO, HI] (for a guidance-"
+                   "conditioned G; e.g. 1:3; default: the folder's, else none)")
     p.add_argument("--device", type=device_arg, default=None,
                    help="torch device (default cuda when available, else cpu)")
     p.set_defaults(func=cmd_pairs)

@@ -61,6 +61,7 @@ class UNetConfig:
     resblock_updown: bool = True
     emb_noise_scale: float = 1000.0  # the UNet embeds emb_noise_scale * c_noise (ADM / EDM-IN64 import)
     guidance_embed: bool = False  # embed the CFG scale w (one-step generators with guidance)
+    grow_stages: int = 0  # Stage 3: 2x growth stages before the head (output = resolution * 2^grow_stages)
 
     def validate(self) -> None:
         levels = len(self.channel_mult)
@@ -80,6 +81,7 @@ class UNetConfig:
         _check(not bad, f"network.attention_resolutions {bad} are not among the UNet's resolutions {sorted(res)}")
         _check(0.0 <= self.dropout < 1.0, f"network.dropout={self.dropout} must be in [0, 1)")
         _check(self.num_classes >= 0, f"network.num_classes={self.num_classes} must be >= 0")
+        _check(0 <= self.grow_stages <= 6, f"network.grow_stages={self.grow_stages} must be in [0, 6]")
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,57 @@ class DistillConfig:
                 sub.validate()
 
 
+def default_freeze(net: UNetConfig) -> tuple[str, ...]:
+    """Stage 3's frozen modules (METHOD §2) for a UNet layout: the time / label / guidance embeddings, the input
+    conv and encoder (`input_blocks`), the middle block and the early decoder, i.e. every output block before the
+    second block of the level at half the base resolution (ImageNet-64: `output_blocks.0` .. `.8`; trainable:
+    the last 3 blocks of the 32 px level onward and everything grown). Names that a network lacks (the label
+    embedding of an unconditional G, the guidance embedding of an unguided one) are skipped."""
+    first_trainable = (len(net.channel_mult) - 2) * (net.num_res_blocks + 1) + 1 if len(net.channel_mult) > 1 else 0
+    return ("time_embed", "label_emb", "guidance_emb", "input_blocks", "middle_block",
+            *(f"output_blocks.{i}" for i in range(first_trainable)))
+
+
+@dataclass(frozen=True)
+class GrowLossConfig:
+    """Stage 3's per-stage objective (METHOD §2); stage k grows base * 2^(k-1) -> base * 2^k."""
+
+    w_adv: float = 1.0  # weight of the adversarial loss (METHOD: 1.0 from 128 on)
+    adaptive: bool = True  # the adaptive lambda in the joint update (stages before split_from)
+    split_from: int = 2  # from this stage (256 for ImageNet) two G updates per step: L_rec, then w_adv * L_adv (lambda 1)
+    rec_disc_from: int = 3  # from this stage (512) a second discriminator judges reconstructions G(z_x) against x
+    rec_disc_weight: float = 0.5  # its weight in the generator's adversarial loss
+    backbone: str = "random"  # feature backbone of the distance d (pagoda.networks.features)
+    augment: bool = True  # DiffAugment, one draw shared by both images
+
+    def validate(self) -> None:
+        _check(self.w_adv >= 0 and self.rec_disc_weight >= 0, "grow loss.w_adv and loss.rec_disc_weight must be >= 0")
+        _check(self.split_from >= 1 and self.rec_disc_from >= 1, "loss.split_from and loss.rec_disc_from must be >= 1")
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    """Stage 3: grow a one-step G 2x (METHOD §2): an up-ResBlock and two ResBlocks before the kept head, the trunk
+    frozen, trained on the SAME base-resolution latents with the crops of the same images at the new resolution."""
+
+    source: str = ""  # the G to grow (--from): Stage 2b's G or a grown one
+    pairs: str = ""  # the Stage-2a pairs the source was trained on (same teacher, base resolution)
+    resolution: int = 0  # the output resolution; 0 = twice the source's (anything else is refused)
+    freeze: tuple[str, ...] = default_freeze(UNetConfig())  # modules of the UNet frozen (no optimiser / EMA state)
+    loss: GrowLossConfig = field(default_factory=GrowLossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch=32, steps=300, lr=1e-4, lr_warmup=0,
+                                                                 ema_rate=0.999, snapshot_every=100, log_every=10))
+
+    def validate(self) -> None:
+        self.loss.validate()
+        self.disc.validate()
+        self.train.validate()
+        _check(self.resolution == 0 or (self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0),
+               f"resolution={self.resolution} must be 0 (twice the source's) or a power of two >= 8")
+        _check(all(isinstance(n, str) and n for n in self.freeze), "freeze must be a list of module names")
+
+
 PD_FORMULATIONS = ("edm", "vp-cosine")
 PD_LOSSES = ("truncated-snr", "x", "v", "eps")
 
@@ -291,14 +344,16 @@ class Preset:
     teacher: TeacherConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
     pd: PDConfig = field(default_factory=PDConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
 
     def validate(self) -> None:
         self.teacher.validate()
         self.distill.validate()
         self.pd.validate()
+        self.grow.validate()
 
 
-STAGES = ("teacher", "distill", "pd")
+STAGES = ("teacher", "distill", "pd", "grow")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,12 +379,32 @@ def _imagenet64() -> Preset:
                                                      lr_decay="linear", grad_clip=1.0, ema_rate=0.0,
                                                      snapshot_every=2000, log_every=100, dtype="bfloat16"))
     return Preset("imagenet64", "ImageNet 64x64 EDM teacher (paper architecture, ~296M parameters)",
-                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)), distill, pd)
+                  TeacherConfig(data=data, network=net, train=train, sample=SampleConfig(steps=40)), distill, pd,
+                  _in64_grow(128))
+
+
+def _in64_grow(resolution: int) -> GrowConfig:
+    # Stage 3 on ImageNet (METHOD §2): lr and optimiser as Stage 2b, no schedule; batch 256 / 360 / 512 for
+    # 128 / 256 / 512; w_adv 1.0; the paper's DeiT + EfficientNet features for d and D.
+    net = UNetConfig(resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                     attention_resolutions=(32, 16, 8), num_head_channels=64, num_classes=1000)
+    batch = {128: 256, 256: 360, 512: 512}[resolution]
+    return GrowConfig(resolution=resolution, freeze=default_freeze(net),
+                      loss=GrowLossConfig(w_adv=1.0, backbone="paper"), disc=DiscConfig(backbone="paper", lr=2e-3),
+                      train=TrainConfig(batch=batch, micro_batch=8, steps=50_000, lr=8e-6, lr_warmup=0,
+                                        ema_rate=0.999, snapshot_every=2000, log_every=100, dtype="float16"))
+
+
+def _in64to(resolution: int) -> Preset:
+    base = _imagenet64()
+    return replace(base, name=f"in64to{resolution}", grow=_in64_grow(resolution),
+                   description=f"imagenet64, Stage 3 grown to {resolution} px (paper batch {_in64_grow(resolution).train.batch})")
 
 
 def _photos() -> Preset:
     # Sized for a 2-core CPU: a ~1.3M-parameter UNet at 16 px trains at ~100 img/s.
-    return Preset("photos", "bundled photographs at 16 px, ~1.3M-parameter UNet, minutes on a CPU",
+    # Stage 3: 16 -> 32 -> 64, one `grow` run per 2x with this config (the target is twice the source).
+    return Preset("photos", "bundled photographs at 16 px, ~1.3M-parameter UNet, minutes on a CPU; grown to 32, 64",
                   TeacherConfig(), DistillConfig())
 
 
@@ -342,12 +417,15 @@ def _smoke() -> Preset:
                                               log_every=2))
     pd = PDConfig(from_steps=4, train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0, lr_decay="linear",
                                                   grad_clip=1.0, ema_rate=0.0, snapshot_every=2, log_every=2))
-    return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds",
+    grow = GrowConfig(freeze=default_freeze(net), train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0,
+                                                                   snapshot_every=2, log_every=2))
+    return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds (grown 8 -> 16)",
                   TeacherConfig(data=DataConfig(resolution=8), network=net, train=train,
-                                sample=SampleConfig(steps=8)), distill, pd)
+                                sample=SampleConfig(steps=8)), distill, pd, grow)
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (_imagenet64(), _photos(), _smoke())}
+PRESETS: dict[str, Preset] = {p.name: p for p in (_imagenet64(), *(_in64to(r) for r in (128, 256, 512)), _photos(),
+                                                  _smoke())}
 
 
 def get_preset(name: str) -> Preset:
@@ -439,7 +517,8 @@ def resolve(stage: str, preset: str, overrides: list[str] = (), config_file: str
     return cfg
 
 
-STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig, "distill": DistillConfig, "pd": PDConfig}
+STAGE_CLASSES: dict[str, type] = {"teacher": TeacherConfig, "distill": DistillConfig, "pd": PDConfig,
+                                  "grow": GrowConfig}
 
 
 def load_json(stage: str, path: str) -> Any:

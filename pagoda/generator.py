@@ -88,6 +88,10 @@ class Generator(abc.ABC):
         """Declared NFE per sample at CFG scale `guidance` (None = the default)."""
         return self.nfe
 
+    def check_guidance(self, guidance: float | None) -> float:
+        """The CFG scale a sample() call uses (None = the default); UserError where the model cannot use it."""
+        return self.guidance if guidance is None else float(guidance)
+
     def seed_labels(self, seeds) -> torch.Tensor | None:
         """The labels sample() draws from the seeds when given none (None for unconditional models)."""
         return seeded_draws(as_seeds(seeds), self.noise_shape, "cpu", self.num_classes)[1]
@@ -204,21 +208,49 @@ class DiffusionGenerator(Generator):
 
 
 class OneStepGenerator(Generator):
-    """PaGoDA's one-step G: x = F(c_in(sigma_max) z; c_noise(sigma_max), y), z = sigma_max * eps, one
-    network call, clamped to [-1, 1] (METHOD §2, Stage 2b). NFE = 1 at every resolution (a grown G keeps
-    its base-resolution noise; see `noise_shape`)."""
+    """PaGoDA's one-step G: x = F(c_in(sigma_max) z; c_noise(sigma_max), y[, w]), z = sigma_max * eps, one
+    network call, clamped to [-1, 1] (METHOD §2, Stage 2b). NFE = 1 at every resolution and every w (a grown G
+    keeps its base-resolution noise; see `noise_shape`).
+
+    guidance_range (lo, hi): a guidance-conditioned G (its UNet embeds w) samples any w in that closed range,
+    the default being 1 when inside it, else lo; None: an unguided G, which samples w = 1 only. Any other w is a
+    UserError naming the range.
+    """
 
     kind = method = "pagoda"
     nfe = 1.0
 
     def __init__(self, net: nn.Module, *, resolution: int, num_classes: int, sigma_max: float = 80.0,
                  sigma_data: float = 0.5, noise_resolution: int | None = None, name: str = "pagoda",
+                 guidance_range: tuple[float, float] | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.resolution, self.num_classes, self.name = int(resolution), int(num_classes), name
         self.sigma_max, self.sigma_data = float(sigma_max), float(sigma_data)
         self.noise_resolution = int(noise_resolution or resolution)
         self.device, self.dtype = torch.device(device), dtype
         self.net = net.to(self.device).eval().requires_grad_(False)
+        guided = getattr(net, "guidance_emb", None) is not None
+        if guided != (guidance_range is not None):
+            raise UserError(f"{name}: a guidance range is given for a G {'with' if guided else 'without'} a guidance "
+                            "embedding (or none for one with it): the checkpoint's meta is damaged")
+        self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
+        self.supports_guidance = guided
+        lo, hi = self.guidance_range or (1.0, 1.0)
+        self.guidance = 1.0 if lo <= 1.0 <= hi else lo
+
+    def check_guidance(self, guidance: float | None) -> float:
+        """The CFG scale w a sample() call uses (None = the default), refused outside the trained range."""
+        w = self.guidance if guidance is None else float(guidance)
+        if self.guidance_range is None:
+            if w != 1.0:
+                raise UserError(f"guidance {w:g}: {self.name} was trained without guidance (its range is 1 only): "
+                                "sample it with guidance 1, or train a G on guided pairs (pagoda pairs --guidance)")
+            return w
+        lo, hi = self.guidance_range
+        if not lo <= w <= hi:
+            raise UserError(f"guidance {w:g} is outside the range [{lo:g}, {hi:g}] {self.name} was trained on: pick "
+                            "w in it")
+        return w
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
@@ -232,15 +264,15 @@ class OneStepGenerator(Generator):
         """Images of the seeds (uint8 [N, 3, R, R]); labels drawn from the seeds when not given."""
         seeds = as_seeds(seeds)
         labels = self.check_labels(labels, len(seeds))
-        if guidance not in (None, 1, 1.0):
-            raise UserError(f"{self.name} was not trained with a guidance embedding: sample it with guidance 1 "
-                            "(a guidance-conditioned G comes from the Stage 3 issue)")
+        w = self.check_guidance(guidance)
         eps, drawn = seeded_draws(seeds, self.noise_shape, self.device, self.num_classes if labels is None else 0)
         labels = drawn if labels is None else labels.to(self.device)
         ctx = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device.type, dtype=self.dtype)
         with ctx:
-            x = one_step(self.net, eps * self.sigma_max, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
+            w = torch.full((len(seeds),), w, device=self.device) if self.guidance_range else None
+            x = one_step(self.net, eps * self.sigma_max, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
+                         guidance=w)
         return to_uint8(x.float().clamp(-1, 1))
 
 
@@ -275,8 +307,8 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
     diffusion = diffusion_config(path, meta)
     return OneStepGenerator(net, resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
                             sigma_max=diffusion.sigma_max, sigma_data=diffusion.sigma_data,
-                            noise_resolution=meta.get("noise_resolution"), name=Path(path).stem, device=device,
-                            dtype=dtype)
+                            noise_resolution=meta.get("noise_resolution"), name=Path(path).stem,
+                            guidance_range=meta.get("guidance_range"), device=device, dtype=dtype)
 
 
 def _load_pd(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,

@@ -9,12 +9,21 @@ teacher gets no labels). That is `pagoda.samplers.ddim_invert`; nothing here is 
 Items. DESIGN: item j = image j // 2 of the source, horizontally flipped iff j is odd (an image and its
 mirror sit side by side; `pagoda.data`'s xflip puts the mirrors at N..2N-1 instead). num_items = 2N.
 
+Guided pairs (METHOD §2, "Guidance"; for a guidance-conditioned G). With `guidance=(lo, hi)` item j is inverted
+with the CFG-guided teacher D_w = D_u + w_j (D_c - D_u) (two network rows per step, 156 NFE per item). DESIGN:
+w_j = lo + (hi - lo) * frac(j / phi) (phi the golden ratio): a deterministic, equidistributed sequence, so any
+prefix of the items, every shard and both mirrors of an image cover the range evenly, and w_j depends on j alone.
+The scales are stored per item (`guidance` float32 [n]) and the range in the index; a G trained on them is
+refused any w outside it.
+
 Folder layout (`make_pairs(teacher, data, out)` writes it, `load_pairs(out)` reads it):
 - `pairs-00000.safetensors`, ...: shard s holds items [s * shard_size, min((s + 1) * shard_size, num_items)):
   `z` float32 or float16 [n, 3, R, R] (the latents, ~ sigma_max * eps), `index` int64 [n] (the item ids),
-  `label` int64 [n] (the data labels; stored for an unconditional teacher too, which ignores them).
+  `label` int64 [n] (the data labels; stored for an unconditional teacher too, which ignores them), and for
+  guided pairs `guidance` float32 [n] (w_j).
 - `index.json`: format, teacher {path, sha256, num_classes}, data {source, fingerprint, num_images},
   resolution, sigmas (the ascending grid, float64 values), num_points, num_steps, nfe_per_item, clamp, dtype,
+  guidance {range, rule} (guided pairs only),
   batch, num_items, shard_size, items (the rule above in words), complete, and per shard
   {file, start, stop, bytes, sha256}.
 
@@ -65,7 +74,15 @@ DEFAULTS = {"dtype": "float32", "shard_size": 1024, "batch": 32}
 ITEMS_RULE = "item j = image j // 2 of the data source, horizontally flipped iff j is odd"
 # The entries of index.json that define the pairs: a rerun into the same folder must agree on all of them.
 PLAN_KEYS = ("format", "teacher.sha256", "data.fingerprint", "resolution", "sigmas", "clamp", "dtype",
-             "batch", "num_items", "shard_size")
+             "batch", "num_items", "shard_size", "guidance.range")
+GOLDEN = (5 ** 0.5 - 1) / 2  # 1 / phi
+GUIDANCE_RULE = "w_j = lo + (hi - lo) * frac(j / phi), phi = (1 + sqrt 5) / 2"
+
+
+def pair_guidance(items, lo: float, hi: float) -> torch.Tensor:
+    """The CFG scales w_j of items (float32 [n]) of guided pairs over [lo, hi] (GUIDANCE_RULE, in float64)."""
+    j = torch.as_tensor(list(items), dtype=torch.float64)
+    return (lo + (hi - lo) * torch.frac(j * GOLDEN)).to(torch.float32)
 
 
 def shard_name(s: int) -> str:
@@ -87,10 +104,12 @@ def pair_batch(dataset, items) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Stage 2a encoding (METHOD §2): x uint8 [N, 3, R, R] -> z float32 [N, 3, R, R] at sigmas[-1], Heun upward
-# from sigmas[0] with D clamped to [-1, 1]; labels int64 [N] or None (unconditional teacher).
+# from sigmas[0] with D clamped to [-1, 1]; labels int64 [N] or None (unconditional teacher); guidance: the CFG
+# scale (a float, or float [N] per image; None = the plain conditional teacher).
 @torch.no_grad()
-def invert(denoiser, x: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor) -> torch.Tensor:
-    return ddim_invert(denoiser, to_model(x), sigmas, labels=labels, clamp=True)
+def invert(denoiser, x: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor,
+           guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+    return ddim_invert(denoiser, to_model(x), sigmas, labels=labels, guidance=guidance, clamp=True)
 
 
 def load_teacher(path: str | os.PathLike, *, device="cpu") -> tuple[EDMPrecond, dict]:
@@ -125,7 +144,21 @@ def _source_name(data: str) -> str:
     return data if data == "photos" else str(Path(data).resolve())
 
 
-def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int) -> tuple[dict, object]:
+def check_guidance_range(guidance, teacher, meta: dict) -> tuple[float, float] | None:
+    """(lo, hi) as floats, checked against the teacher (CFG needs labels and label dropout), or None."""
+    if guidance is None:
+        return None
+    lo, hi = (float(v) for v in guidance)
+    if not (0 <= lo <= hi <= 100):
+        raise UserError(f"--guidance {lo:g}:{hi:g} must be a range LO:HI with 0 <= LO <= HI <= 100 (e.g. 1:3)")
+    if int(meta.get("num_classes", 0)) < 1 or meta.get("diffusion", {}).get("label_dropout", 0.0) <= 0:
+        raise UserError(f"--guidance: teacher {teacher} was not trained for classifier-free guidance "
+                        "(unconditional, or no label dropout): drop --guidance")
+    return lo, hi
+
+
+def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int,
+               guidance: tuple[float, float] | None = None) -> tuple[dict, object]:
     """(index dict with every shard not yet done, the data set): validates the inputs, writes nothing."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is unknown: use {' or '.join(DTYPES)}")
@@ -138,6 +171,7 @@ def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int) -
     resolution = int(meta.get("resolution") or meta.get("network", {}).get("resolution"))
     classes = int(meta.get("num_classes", meta.get("network", {}).get("num_classes", 0)))
     diffusion = diffusion_config(teacher, meta)
+    guidance = check_guidance_range(guidance, teacher, meta)
     dataset = build_dataset(data, resolution)
     _check_classes(teacher, data, classes, dataset.num_classes)
     sigmas = inversion_sigmas(NUM_POINTS, sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max,
@@ -151,16 +185,25 @@ def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int) -
                  data=dict(source=_source_name(data), fingerprint=dataset.fingerprint(),
                            num_images=len(dataset)),
                  resolution=resolution, sigmas=sigmas.tolist(), num_points=NUM_POINTS,
-                 num_steps=NUM_POINTS - 1, nfe_per_item=2 * (NUM_POINTS - 1), clamp=True, dtype=dtype,
-                 batch=batch, num_items=num_items, shard_size=shard_size, items=ITEMS_RULE, complete=False,
-                 shards=shards)
+                 num_steps=NUM_POINTS - 1, nfe_per_item=2 * (NUM_POINTS - 1) * (2 if guidance else 1), clamp=True,
+                 dtype=dtype, batch=batch, num_items=num_items, shard_size=shard_size, items=ITEMS_RULE,
+                 complete=False, shards=shards)
+    if guidance is not None:
+        index["guidance"] = dict(range=list(guidance), rule=GUIDANCE_RULE)
     return index, dataset
+
+
+def guidance_range(index: dict) -> tuple[float, float] | None:
+    """The (lo, hi) CFG range of guided pairs, None for plain ones."""
+    g = index.get("guidance")
+    return None if g is None else (float(g["range"][0]), float(g["range"][1]))
 
 
 def rerun_hint(index: dict, folder) -> str:
     """The command that (re)makes the pairs of an index."""
+    g = guidance_range(index)
     return (f"`python -m pagoda pairs --teacher {index['teacher']['path']} --data {index['data']['source']} "
-            f"--out {folder}`")
+            f"--out {folder}{f' --guidance {g[0]:g}:{g[1]:g}' if g else ''}`")
 
 
 def read_index(folder: str | os.PathLike) -> dict:
@@ -211,13 +254,14 @@ def _write_index(out: Path, index: dict) -> None:
 
 def _invert_shard(denoiser, dataset, index: dict, rec: dict, device, bar) -> dict[str, torch.Tensor]:
     """The tensors of one shard, inverted in micro-batches [kB, (k + 1)B) aligned to item ids."""
-    B, conditional = index["batch"], index["teacher"]["num_classes"] > 0
+    B, conditional, g = index["batch"], index["teacher"]["num_classes"] > 0, guidance_range(index)
     sigmas = torch.tensor(index["sigmas"], dtype=torch.float64)
     zs, ys = [], []
     for lo in range(rec["start"], rec["stop"], B):
         items = range(lo, min(lo + B, rec["stop"]))
         x, y = pair_batch(dataset, items)
-        z = invert(denoiser, x.to(device), y.to(device) if conditional else None, sigmas)
+        w = None if g is None else pair_guidance(items, *g).to(device)
+        z = invert(denoiser, x.to(device), y.to(device) if conditional else None, sigmas, w)
         z = z.to(DTYPES[index["dtype"]]).cpu()
         if not torch.isfinite(z).all():
             raise UserError(f"teacher {index['teacher']['path']} gives non-finite {index['dtype']} latents "
@@ -228,7 +272,10 @@ def _invert_shard(denoiser, dataset, index: dict, rec: dict, device, bar) -> dic
         bar.update(len(items))
     ids = torch.arange(rec["start"], rec["stop"], dtype=torch.int64)
     labels = torch.cat(ys).to(torch.int64).contiguous()
-    return {"z": torch.cat(zs).contiguous(), "index": ids, "label": labels}
+    out = {"z": torch.cat(zs).contiguous(), "index": ids, "label": labels}
+    if g is not None:
+        out["guidance"] = pair_guidance(ids.tolist(), *g)
+    return out
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -248,6 +295,8 @@ def _check_shard(out: Path, index: dict, rec: dict) -> None:
         raise UserError(f"pairs shard {path} is not readable ({str(e)[:80]}): {hint}") from None
     want = {"z": ([n, 3, R, R], {"float32": "F32", "float16": "F16"}[index["dtype"]]), "index": ([n], "I64"),
             "label": ([n], "I64")}
+    if guidance_range(index) is not None:
+        want["guidance"] = ([n], "F32")
     if shapes != want or not torch.equal(ids, torch.arange(rec["start"], rec["stop"])):
         raise UserError(f"pairs shard {path} does not hold items {rec['start']}..{rec['stop'] - 1} as "
                         f"planned ({shapes}): {hint}")
@@ -283,22 +332,27 @@ def _prepare(out: Path, index: dict) -> dict:
     return index
 
 
-def _settings(out: Path, dtype, shard_size, batch) -> dict:
-    """Options not given default to the existing index's (so the same command resumes), else to DEFAULTS."""
+def _settings(out: Path, dtype, shard_size, batch, guidance) -> dict:
+    """Options not given default to the existing index's (so the same command resumes), else to DEFAULTS
+    (no guidance)."""
     old = {}
     if (out / INDEX).is_file():
         old = read_index(out)
     given = dict(dtype=dtype, shard_size=shard_size, batch=batch)
-    return {k: v if v is not None else old.get(k, DEFAULTS[k]) for k, v in given.items()}
+    settings = {k: v if v is not None else old.get(k, DEFAULTS[k]) for k, v in given.items()}
+    settings["guidance"] = guidance if guidance is not None else guidance_range(old)
+    return settings
 
 
 def make_pairs(teacher: str | os.PathLike, data: str, out: str | os.PathLike, *, dtype: str | None = None,
-               shard_size: int | None = None, batch: int | None = None, device: str | torch.device = "cpu",
+               shard_size: int | None = None, batch: int | None = None,
+               guidance: tuple[float, float] | None = None, device: str | torch.device = "cpu",
                progress: bool = True) -> Path:
     """Invert every item of `data` with `teacher` into the pairs folder `out`; returns out/index.json.
 
     dtype ("float32" | "float16"), shard_size (items per file) and batch (items per network call, part of
     the result; see the module docstring) default to the folder's index when it exists, else to DEFAULTS.
+    guidance (lo, hi): invert with the CFG-guided teacher at w_j over that range (module docstring).
     Resumes a killed run; a finished folder is left as is ("up to date"). Joins the process group torchrun
     describes (or uses the one already made); rank r takes the shards s with s % world == r.
     Raises UserError for a missing or non-teacher checkpoint, an unknown data source, labels the teacher does
@@ -306,7 +360,7 @@ def make_pairs(teacher: str | os.PathLike, data: str, out: str | os.PathLike, *,
     """
     out = Path(out)
     with dist.session():
-        index, dataset = plan_pairs(teacher, data, **_settings(out, dtype, shard_size, batch))
+        index, dataset = plan_pairs(teacher, data, **_settings(out, dtype, shard_size, batch, guidance))
         index = _prepare(out, index)
         if _up_to_date(out, index):
             dist.print0(f"{out}: up to date ({index['num_items']} items in {len(index['shards'])} shards)")
@@ -351,16 +405,19 @@ def _run_shards(teacher, out: Path, index: dict, dataset, *, device, progress: b
 # Reading.
 
 class Pairs(torch.utils.data.Dataset):
-    """Stage 2a pairs as a Dataset: pairs[j] -> (x uint8 [3, R, R], y int64 [], z float32 [3, R, R]).
+    """Stage 2a pairs as a Dataset: pairs[j] -> (x uint8 [3, S, S], y int64 [], z float32 [3, R, R], w float32 []).
 
-    x is item j of the data source (image j // 2, mirrored iff j is odd), y the label the teacher was
-    conditioned on, z its latent at sigma_max. Shards are memory-mapped lazily (per process, so DataLoader
-    workers open their own). Attributes: resolution, num_classes (the teacher's), teacher_sha256, index.
+    x is item j of the data source (image j // 2, mirrored iff j is odd) at the image resolution S (R, the
+    latents', unless Stage 3 asked for its own: the crop of the same source image at S), y the label the
+    teacher was conditioned on, z its latent at sigma_max, w the CFG scale it was inverted with (1 for plain
+    pairs). Shards are memory-mapped lazily (per process, so DataLoader workers open their own). Attributes:
+    resolution (R), image_resolution (S), num_classes (the teacher's), teacher_sha256, guidance_range, index.
     """
 
     def __init__(self, folder: Path, index: dict, dataset):
         self.folder, self.index, self.dataset = Path(folder), index, dataset
         self.resolution, self.shard_size = index["resolution"], index["shard_size"]
+        self.image_resolution, self.guidance_range = dataset.resolution, guidance_range(index)
         self.num_classes, self.teacher_sha256 = index["teacher"]["num_classes"], index["teacher"]["sha256"]
         self._files = {}
 
@@ -377,23 +434,25 @@ class Pairs(torch.utils.data.Dataset):
                                                      framework="pt")
         return self._files[key]
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         j = int(j)
         if not 0 <= j < len(self):
             raise IndexError(f"item {j} out of range for {len(self)} pairs")
         s, k = divmod(j, self.shard_size)
         f = self._shard(s)
         x, _ = pair_image(self.dataset, j)
-        return x, f.get_slice("label")[k:k + 1][0], f.get_slice("z")[k:k + 1][0].to(torch.float32)
+        w = f.get_slice("guidance")[k:k + 1][0] if self.guidance_range else torch.tensor(1.0)
+        return x, f.get_slice("label")[k:k + 1][0], f.get_slice("z")[k:k + 1][0].to(torch.float32), w
 
 
 def load_pairs(folder: str | os.PathLike, *, teacher_sha256: str | None = None, resolution: int | None = None,
-               data: str | None = None) -> Pairs:
+               data: str | None = None, image_resolution: int | None = None) -> Pairs:
     """The pairs in `folder`, verified: index complete, every shard's SHA-256 as recorded, data unchanged.
 
     teacher_sha256 / resolution, when given, must match the index (the teacher and base resolution of the
     stage that uses the pairs). `data` reads the images from another path to the same data (its fingerprint
-    must match). Every failure is a one-line UserError naming the file and the fix.
+    must match). image_resolution: the images at another size (Stage 3: the crops of the same source images at
+    the stage's resolution). Every failure is a one-line UserError naming the file and the fix.
     """
     folder = Path(folder)
     index = read_index(folder)
@@ -401,14 +460,14 @@ def load_pairs(folder: str | os.PathLike, *, teacher_sha256: str | None = None, 
     if not index.get("complete"):
         raise UserError(f"pairs in {folder} are unfinished (index.json: complete = false): rerun {hint} to "
                         f"finish them")
+    if resolution is not None and resolution != index["resolution"]:
+        raise UserError(f"pairs in {folder} are at resolution {index['resolution']}, not {resolution}: make "
+                        f"pairs with a {resolution} px teacher, or use a {index['resolution']} px stage")
     made_by = index["teacher"]["sha256"]
     if teacher_sha256 is not None and teacher_sha256 != made_by:
         raise UserError(f"pairs in {folder} were made by teacher {index['teacher']['path']} (SHA-256 "
                         f"{made_by[:16]}...), not by this teacher ({teacher_sha256[:16]}...): make pairs "
                         f"with this teacher into a new --out, or use the teacher they were made with")
-    if resolution is not None and resolution != index["resolution"]:
-        raise UserError(f"pairs in {folder} are at resolution {index['resolution']}, not {resolution}: make "
-                        f"pairs with a {resolution} px teacher, or use a {index['resolution']} px stage")
     for rec in index["shards"]:
         _verify_shard(folder, rec, hint)
     dataset = build_dataset(data or index["data"]["source"], index["resolution"])
@@ -416,6 +475,8 @@ def load_pairs(folder: str | os.PathLike, *, teacher_sha256: str | None = None, 
         raise UserError(f"data source {data or index['data']['source']} changed since the pairs in {folder} "
                         f"were made (fingerprint differs): restore it, or make the pairs again into a new "
                         f"--out")
+    if image_resolution is not None and image_resolution != index["resolution"]:
+        dataset = build_dataset(data or index["data"]["source"], image_resolution)
     return Pairs(folder, index, dataset)
 
 

@@ -55,8 +55,9 @@ class NFECounter:
 # Classifier-free guidance (METHOD §1): D_w = D_uncond + w (D_cond - D_uncond). Conditional and
 # unconditional rows go through ONE network call on a batch of 2N, which NFECounter counts as
 # 2 NFE per sample. w = 1 returns the denoiser itself; labels=None (all null) needs one call.
-def guided(denoiser, w: float, *, null_class: int | None = None):
-    if w == 1:
+# w may also be a tensor [N] of per-sample scales (Stage 2a's guided pairs); it is then always applied.
+def guided(denoiser, w, *, null_class: int | None = None):
+    if not torch.is_tensor(w) and w == 1:
         return denoiser
     null_class = getattr(denoiser, "num_classes", 0) if null_class is None else null_class
     if null_class < 1:
@@ -72,7 +73,8 @@ def guided(denoiser, w: float, *, null_class: int | None = None):
             denoiser.expect_batch(n)
         null = torch.full_like(labels, null_class)
         D_cond, D_uncond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null])).chunk(2)
-        return D_uncond + w * (D_cond - D_uncond)
+        scale = w.to(x.device, D_cond.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(w) else w
+        return D_uncond + scale * (D_cond - D_uncond)
 
     D_w.num_classes = null_class
     return D_w

@@ -16,7 +16,6 @@ Run directory: config.json, log.jsonl, state.pt, <stage>.safetensors, snapshots/
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import json
 import os
@@ -43,7 +42,9 @@ class Stage(Protocol):
     and `optimizer(params, which) -> torch.optim.Optimizer` (which = "net" or "disc"; default Adam
     with cfg.lr for the net). The loop averages the discriminator's gradients over ranks itself (no
     DDP wrapper: a discriminator sees real and fake batches in two forwards). An optional
-    `after_step(step)` runs on every rank once both updates of a step are done.
+    `after_step(step)` runs on every rank once both updates of a step are done. A stage may also set
+    `phases` (e.g. ("rec", "adv")): then the network gets one optimizer update per phase on the same
+    micro-batches, `step(net, batch, generator, phase)` giving each phase's loss, and one EMA update after them.
     """
 
     name: str  # the deliverable is <out_dir>/<name>.safetensors
@@ -128,13 +129,33 @@ def ema_beta(ema_rate: float, step: int) -> float:
     return min(ema_rate, (1 + step) / (10 + step))
 
 
+def ema_init(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The EMA state: a copy of each trainable parameter, by name. Frozen parameters (Stage 3's trunk) get none."""
+    return {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+
+
 @torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * net, parameters and floating buffers alike."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach(), 1 - beta)
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+def update_ema(ema: dict[str, torch.Tensor], net: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * net, for the trainable parameters `ema` holds."""
+    for name, p in net.named_parameters():
+        if name in ema:
+            ema[name].lerp_(p.detach(), 1 - beta)
+
+
+def ema_weights(ema: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """The deliverable's state dict: the net's (frozen parameters and buffers as they are) with the EMA of the
+    trainable parameters in place of their raw values."""
+    return {k: ema.get(k, v).detach().cpu().contiguous() for k, v in net.state_dict().items()}
+
+
+def load_ema(ema: dict[str, torch.Tensor], saved: dict, path: Path) -> None:
+    """Fill `ema` from a training state's entry (which may hold more: a full state dict of older runs)."""
+    missing = sorted(set(ema) - set(saved))
+    if missing:
+        raise UserError(f"training state {path} has no EMA of {missing[:3]} (it was written with another set of "
+                        f"trainable parameters): delete it to restart the run, or pass --out elsewhere")
+    for k, t in ema.items():
+        t.copy_(saved[k])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +245,8 @@ def _cpu(tree):
     return tree
 
 
-def save_snapshot(out_dir: Path, stage: Stage, *, ema: nn.Module, state: dict, meta: dict) -> None:
-    """snapshots/<name>-<step>.safetensors, <name>.safetensors (the EMA), then state.pt last."""
-    weights = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+def save_snapshot(out_dir: Path, stage: Stage, *, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> None:
+    """snapshots/<name>-<step>.safetensors, <name>.safetensors (the EMA weights), then state.pt last."""
     (out_dir / "snapshots").mkdir(exist_ok=True)
     checkpoint.save_model(out_dir / "snapshots" / f"{stage.name}-{state['step']:07d}.safetensors", weights, meta)
     checkpoint.save_model(out_dir / f"{stage.name}.safetensors", weights, meta)
@@ -271,7 +291,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
 
     # Network, EMA, optimizer, loss scaler (float16 only), autocast; the stage's discriminator if it has one.
     net = stage.net.to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = ema_init(net)  # trainable parameters only (Stage 3 freezes part of the net)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = make_optimizer(stage, params, cfg, "net")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
@@ -287,7 +307,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
     if state_path.exists():
         state = checkpoint.load_training_state(state_path)
         net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
+        load_ema(ema, state["ema"], state_path)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if disc is not None:
@@ -305,6 +325,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    phases = tuple(getattr(stage, "phases", None) or (None,))
     sampler = StepSampler(len(dataset), seed=cfg.seed, batch=cfg.batch, micro=micro, start=step, steps=cfg.steps,
                           rank=rank, world=world)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
@@ -321,27 +342,31 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         for group in opt.param_groups:
             group["lr"] = lr
 
-        # Accumulate gradients over this rank's micro-batches; DDP syncs on the last round only.
-        opt.zero_grad(set_to_none=True)
-        for a in range(accum):
-            m = a * world + rank
-            batch = [t.to(device, non_blocking=True) for t in next(batches)]
-            generator = torch.Generator(device).manual_seed(derive_seed(cfg.seed, 1, step, m))
-            torch.manual_seed(derive_seed(cfg.seed, 2, step, m))  # anything drawing from the global RNG (dropout)
-            sync = contextlib.nullcontext() if world == 1 or a == accum - 1 else ddp.no_sync()
-            with sync:
-                with torch.autocast(**autocast):
-                    loss, stats = stage.step(ddp, batch, generator)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-            _accumulate_stats(stat_sums, stats, accum, device)
+        # Accumulate gradients over this rank's micro-batches; DDP syncs on the last round only. A stage with
+        # `phases` (e.g. Stage 3's ("rec", "adv")) makes one optimizer update per phase on the same micro-batches.
+        micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(accum)]
+        for p, phase in enumerate(phases):
+            opt.zero_grad(set_to_none=True)
+            for a, batch in enumerate(micro_batches):
+                m = a * world + rank
+                keys = (cfg.seed, 1, step, m) if p == 0 else (cfg.seed, 1, step, m, p)
+                generator = torch.Generator(device).manual_seed(derive_seed(*keys))
+                torch.manual_seed(derive_seed(cfg.seed, 2, step, m, *keys[4:]))  # the global RNG (dropout)
+                sync = contextlib.nullcontext() if world == 1 or a == accum - 1 else ddp.no_sync()
+                with sync:
+                    with torch.autocast(**autocast):
+                        loss, stats = stage.step(ddp, batch, generator) if phase is None else \
+                            stage.step(ddp, batch, generator, phase)
+                    scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach().float() / accum
+                _accumulate_stats(stat_sums, stats, accum, device)
 
-        # Optimizer step (gradients unscaled first when clipping), then EMA.
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+            # Optimizer step (gradients unscaled first when clipping).
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
         update_ema(ema, net, ema_beta(cfg.ema_rate, step))
 
         # The discriminator's update (stages that have one): its own micro-batches, gradients averaged here.
@@ -379,14 +404,14 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         # Snapshot: models first, state.pt last, so a state always has its model files.
         if step % cfg.snapshot_every == 0 or step == cfg.steps:
             if dist.is_main():
-                state = dict(step=step, net=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                state = dict(step=step, net=net.state_dict(), ema=ema, optimizer=opt.state_dict(),
                              scaler=scaler.state_dict())
                 if disc is not None:
                     state.update(disc=disc.state_dict(), optimizer_disc=opt_d.state_dict())
                 state = _cpu(state)
                 meta = checkpoint.model_meta(kind=stage.kind, stage=stage.name, config=config_dict, step=step,
                                              ema_rate=cfg.ema_rate, extra=meta_extra)
-                save_snapshot(out_dir, stage, ema=ema, state=state, meta=meta)
+                save_snapshot(out_dir, stage, weights=ema_weights(ema, net), state=state, meta=meta)
             dist.barrier()
     bar.close()
     dist.print0(f"{out_dir}: done ({cfg.steps} steps); model: {model_path}")

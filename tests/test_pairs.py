@@ -108,7 +108,7 @@ def test_gaussian_teacher_round_trip_is_exact_in_uint8(files, tmp_path):
         out = tmp_path / dtype
         make_pairs(files["gauss"], files["small"], out, dtype=dtype, shard_size=12, batch=6, progress=False)
         pairs = load_pairs(out)
-        x, y, z = (torch.stack(t) for t in zip(*(pairs[j] for j in range(len(pairs)))))
+        x, y, z, _ = (torch.stack(t) for t in zip(*(pairs[j] for j in range(len(pairs)))))
         assert x.dtype == torch.uint8 and y.dtype == torch.int64 and z.dtype == torch.float32
         assert len(pairs) == 12 and torch.equal(x[1::2], x[0::2].flip(-1))
         z_exact = a * to_model(x)
@@ -127,7 +127,7 @@ def test_random_teacher_latents_are_the_conditioned_inversion(files, ref):
     D, _ = load_teacher(files["teacher"])
     sigmas = torch.tensor(pairs.index["sigmas"], dtype=torch.float64)
     assert sigmas.shape == (40,) and sigmas[0] == pytest.approx(0.002) and sigmas[-1] == pytest.approx(80.0)
-    x, y, z = (torch.stack(t) for t in zip(*(pairs[j] for j in range(len(pairs)))))
+    x, y, z, _ = (torch.stack(t) for t in zip(*(pairs[j] for j in range(len(pairs)))))
     source = build_dataset(files["data"], RES)
     assert torch.equal(x[0::2], torch.stack([source[i][0] for i in range(16)]))
     assert torch.equal(x[1::2], x[0::2].flip(-1))

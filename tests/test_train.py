@@ -155,8 +155,9 @@ def test_run_directory_contents(tmp_path):
     state = final_state(tmp_path)
     weights, meta = checkpoint.load_model(model)
     assert state["step"] == 4 and meta["step"] == 4
-    for k, v in weights.items():  # the deliverable is the EMA, not the raw weights
-        assert torch.equal(v, state["ema"][k])
+    for k, v in weights.items():  # the deliverable is the EMA of the parameters (buffers: the net's), not the raw weights
+        assert torch.equal(v, state["ema"][k] if k in state["ema"] else state["net"][k])
+    assert set(state["ema"]) == {k for k, _ in ToyStage().net.named_parameters()}  # parameters only
     assert any(not torch.equal(state["ema"][k], state["net"][k]) for k in weights)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
 

@@ -162,15 +162,19 @@ class UNet(nn.Module):
       num_classes=0 builds no label embedding at all and labels must be None.
     - guidance [N] float CFG scale w, only with guidance_embed=True; None means w = NO_GUIDANCE (1.0).
       The w-MLP's last layer starts at zero, so a fresh w-conditioned copy of a teacher equals the teacher.
+    - grow_stages: Stage 3's 2x growth stages appended before the head (`output_resolution` =
+      resolution * 2^grow_stages); the input x stays at `resolution` (3 x base x base at every stage).
     """
 
     def __init__(self, *, resolution: int, in_channels: int = 3, out_channels: int = 3, model_channels: int = 192,
                  channel_mult: tuple[int, ...] = (1, 2, 3, 4), num_res_blocks: int = 3,
                  attention_resolutions: tuple[int, ...] = (32, 16, 8), num_head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, use_scale_shift_norm: bool = True,
-                 resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False):
+                 resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False,
+                 grow_stages: int = 0):
         super().__init__()
         self.resolution, self.model_channels, self.num_classes = resolution, model_channels, num_classes
+        self.grow_stages, self.output_resolution = grow_stages, resolution * 2 ** grow_stages
         self.emb_noise_scale = emb_noise_scale
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -214,6 +218,12 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
+        # Stage 3 (METHOD §2): per 2x, an up-ResBlock (nearest) and two ResBlocks at the head's width, no attention,
+        # no skips, output convs zero-initialised (ResBlock's default), so a fresh stage passes h on upsampled.
+        self.base_output_blocks = len(self.output_blocks)
+        for _ in range(grow_stages):
+            self.output_blocks.extend(TimestepEmbedSequential(res(ch, ch, up=up)) for up in (True, False, False))
+
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
@@ -245,5 +255,5 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             # Blocks appended by Stage 3 come after the last skip and take h alone.
             h = block(torch.cat([h, hs.pop()], dim=1) if hs else h, emb)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype)  # [N, out_channels, output_resolution, output_resolution]
 

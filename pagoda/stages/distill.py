@@ -13,6 +13,11 @@ process accumulating the same micro-batches; D's spectral norms advance once per
 alternate 1:1 (pagoda.train runs `step`, then `d_step` on a second, independently shuffled stream whose
 real images are paired with fakes of their labels, one DiffAugment draw shared by fake_i and real_i).
 RAdam for both; EMA of G after G steps only. The deliverable G.safetensors loads as a OneStepGenerator.
+
+Guidance (METHOD §2, "Guidance"; DESIGN): on guided pairs (`python -m pagoda pairs --guidance LO:HI`) G is the
+teacher's network with its w-embedding switched on (zero-initialised, so G_0 still equals the teacher at every w)
+and so is D; every reconstruction, fake and real is paired with the w_j of its item, so one G serves the range,
+which its checkpoint records (`guidance_range`) and its sampler enforces.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import torch
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import diffusion_config, load_network
-from pagoda.config import DiffusionConfig, DistillConfig, to_dict
+from pagoda.checkpoint import build_network, diffusion_config, load_network
+from pagoda.config import DiffusionConfig, DistillConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
 from pagoda.errors import UserError
@@ -38,17 +43,147 @@ from pagoda.train import train
 from pagoda.weights import sha256_file
 
 
-class DistillStage:
-    """G (a copy of the teacher network), the frozen teacher, the distance's backbone and the discriminator."""
+class DiscPair(nn.Module):
+    """Stage 3 at 8x (METHOD §2): the discriminator on samples (`main`) and a second one on reconstructions (`rec`)."""
+
+    def __init__(self, main: ProjectedDiscriminator, rec: ProjectedDiscriminator):
+        super().__init__()
+        self.main, self.rec = main, rec
+
+    def requires_grad_(self, requires_grad: bool = True) -> DiscPair:
+        self.main.requires_grad_(requires_grad)  # each keeps its backbone frozen
+        self.rec.requires_grad_(requires_grad)
+        return self
+
+    def power_iteration(self, n: int = 1) -> None:
+        self.main.power_iteration(n)
+        self.rec.power_iteration(n)
+
+
+def with_guidance_embedding(net: nn.Module, network: dict) -> tuple[nn.Module, dict]:
+    """(a copy of `net` with the w-embedding switched on, its network config): the new embedding's last layer is
+    zero (pagoda.networks.unet), so the copy equals `net` at every w until trained."""
+    cfg = to_dict(from_dict(UNetConfig, {**network, "guidance_embed": True}, where="network"))
+    out = build_network({"network": cfg})
+    missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_emb.") for k in missing), (missing, unexpected)
+    return out.to(next(net.parameters()).device), cfg
+
+
+class OneStepStage:
+    """What Stage 2b and Stage 3 share: G's reconstruction + adversarial step, the discriminator step, RAdam.
+
+    A subclass sets: cfg (with .loss, .disc, .train), net (G), sigma_max, sigma_data, num_classes, guided (G and D
+    take w), backbone (of d), disc (a ProjectedDiscriminator, a DiscPair, or None), phases (None = one joint
+    update; ("rec", "adv") = two updates per step, lambda = 1), and `target(batch, labels, generator)` ->
+    (z [N, 3, base, base], x float [-1, 1] at G's output size).
+    """
 
     name = "G"
     kind = "pagoda"
+    phases = None
+
+    def optimizer(self, params: list, which: str) -> torch.optim.Optimizer:
+        """RAdam (no weight decay, no schedule; METHOD §2): lr_G = train.lr, lr_D = disc.lr."""
+        lr = self.cfg.train.lr if which == "net" else self.cfg.disc.lr
+        return torch.optim.RAdam(params, lr=lr, betas=tuple(self.cfg.train.adam_betas))
+
+    def G(self, net, z: torch.Tensor, labels, w=None) -> torch.Tensor:
+        """G(z, y[, w]) in float32: the raw network output at sigma_max (the image, unclamped in training)."""
+        return one_step(net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data, guidance=w).float()
+
+    def _labels(self, y: torch.Tensor):
+        return y if self.num_classes > 0 else None
+
+    def _discs(self, disc):
+        """(the samples' discriminator, the reconstructions' one or None)."""
+        return (disc.main, disc.rec) if isinstance(disc, DiscPair) else (disc, None)
+
+    def step(self, net, batch: list[torch.Tensor], generator: torch.Generator, phase: str | None = None):
+        """One G micro-batch. phase None: L_rec + w_adv * lambda * L_adv (adaptive lambda if loss.adaptive);
+        "rec": L_rec alone; "adv": w_adv * (L_adv + rec_disc_weight * L_adv_rec) with lambda = 1, L_adv_rec the
+        hinge loss of the reconstructions' discriminator (when there is one). Logs l_rec, l_adv, lambda."""
+        x, y, _, w = batch
+        labels, n, loss_cfg = self._labels(y), len(x), self.cfg.loss
+        w = w.float() if self.guided else None
+        z, target = self.target(batch, labels, generator)
+        disc, disc_rec = self._discs(self.disc)
+        eps = torch.randn(z.shape, generator=generator, device=z.device)  # the adversarial fake's noise
+        use_rec = phase in (None, "rec") or (phase == "adv" and disc_rec is not None)
+        use_adv = disc is not None and phase in (None, "adv")
+        parts = ([z] if use_rec else []) + ([self.sigma_max * eps] if use_adv else [])
+        reps = len(parts)
+        out = self.G(net, torch.cat(parts), None if labels is None else labels.repeat(reps),
+                     None if w is None else w.repeat(reps))
+        rec, fake = (out[:n] if use_rec else None), (out[-n:] if use_adv else None)
+        stats, loss = {}, 0
+        l_rec = 0
+        if phase in (None, "rec"):
+            draw = augment_params(n, generator) if loss_cfg.augment else None
+            l_rec = d(rec, target, [self.backbone], draw=draw).mean()
+            stats["l_rec"], loss = l_rec.detach(), l_rec
+        if not use_adv:
+            return loss, stats
+        self.disc.requires_grad_(False)  # D is fixed in the G step: gradients reach G only
+        fake = apply_augment(fake, augment_params(n, generator)) if loss_cfg.augment else fake
+        l_adv = hinge_g_loss(disc(fake, labels, w)).mean()
+        if disc_rec is not None:
+            rec_in = apply_augment(rec, augment_params(n, generator)) if loss_cfg.augment else rec
+            l_adv_rec = hinge_g_loss(disc_rec(rec_in, labels, w)).mean()
+            stats["l_adv_rec"] = l_adv_rec.detach()
+            l_adv = l_adv + loss_cfg.rec_disc_weight * l_adv_rec
+        self.disc.requires_grad_(True)
+        lam = torch.ones((), device=z.device)
+        if phase is None and loss_cfg.adaptive:
+            lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net))
+        stats.update(l_adv=l_adv.detach(), **({"lambda": lam} if phase is None else {}))
+        return loss + loss_cfg.w_adv * lam * l_adv, stats
+
+    def after_step(self, step: int) -> None:
+        """Once per optimizer step, on every rank alike: advance the discriminators' spectral norms."""
+        if self.disc is not None:
+            self.disc.power_iteration()
+
+    def d_step(self, disc, net, batch: list[torch.Tensor], generator: torch.Generator):
+        """One D micro-batch: hinge loss of real images against G's fakes of their labels (and w), one shared
+        draw; with a reconstructions' discriminator also its hinge loss of x against G(z_x), one shared draw."""
+        x, y, z, w = batch
+        labels, real = self._labels(y), to_model(x)
+        w = w.float() if self.guided else None
+        disc, disc_rec = self._discs(disc)
+        with torch.no_grad():
+            fake = self.G(net, self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device), labels, w)
+            rec = self.G(net, z, labels, w) if disc_rec is not None else None
+        real_d = real
+        if self.cfg.loss.augment:
+            draw = augment_params(len(x), generator)
+            real_d, fake = apply_augment(real, draw), apply_augment(fake, draw)
+        logits_real, logits_fake = disc(real_d, labels, w), disc(fake, labels, w)
+        loss = hinge_d_loss(logits_real, logits_fake).mean()
+        stats = {"real": logits_real.mean().detach(), "fake": logits_fake.mean().detach()}
+        if disc_rec is not None:
+            real_r = real
+            if self.cfg.loss.augment:
+                draw = augment_params(len(x), generator)
+                real_r, rec = apply_augment(real, draw), apply_augment(rec, draw)
+            logits_real_r, logits_rec = disc_rec(real_r, labels, w), disc_rec(rec, labels, w)
+            loss = loss + hinge_d_loss(logits_real_r, logits_rec).mean()
+            stats["rec"] = logits_rec.mean().detach()
+        return loss, stats
+
+
+class DistillStage(OneStepStage):
+    """G (a copy of the teacher network), the frozen teacher, the distance's backbone and the discriminator."""
 
     def __init__(self, cfg: DistillConfig, teacher_net: nn.Module, diffusion: DiffusionConfig, *,
-                 weights_dir=None):
-        self.cfg, self.diffusion = cfg, diffusion
+                 weights_dir=None, network: dict | None = None, guided: bool = False):
+        self.cfg, self.diffusion, self.guided = cfg, diffusion, guided
         self.sigma_max, self.sigma_data = diffusion.sigma_max, diffusion.sigma_data
         self.net = copy.deepcopy(teacher_net).train().requires_grad_(True)  # G_0 = F exactly
+        self.network = network
+        if guided:  # the w-embedding switched on (zero-initialised: G_0 = F at every w)
+            self.net, self.network = with_guidance_embedding(self.net, network or {})
+            self.net.train().requires_grad_(True)
         self.teacher = EDMPrecond(teacher_net.eval().requires_grad_(False), sigma_data=self.sigma_data)
         self.num_classes, self.resolution = teacher_net.num_classes, teacher_net.resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
@@ -56,7 +191,7 @@ class DistillStage:
         if cfg.loss.w_adv > 0:
             self.disc = ProjectedDiscriminator(build_backbone(cfg.disc.backbone, weights_dir=weights_dir, seed=2),
                                                num_classes=self.num_classes, resolution=self.resolution,
-                                               cond_dim=cfg.disc.cond_dim)
+                                               cond_dim=cfg.disc.cond_dim, guidance_embedding=guided)
 
     def to(self, device) -> DistillStage:
         """Move the frozen parts (teacher, backbones) to `device`; the loop moves G and D."""
@@ -64,70 +199,23 @@ class DistillStage:
         self.backbone.to(device)
         return self
 
-    def optimizer(self, params: list, which: str) -> torch.optim.Optimizer:
-        """RAdam (no weight decay, no schedule; METHOD §2): lr_G = train.lr, lr_D = disc.lr."""
-        lr = self.cfg.train.lr if which == "net" else self.cfg.disc.lr
-        return torch.optim.RAdam(params, lr=lr, betas=tuple(self.cfg.train.adam_betas))
-
-    def G(self, net, z: torch.Tensor, labels) -> torch.Tensor:
-        """G(z, y) in float32: the raw network output at sigma_max (the image, unclamped in training)."""
-        return one_step(net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data).float()
-
-    def _labels(self, y: torch.Tensor):
-        return y if self.num_classes > 0 else None
-
     @torch.no_grad()
-    def ode_target(self, z: torch.Tensor, labels) -> torch.Tensor:
-        """L_dstl's target: the teacher's Heun PF-ODE solution from z (loss.dstl_steps steps, Karras grid)."""
+    def ode_target(self, z: torch.Tensor, labels, w=None) -> torch.Tensor:
+        """L_dstl's target: the teacher's Heun PF-ODE solution from z (loss.dstl_steps steps, Karras grid), guided
+        at w when given."""
         d_ = self.diffusion
         sigmas = karras_sigmas(self.cfg.loss.dstl_steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max,
                                rho=d_.rho).to(z.device)
-        return heun(self.teacher, z, sigmas, labels=labels).clamp(-1, 1)
+        return heun(self.teacher, z, sigmas, labels=labels, guidance=w).clamp(-1, 1)
 
-    def step(self, net, batch: list[torch.Tensor], generator: torch.Generator):
-        """One G micro-batch: L_rec (or L_dstl) + w_adv * lambda * L_adv_G; logs l_rec, l_adv, lambda."""
-        x, y, z = batch
-        labels, n, loss_cfg = self._labels(y), len(x), self.cfg.loss
-        eps = torch.randn(x.shape, generator=generator, device=x.device)  # the adversarial fake's noise
-        if loss_cfg.kind == "dstl":  # noise -> data pairs from the teacher instead of the inversion pairs
-            z = self.sigma_max * torch.randn(x.shape, generator=generator, device=x.device)
-            target = self.ode_target(z, labels)
-        else:
-            target = to_model(x)
-        adv = self.disc is not None
-        inputs = torch.cat([z, self.sigma_max * eps]) if adv else z
-        out = self.G(net, inputs, None if labels is None else torch.cat([labels, labels]) if adv else labels)
-        draw = augment_params(n, generator) if loss_cfg.augment else None
-        l_rec = d(out[:n], target, [self.backbone], draw=draw).mean()
-        if not adv:
-            return l_rec, {"l_rec": l_rec.detach()}
-        self.disc.requires_grad_(False)  # D is fixed in the G step: gradients reach G only
-        fake = apply_augment(out[n:], augment_params(n, generator)) if loss_cfg.augment else out[n:]
-        l_adv = hinge_g_loss(self.disc(fake, labels)).mean()
-        self.disc.requires_grad_(True)
-        lam = torch.ones((), device=x.device)
-        if loss_cfg.adaptive:
-            lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net))
-        loss = l_rec + loss_cfg.w_adv * lam * l_adv
-        return loss, {"l_rec": l_rec.detach(), "l_adv": l_adv.detach(), "lambda": lam}
-
-    def after_step(self, step: int) -> None:
-        """Once per optimizer step, on every rank alike: advance the discriminator's spectral norms."""
-        if self.disc is not None:
-            self.disc.power_iteration()
-
-    def d_step(self, disc, net, batch: list[torch.Tensor], generator: torch.Generator):
-        """One D micro-batch: hinge loss of real images against G's fakes of their labels, one shared draw."""
-        x, y = batch[0], batch[1]
-        labels, real = self._labels(y), to_model(x)
-        with torch.no_grad():
-            fake = self.G(net, self.sigma_max * torch.randn(real.shape, generator=generator, device=x.device), labels)
-        if self.cfg.loss.augment:
-            draw = augment_params(len(x), generator)
-            real, fake = apply_augment(real, draw), apply_augment(fake, draw)
-        logits_real, logits_fake = disc(real, labels), disc(fake, labels)
-        loss = hinge_d_loss(logits_real, logits_fake).mean()
-        return loss, {"real": logits_real.mean().detach(), "fake": logits_fake.mean().detach()}
+    def target(self, batch, labels, generator):
+        """(z, x): the pair's latent and image (L_rec), or for L_dstl a fresh sigma_max * eps and the teacher's
+        ODE solution from it (noise -> data pairs instead of the inversion pairs)."""
+        x, _, z, w = batch
+        if self.cfg.loss.kind == "dstl":
+            z = self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device)
+            return z, self.ode_target(z, labels, w.float() if self.guided else None)
+        return z, to_model(x)
 
 
 def load_teacher(path: str | os.PathLike) -> tuple[nn.Module, DiffusionConfig, dict]:
@@ -149,9 +237,12 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
         teacher_net, diffusion, meta = load_teacher(cfg.teacher)
         pairs = load_pairs(cfg.pairs, teacher_sha256=sha256_file(cfg.teacher), resolution=teacher_net.resolution)
         torch.manual_seed(cfg.train.seed)  # the same discriminator init on every rank and every rerun
-        stage = DistillStage(cfg, teacher_net, diffusion, weights_dir=weights_dir).to(dist.device())
-        extra = dict(network=meta["network"], diffusion=meta.get("diffusion", {}), resolution=teacher_net.resolution,
+        guided = pairs.guidance_range is not None
+        stage = DistillStage(cfg, teacher_net, diffusion, weights_dir=weights_dir, network=meta["network"],
+                             guided=guided).to(dist.device())
+        extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=teacher_net.resolution,
                      num_classes=teacher_net.num_classes, teacher=str(cfg.teacher),
-                     teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda")
+                     teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda",
+                     guidance_range=list(pairs.guidance_range) if guided else None)
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)

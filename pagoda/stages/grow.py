@@ -1,0 +1,183 @@
+"""Stage 3: progressive growing of the one-step generator (METHOD §2, "Stage 3"; Kim et al., NeurIPS 2024, §3.3).
+
+Each run grows G 2x. The grown network is the source's UNet with `grow_stages + 1`: one more up-ResBlock
+(nearest) and two ResBlocks at the head's width appended to the decoder before the kept output head, with
+zero-initialised output convs (pagoda.networks.unet). Every weight of the source is copied by module
+structure: the grown UNet has the source's modules under the same paths plus the new blocks, and the source's
+state dict is loaded into it (anything other than "exactly the new blocks are missing" is an error).
+Before any training the grown G is the source's trunk followed by h -> up(h) and the head; the head's
+GroupNorm and SiLU commute with nearest upsampling, its 3x3 conv does not (`upsampling_gap_bound`), so G_2x(z)
+is close to, not equal to, up(G(z)).
+
+Frozen (`GrowConfig.freeze`, data shown by `--dry-run`): the embeddings, the input conv and encoder, the middle
+block and the early decoder; frozen parameters have requires_grad = False, so the loop gives them no optimiser
+or EMA state. The generator input stays 3 x base x base: the SAME latents z_x of the Stage-2a pairs, now paired
+with the crops of the same source images at the new resolution. A fresh discriminator per stage. Losses by
+stage k (output = base * 2^k; ImageNet: 128, 256, 512 for k = 1, 2, 3):
+- k < loss.split_from (128): L_rec + w_adv * lambda * L_adv with the adaptive lambda (as Stage 2b);
+- k >= loss.split_from (256, 512): two G updates per step, on L_rec, then on w_adv * L_adv with lambda = 1;
+- k >= loss.rec_disc_from (512): a second discriminator judges reconstructions G(z_x) against x, weight
+  loss.rec_disc_weight (0.5) in G's adversarial loss.
+The deliverable G.safetensors is a OneStepGenerator: nfe 1, resolution = its output, noise_shape = the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda import dist
+from pagoda.checkpoint import build_network, diffusion_config, load_network
+from pagoda.config import GrowConfig, UNetConfig, from_dict, to_dict
+from pagoda.data import to_model
+from pagoda.errors import UserError
+from pagoda.networks.discriminator import ProjectedDiscriminator
+from pagoda.networks.features import build_backbone
+from pagoda.stages.distill import DiscPair, OneStepStage
+from pagoda.train import train
+
+
+def grow_network(source: nn.Module, network: dict) -> tuple[nn.Module, dict]:
+    """(the source UNet grown by one 2x stage with every source weight copied, its network config).
+
+    network: the source's UNetConfig fields (its checkpoint's meta["network"]). The new blocks are initialised
+    from the global RNG (seed it for a reproducible run); their output convs are zero.
+    """
+    cfg = from_dict(UNetConfig, network, where="source network")
+    cfg = to_dict(dataclasses.replace(cfg, grow_stages=cfg.grow_stages + 1))
+    grown = build_network({"network": cfg}).to(next(source.parameters()).device)
+    missing, unexpected = grown.load_state_dict(source.state_dict(), strict=False)
+    new = {f"output_blocks.{i}." for i in range(len(source.output_blocks), len(grown.output_blocks))}
+    if unexpected or not all(any(k.startswith(p) for p in new) for k in missing):
+        raise RuntimeError(f"growing did not copy the source by structure: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}")
+    return grown, cfg
+
+
+def freeze(net: nn.Module, names) -> list[str]:
+    """Freeze the named submodules of `net` (requires_grad = False); returns the names frozen. A name the UNet
+    holds as None (no label or guidance embedding) is skipped; any other unknown name is a UserError."""
+    frozen = []
+    for name in names:
+        head, _, rest = name.partition(".")
+        if getattr(net, head, "<absent>") is None and not rest:
+            continue
+        try:
+            module = net.get_submodule(name)
+        except AttributeError:
+            tops = ", ".join(n for n, _ in net.named_children())
+            raise UserError(f"freeze: {name!r} is not a module of this UNet (top level: {tops}; decoder blocks are "
+                            f"output_blocks.0 .. output_blocks.{len(net.output_blocks) - 1})") from None
+        module.requires_grad_(False)
+        frozen.append(name)
+    return frozen
+
+
+def upsampling_gap_bound(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A bound on max |G_2x(z) - up(G(z))| per image [N] for a freshly grown G, from the source's last features h
+    (the input of its head, [N, C, R, R]).
+
+    Why it is not exact: with a = SiLU(GN(h)) (GroupNorm and SiLU commute with nearest upsampling: the groups'
+    statistics of up(h) are those of h) and W the head's 3x3 conv, G_2x = W * up(a) + b but up(G) = up(W * a + b).
+    At every output pixel the two 3x3 windows read, tap by tap, the same source pixel or two pixels at most one
+    step apart in each axis (a diagonal pair at worst, or a pixel against the zero padding at the far border).
+    So |difference in output channel c| <= sum_in sum_taps |W[c, in]| * 2 * step_in, step_in the largest
+    horizontal or vertical step of a's channel `in` (padding included; a diagonal step is at most two of those).
+    Returns max_c of that bound.
+    """
+    head = net.out
+    a = head[1](head[0](h.float()))
+    padded = F.pad(a, (1, 1, 1, 1))
+    step = torch.maximum((padded[..., 1:, :] - padded[..., :-1, :]).abs().amax(dim=(2, 3)),
+                         (padded[..., :, 1:] - padded[..., :, :-1]).abs().amax(dim=(2, 3)))  # [N, C_in]
+    w_l1 = head[2].weight.detach().float().abs().sum(dim=(2, 3))  # [C_out, C_in]
+    return (2 * step @ w_l1.T).amax(dim=1)
+
+
+class GrowStage(OneStepStage):
+    """The grown G (source weights copied, trunk frozen), the distance's backbone and a fresh discriminator."""
+
+    def __init__(self, cfg: GrowConfig, source_net: nn.Module, network: dict, *, sigma_max: float, sigma_data: float,
+                 stage_index: int, guided: bool, weights_dir=None):
+        self.cfg, self.stage_index, self.guided = cfg, stage_index, guided
+        self.sigma_max, self.sigma_data = sigma_max, sigma_data
+        self.net, self.network = grow_network(source_net, network)
+        self.net.train()
+        self.frozen = freeze(self.net, cfg.freeze)
+        self.num_classes, self.resolution = self.net.num_classes, self.net.output_resolution
+        self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
+        self.phases = ("rec", "adv") if stage_index >= cfg.loss.split_from else None
+        self.disc = None
+        if cfg.loss.w_adv > 0:
+            def make(seed: int) -> ProjectedDiscriminator:
+                return ProjectedDiscriminator(build_backbone(cfg.disc.backbone, weights_dir=weights_dir, seed=seed),
+                                              num_classes=self.num_classes, resolution=self.resolution,
+                                              cond_dim=cfg.disc.cond_dim, guidance_embedding=guided)
+            self.disc = make(2)
+            if stage_index >= cfg.loss.rec_disc_from:
+                self.disc = DiscPair(self.disc, make(3))
+
+    def to(self, device) -> GrowStage:
+        self.backbone.to(device)
+        return self
+
+    def target(self, batch, labels, generator):
+        """(z, x): the base-resolution latent and the crop of the same image at the new resolution."""
+        x, _, z, _ = batch
+        return z, to_model(x)
+
+
+def stage_index(base: int, resolution: int) -> int:
+    """k with resolution = base * 2^k."""
+    return int(round(math.log2(resolution / base)))
+
+
+def check_target(source: str, source_resolution: int, target: int) -> int:
+    """The output resolution of the grown G: `target` (0 = twice the source's), refused unless it is 2x."""
+    target = target or 2 * source_resolution
+    if target != 2 * source_resolution:
+        raise UserError(f"resolution={target} is not twice the resolution of --from {source} "
+                        f"({source_resolution} px): each grow run doubles it; use {2 * source_resolution} (or 0)")
+    return target
+
+
+def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
+    """Grow (or resume, or find finished) G 2x in out_dir; returns the path of G.safetensors."""
+    from pagoda.pairs import load_pairs
+
+    if not cfg.source:
+        raise UserError("no generator given: pass --from G.safetensors (Stage 2b's G, or a grown one)")
+    if not cfg.pairs:
+        raise UserError("no pairs given: pass --pairs DIR (the Stage-2a pairs the source G was trained on)")
+    with dist.session():
+        source, meta = load_network(cfg.source, kind="pagoda")
+        diffusion = diffusion_config(cfg.source, meta)
+        base = source.resolution
+        target = check_target(cfg.source, source.output_resolution, cfg.resolution)
+        pairs = load_pairs(cfg.pairs, teacher_sha256=meta.get("teacher_sha256"), resolution=base,
+                           image_resolution=target)
+        trained = meta.get("guidance_range")
+        if (pairs.guidance_range and list(pairs.guidance_range)) != (trained or None):
+            raise UserError(f"pairs in {cfg.pairs} have guidance range {pairs.guidance_range} but --from {cfg.source} "
+                            f"was trained on {trained and tuple(trained)}: grow it on the pairs it was trained on")
+        torch.manual_seed(cfg.train.seed)  # the same new blocks and discriminator on every rank and every rerun
+        k = stage_index(base, target)
+        stage = GrowStage(cfg, source, meta["network"], sigma_max=diffusion.sigma_max,
+                          sigma_data=diffusion.sigma_data, stage_index=k, guided=trained is not None,
+                          weights_dir=weights_dir).to(dist.device())
+        dist.print0(f"grow: {source.output_resolution} -> {target} px (stage {k}, base {base}); frozen: "
+                    f"{', '.join(stage.frozen)}; losses: "
+                    f"{'L_rec, then w_adv L_adv (two updates)' if stage.phases else 'L_rec + w_adv lambda L_adv'}"
+                    f"{' + a reconstructions discriminator' if isinstance(stage.disc, DiscPair) else ''}")
+        extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=target,
+                     noise_resolution=base, num_classes=source.num_classes, teacher=meta.get("teacher"),
+                     teacher_sha256=meta.get("teacher_sha256"), pairs=str(cfg.pairs), source=str(cfg.source),
+                     method="pagoda", guidance_range=trained, grow_stage=k, frozen=stage.frozen)
+        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
+                     meta_extra=extra)

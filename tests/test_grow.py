@@ -1,0 +1,321 @@
+"""Stage 3 and the guidance-conditioned G on tiny networks: growing copies the source by structure, a fresh stage
+is the nearest-upsampled source up to a stated bound, the frozen trunk stays bit-identical, grown checkpoints are
+one-step Generators at their output resolution, w-conditioned G equals the unconditioned one until trained and
+refuses a w outside its range, and bad inputs end in one line with exit code 2."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_pairs import _save_teacher as save_tiny_teacher
+
+from eval.ref import main as ref_main
+from eval.run import main as run_main
+from pagoda.__main__ import main
+from pagoda.checkpoint import build_network, load_network, model_meta, save_model
+from pagoda.config import PRESETS, GrowConfig, TrainConfig, UNetConfig, from_dict, to_dict
+from pagoda.data import build_dataset, save_npz
+from pagoda.diffusion import one_step
+from pagoda.errors import UserError, run_cli
+from pagoda.generator import OneStepGenerator, load_generator
+from pagoda.networks.domain import DomainNet, save_domain_net
+from pagoda.pairs import load_pairs, make_pairs, pair_batch
+from pagoda.stages.distill import with_guidance_embedding
+from pagoda.stages.grow import GrowStage, freeze, grow_network, upsampling_gap_bound
+from pagoda.train import train
+
+BASE = 8  # the smoke preset's base resolution
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net(seed: int = 0, scale: float = 0.05, **kw):
+    """A smoke-layout UNet with every weight random (no zero heads), so outputs depend on everything."""
+    cfg = to_dict(dataclasses.replace(PRESETS["smoke"].teacher.network, **kw))
+    torch.manual_seed(seed)
+    net = build_network({"network": cfg})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, scale)
+    return net, cfg
+
+
+def _z(n: int = 4, res: int = BASE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return 80 * torch.randn(n, 3, res, res, generator=g), torch.randint(16, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# The grown network.
+
+def test_grown_network_copies_every_source_weight_and_doubles_the_output():
+    src, cfg = _net()
+    g1, cfg1 = grow_network(src, cfg)
+    g2, cfg2 = grow_network(g1, cfg1)
+    assert (cfg1["grow_stages"], cfg2["grow_stages"]) == (1, 2)
+    for small, big in ((src, g1), (g1, g2)):
+        sd, bd = small.state_dict(), big.state_dict()
+        assert all(torch.equal(sd[k], bd[k]) for k in sd)  # every source tensor copied, under its own path
+        new = set(bd) - set(sd)
+        assert new and all(k.startswith("output_blocks.") for k in new)
+        assert len(big.output_blocks) == len(small.output_blocks) + 3  # up-ResBlock + 2 ResBlocks
+        assert all(big.output_blocks[i][0].out_layers[3].weight.abs().sum() == 0
+                   for i in range(len(small.output_blocks), len(big.output_blocks)))  # zero-initialised outputs
+    z, y = _z()
+    with torch.no_grad():
+        shapes = [one_step(n, z, y, sigma_max=80.0).shape for n in (src, g1, g2)]
+    assert shapes == [(4, 3, 8, 8), (4, 3, 16, 16), (4, 3, 32, 32)]  # input stays 3 x base x base
+
+
+def _head_input(net, z, y):
+    feats = []
+    hook = net.out.register_forward_hook(lambda m, i, o: feats.append(i[0]))
+    with torch.no_grad():
+        out = one_step(net, z, y, sigma_max=80.0)
+    hook.remove()
+    return out, feats[0]
+
+
+def test_fresh_grown_g_is_the_upsampled_source_up_to_the_head_conv_bound():
+    src, cfg = _net()
+    grown, _ = grow_network(src, cfg)
+    z, y = _z()
+    small, h = _head_input(src, z, y)
+    with torch.no_grad():
+        big = one_step(grown, z, y, sigma_max=80.0)
+    up = F.interpolate(small, scale_factor=2, mode="nearest")
+    gap = (big - up).abs().amax(dim=(1, 2, 3))
+    bound = upsampling_gap_bound(src, h)
+    assert (gap <= bound + 1e-5).all(), (gap, bound)
+    assert (gap > 0).all()  # not exact: the head's 3x3 conv sees a different neighbourhood after upsampling
+    # The grown trunk is exactly up(h): GroupNorm and SiLU commute with nearest upsampling, the conv is the gap.
+    _, h_big = _head_input(grown, z, y)
+    assert torch.equal(h_big, F.interpolate(h, scale_factor=2, mode="nearest"))
+    assert torch.equal(big, grown.out(h_big))
+    # Control: new blocks whose output convs are not zero do not pass h on upsampled.
+    with torch.no_grad():
+        for i in range(len(src.output_blocks), len(grown.output_blocks)):
+            grown.output_blocks[i][0].out_layers[3].weight.normal_(0, 0.05)
+    _, h_wrong = _head_input(grown, z, y)
+    assert (h_wrong - h_big).abs().max() > 1e-2 * h_big.abs().max()
+
+
+def test_freeze_set_and_unknown_names():
+    src, cfg = _net()
+    grown, _ = grow_network(src, cfg)
+    names = freeze(grown, PRESETS["smoke"].grow.freeze)
+    assert "guidance_emb" not in names  # absent from an unguided G: skipped
+    frozen = {n for n, p in grown.named_parameters() if not p.requires_grad}
+    assert all(n.split(".")[0] in ("time_embed", "label_emb", "input_blocks", "middle_block")
+               or n.startswith("output_blocks.0.") for n in frozen)
+    assert not any(n.startswith(("out.", "output_blocks.1.", "output_blocks.4.")) for n in frozen)
+    with pytest.raises(UserError, match="not a module"):
+        freeze(grown, ["encoder"])
+
+
+def test_imagenet_freeze_set_is_the_papers():
+    freeze_in64 = PRESETS["in64to256"].grow.freeze
+    assert freeze_in64[-1] == "output_blocks.8" and "output_blocks.9" not in freeze_in64
+    assert PRESETS["in64to256"].grow.train.batch == 360 and PRESETS["in64to512"].grow.train.batch == 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance-conditioned G.
+
+def test_fresh_w_conditioned_g_equals_the_unconditioned_one_at_every_w():
+    src, cfg = _net()
+    guided, gcfg = with_guidance_embedding(src, cfg)
+    assert gcfg["guidance_embed"] and guided.guidance_emb is not None
+    z, y = _z()
+    with torch.no_grad():
+        plain = one_step(src, z, y, sigma_max=80.0)
+        for w in (0.0, 1.0, 1.5, 4.0):
+            out = one_step(guided, z, y, sigma_max=80.0, guidance=torch.full((4,), w))
+            assert torch.equal(out, plain)
+        # Control: once the embedding's last layer is not zero, w moves the output.
+        guided.guidance_emb[2].weight.data.normal_(0, 0.1)
+        moved = one_step(guided, z, y, sigma_max=80.0, guidance=torch.full((4,), 3.0))
+    assert (moved - plain).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the CLI on a tiny teacher.
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny teacher; 16 labelled photo crops at 32 px (the stages crop them to 8 / 16 / 32); plain pairs, guided
+    pairs over w in [1, 2]; a G trained on each (2 steps)."""
+    d = tmp_path_factory.mktemp("grow")
+    photos = build_dataset("photos", 32)
+    x, y = pair_batch(photos, range(0, 2 * len(photos), 2 * len(photos) // 16))
+    save_npz(d / "data.npz", x.permute(0, 2, 3, 1).numpy(), y.numpy())
+    teacher = save_tiny_teacher(d / "teacher.safetensors")
+    make_pairs(teacher, str(d / "data.npz"), d / "pairs", shard_size=8, batch=8, progress=False)
+    make_pairs(teacher, str(d / "data.npz"), d / "gpairs", shard_size=8, batch=8, guidance=(1.0, 2.0), progress=False)
+    out = {"dir": d, "teacher": teacher, "data": str(d / "data.npz"), "pairs": str(d / "pairs"),
+           "gpairs": str(d / "gpairs")}
+    for name, pairs in (("g", out["pairs"]), ("gg", out["gpairs"])):
+        assert run_cli(main, ["distill", "--preset", "smoke", "--teacher", teacher, "--pairs", pairs,
+                              "--out", str(d / name), "--set", "train.steps=2"]) == 0
+        out[name] = str(d / name / "G.safetensors")
+    return out
+
+
+def _grow(src, pairs, out, *more):
+    return run_cli(main, ["grow", "--preset", "smoke", "--from", str(src), "--pairs", str(pairs), "--out", str(out),
+                          *map(str, more)])
+
+
+def test_guided_pairs_record_w_and_the_guided_g_serves_its_range(files):
+    pairs = load_pairs(files["gpairs"])
+    w = torch.stack([pairs[j][3] for j in range(len(pairs))])
+    assert pairs.guidance_range == (1.0, 2.0) and (w >= 1).all() and (w <= 2).all() and w.std() > 0.2
+    assert json.loads((pairs.folder / "index.json").read_text())["nfe_per_item"] == 156  # cond + uncond rows
+    plain = load_pairs(files["pairs"])
+    assert all(plain[j][3] == 1 for j in range(4)) and plain.guidance_range is None
+    g = load_generator(files["gg"])
+    assert g.supports_guidance and g.guidance_range == (1.0, 2.0) and g.nfe_for(2.0) == 1
+    assert g.sample(torch.arange(4), guidance=2.0).shape == (4, 3, BASE, BASE)
+    z, y = _z()
+    with torch.no_grad():  # trained (2 steps): w moves the output
+        a, b = (one_step(g.net, z, y, sigma_max=80.0, guidance=torch.full((4,), w)) for w in (1.0, 2.0))
+    assert (a - b).abs().max() > 0
+    with pytest.raises(UserError, match=r"outside the range \[1, 2\]"):
+        g.sample(torch.arange(2), guidance=3.0)
+    with pytest.raises(UserError, match="trained without guidance"):
+        load_generator(files["g"]).sample(torch.arange(2), guidance=2.0)
+
+
+def test_grow_trains_freezes_and_loads_as_a_one_step_generator(files, tmp_path):
+    out = tmp_path / "g16"
+    assert _grow(files["g"], files["pairs"], out, "--set", "train.steps=2") == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    source, _ = load_network(files["g"])
+    grown, meta = load_network(out / "G.safetensors")
+    trainable = {n for n, p in grown.named_parameters()} - {
+        n for n, _ in source.named_parameters() if n.split(".")[0] in ("time_embed", "label_emb", "input_blocks",
+                                                                      "middle_block") or n.startswith("output_blocks.0.")}
+    assert set(state["ema"]) == trainable  # frozen parameters: no EMA state ...
+    assert len(state["optimizer"]["state"]) == len(trainable)  # ... and no optimiser state
+    src_sd, net_sd = source.state_dict(), state["net"]
+    for n in src_sd:
+        if n in trainable:
+            continue
+        assert torch.equal(src_sd[n], net_sd[n]), n  # the frozen trunk, bit for bit after 2 optimiser steps
+    assert any(not torch.equal(src_sd[n], net_sd[n]) for n in src_sd if n in trainable)  # the rest moved
+    assert meta["resolution"] == 16 and meta["noise_resolution"] == BASE and meta["grow_stage"] == 1
+    g = load_generator(out / "G.safetensors")
+    assert isinstance(g, OneStepGenerator) and g.nfe == 1 and g.resolution == 16 and g.noise_shape == (3, 8, 8)
+    x = g.sample(torch.arange(4))
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8
+    assert torch.equal(x, torch.cat([g.sample(torch.arange(2)), g.sample(torch.arange(2, 4))]))
+
+    # Stage 2 (k = 2): two G updates per step (L_rec, then L_adv); with the reconstructions' discriminator on.
+    out32 = tmp_path / "g32"
+    assert _grow(out / "G.safetensors", files["pairs"], out32, "--set", "train.steps=1",
+                 "--set", "loss.rec_disc_from=2", "--set", "train.log_every=1") == 0
+    g32 = load_generator(out32 / "G.safetensors")
+    assert g32.resolution == 32 and g32.noise_shape == (3, 8, 8)
+    rows = [json.loads(line) for line in (out32 / "log.jsonl").read_text().splitlines()]
+    state32 = torch.load(out32 / "state.pt", weights_only=True)
+    assert any(k.startswith("rec.") for k in state32["disc"])
+    assert all(int(v["step"]) == 2 for v in state32["optimizer"]["state"].values())  # two updates in one step
+    assert {"l_rec", "l_adv", "l_adv_rec", "d_rec"} <= rows[-1].keys() and "lambda" not in rows[-1]
+
+
+def test_grown_guided_g_and_eval_across_resolutions_and_guidance(files, tmp_path):
+    out = tmp_path / "gg16"
+    assert _grow(files["gg"], files["gpairs"], out, "--set", "train.steps=1") == 0
+    g = load_generator(out / "G.safetensors")
+    assert g.guidance_range == (1.0, 2.0) and g.resolution == 16
+    torch.manual_seed(0)
+    save_domain_net(DomainNet(16).eval(), tmp_path / "domain-photos.safetensors", {})
+    common = ["--extractor", "domain", "--weights-dir", str(tmp_path), "--allow-small"]
+    for res in (8, 16):
+        assert run_cli(ref_main, ["photos:heldout:%d" % res, "-o", str(tmp_path / f"ref{res}.npz"), *common]) == 0
+    rows_path = tmp_path / "rows.jsonl"
+    code = run_cli(run_main, ["--ckpt", files["gg"], "--ckpt", str(out / "G.safetensors"), "--ref",
+                              str(tmp_path / "ref8.npz"), "--ref", str(tmp_path / "ref16.npz"), "--guidance", "1,2",
+                              "--metrics", "fid", "--num-samples", "16", "--out", str(rows_path), *common])
+    assert code == 0
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    cells = sorted((r["resolution"], r["guidance"]) for r in rows)
+    assert cells == [(8, 1.0), (8, 2.0), (16, 1.0), (16, 2.0)] and all(r["nfe"] == 1 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2, nothing written.
+
+@pytest.mark.parametrize("case", ["not_2x", "other_base_pairs", "teacher_as_source", "guidance_out_of_range",
+                                  "unknown_freeze", "other_guidance_pairs", "no_source"])
+def test_bad_inputs(case, files, tmp_path, capsys):
+    out = tmp_path / "out"
+    if case == "not_2x":
+        code, needle = _grow(files["g"], files["pairs"], out, "--resolution", "32"), "not twice"
+    elif case == "other_base_pairs":
+        teacher16 = tmp_path / "t16.safetensors"
+        net, ncfg = _net(resolution=16)
+        cfg = dataclasses.replace(PRESETS["smoke"].teacher, network=from_dict(UNetConfig, ncfg))
+        save_model(teacher16, net.state_dict(), model_meta(kind="teacher", stage="teacher", config=cfg, step=0,
+                                                           ema_rate=0.999))
+        make_pairs(str(teacher16), files["data"], tmp_path / "p16", shard_size=8, batch=8, progress=False)
+        capsys.readouterr()
+        code, needle = _grow(files["g"], tmp_path / "p16", out), "at resolution 16, not 8"
+    elif case == "teacher_as_source":
+        code, needle = _grow(files["teacher"], files["pairs"], out), "'pagoda' checkpoint is needed"
+    elif case == "guidance_out_of_range":
+        code = run_cli(main, ["sample", "--ckpt", files["gg"], "--seeds", "0-1", "--guidance", "2.5",
+                              "-o", str(tmp_path / "s.png")])
+        out, needle = tmp_path / "s.png", "outside the range [1, 2]"
+    elif case == "unknown_freeze":
+        code, needle = _grow(files["g"], files["pairs"], out, "--set", 'freeze=["encoder"]'), "not a module"
+    elif case == "other_guidance_pairs":
+        code, needle = _grow(files["g"], files["gpairs"], out), "guidance range"
+    else:
+        code, needle = run_cli(main, ["grow", "--preset", "smoke", "--pairs", files["pairs"], "--out", str(out)]), \
+            "--from"
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (out / "G.safetensors").exists() and not (out.is_file())
+
+
+def test_grow_presets_resolve():
+    for name in ("smoke", "photos", "in64to128", "in64to256", "in64to512"):
+        cfg = PRESETS[name].grow
+        cfg.validate()
+        assert isinstance(cfg, GrowConfig) and isinstance(cfg.train, TrainConfig)
+    assert PRESETS["in64to512"].grow.resolution == 512 and PRESETS["in64to128"].grow.loss.w_adv == 1.0
+
+
+def test_grow_stage_phases_and_discriminators_by_stage():
+    src, cfg = _net()
+    smoke = PRESETS["smoke"].grow
+    assert GrowStage(smoke, src, cfg, sigma_max=80.0, sigma_data=0.5, stage_index=1, guided=False).phases is None
+    g1, cfg1 = grow_network(src, cfg)
+    s2 = GrowStage(smoke, g1, cfg1, sigma_max=80.0, sigma_data=0.5, stage_index=2, guided=False)
+    assert s2.phases == ("rec", "adv") and not hasattr(s2.disc, "rec")
+    g2, cfg2 = grow_network(g1, cfg1)
+    s3 = GrowStage(smoke, g2, cfg2, sigma_max=80.0, sigma_data=0.5, stage_index=3, guided=False)
+    assert s3.disc.rec is not None and s3.net.output_resolution == 64
+
+
+def test_train_loop_gives_frozen_parameters_no_state(tmp_path):
+    """The one loop: frozen parameters of any stage get no optimiser or EMA state and do not move."""
+    src, cfg = _net()
+    stage = GrowStage(dataclasses.replace(PRESETS["smoke"].grow, loss=dataclasses.replace(
+        PRESETS["smoke"].grow.loss, w_adv=0.0)), src, cfg, sigma_max=80.0, sigma_data=0.5, stage_index=1, guided=False)
+    before = {n: p.detach().clone() for n, p in stage.net.named_parameters()}
+    photos = build_dataset("photos", 16)
+    x, y = pair_batch(photos, range(8))
+    z = 80 * torch.randn(8, 3, BASE, BASE, generator=torch.Generator().manual_seed(1))
+    data = torch.utils.data.TensorDataset(x, y, z, torch.ones(8))
+    tcfg = TrainConfig(batch=4, steps=2, lr=1e-3, lr_warmup=0, snapshot_every=2, log_every=1)
+    train(stage=stage, cfg=tcfg, out_dir=tmp_path, config_dict={"train": to_dict(tcfg)}, dataset=data)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    frozen = {n for n, p in stage.net.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & set(state["ema"])
+    assert all(torch.equal(before[n], state["net"][n]) for n in frozen)
+    assert all(not torch.equal(before[n], state["net"][n]) for n in state["ema"]
+               if n.endswith("out_layers.3.weight") and n.startswith("output_blocks.4"))
