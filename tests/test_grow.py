@@ -233,7 +233,7 @@ def test_grown_guided_g_and_eval_across_resolutions_and_guidance(files, tmp_path
     save_domain_net(DomainNet(16).eval(), tmp_path / "domain-photos.safetensors", {})
     common = ["--extractor", "domain", "--weights-dir", str(tmp_path), "--allow-small"]
     for res in (8, 16):
-        assert run_cli(ref_main, ["photos:heldout:%d" % res, "-o", str(tmp_path / f"ref{res}.npz"), *common]) == 0
+        assert run_cli(ref_main, [f"photos:heldout:{res}", "-o", str(tmp_path / f"ref{res}.npz"), *common]) == 0
     rows_path = tmp_path / "rows.jsonl"
     code = run_cli(run_main, ["--ckpt", files["gg"], "--ckpt", str(out / "G.safetensors"), "--ref",
                               str(tmp_path / "ref8.npz"), "--ref", str(tmp_path / "ref16.npz"), "--guidance", "1,2",
