@@ -45,6 +45,8 @@ FLAGS = {"source": "from"}  # config field -> option name where they differ
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
     "import-edm": ("pagoda.importers", "import the public EDM ImageNet-64 teacher (python -m pagoda import-edm -h)"),
+    "edit": ("pagoda.edit", "reconstruct / super-resolve / inpaint / transfer / interpolate through a G "
+                            "(python -m pagoda edit -h)"),
 }
 MAX_SEEDS = 1_000_000
 
@@ -129,8 +131,8 @@ def cmd_info(args) -> int:
     meta = read_meta(args.ckpt)
     check_meta(args.ckpt, meta, kind=args.kind)
     print(f"{'file:':<16}{args.ckpt}")
-    for key in ("kind", "stage", "resolution", "num_classes", "step", "ema_rate", "git_commit", "pagoda_version",
-                "time", "source"):
+    for key in ("kind", "stage", "resolution", "noise_resolution", "grow_stage", "guidance_range", "num_classes",
+                "step", "ema_rate", "git_commit", "pagoda_version", "time", "source"):
         if key in meta:
             print(f"{key + ':':<16}{meta[key]}")
     print(f"{'parameters:':<16}{num_parameters(args.ckpt):,}")
@@ -215,6 +217,24 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_drift(args) -> int:
+    """Stage 3's drift between a G and one grown from it (pagoda.stages.grow.drift); prints (and appends) JSON."""
+    import torch
+
+    from pagoda.generator import load_generator
+    from pagoda.stages.grow import drift
+    if args.out:
+        check_output(Path(args.out))
+    low, high = (load_generator(p, device=args.device) for p in (args.low, args.high))
+    row = drift(low, high, torch.tensor(args.seeds, dtype=torch.int64))
+    line = json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)})
+    print(line)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser.
 
@@ -285,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_stage(sub, stage)
     _add_sample(sub)
     _add_pairs(sub)
+    p = sub.add_parser("drift", help="Stage 3: how far a grown G moved from its source (downsample(G_2x(z)) vs G(z))",
+                       description="RMS difference (uint8 levels) and PSNR between area-downsampled samples of a grown "
+                       "G and the samples of the G it was grown from, on the same seeds (paper Fig. 3).")
+    p.add_argument("--low", required=True, help="the source G (.safetensors)")
+    p.add_argument("--high", required=True, help="a G grown from it (same base noise)")
+    p.add_argument("--seeds", type=int_list, default=list(range(1000)), help="seeds (default 0-999)")
+    p.add_argument("--out", default=None, help="append the JSON row to this .jsonl file")
+    p.add_argument("--device", type=device_arg, default=None, help="torch device (default cuda when available)")
+    p.set_defaults(func=cmd_drift)
     p = sub.add_parser("info", help="print a checkpoint's metadata", description="Print a checkpoint's metadata.")
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--kind", default=None, help="refuse a checkpoint of another kind (e.g. teacher)")

@@ -265,6 +265,7 @@ class GrowLossConfig:
     """Stage 3's per-stage objective (METHOD §2); stage k grows base * 2^(k-1) -> base * 2^k."""
 
     w_adv: float = 1.0  # weight of the adversarial loss (METHOD: 1.0 from 128 on)
+    w_rec: float = 1.0  # weight of L_rec; 0 = the adversarial loss alone (the paper's Fig. 3 ablation: drift)
     adaptive: bool = True  # the adaptive lambda in the joint update (stages before split_from)
     split_from: int = 2  # from this stage (256 for ImageNet) two G updates per step: L_rec, then w_adv * L_adv (lambda 1)
     rec_disc_from: int = 3  # from this stage (512) a second discriminator judges reconstructions G(z_x) against x
@@ -273,7 +274,9 @@ class GrowLossConfig:
     augment: bool = True  # DiffAugment, one draw shared by both images
 
     def validate(self) -> None:
-        _check(self.w_adv >= 0 and self.rec_disc_weight >= 0, "grow loss.w_adv and loss.rec_disc_weight must be >= 0")
+        _check(self.w_adv >= 0 and self.rec_disc_weight >= 0 and self.w_rec >= 0,
+               "grow loss.w_adv, loss.w_rec and loss.rec_disc_weight must be >= 0")
+        _check(self.w_adv > 0 or self.w_rec > 0, "grow loss.w_adv and loss.w_rec are both 0: nothing to train on")
         _check(self.split_from >= 1 and self.rec_disc_from >= 1, "loss.split_from and loss.rec_disc_from must be >= 1")
 
 

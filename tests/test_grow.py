@@ -5,6 +5,7 @@ refuses a w outside its range, and bad inputs end in one line with exit code 2."
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -18,12 +19,14 @@ from pagoda.checkpoint import build_network, load_network, model_meta, save_mode
 from pagoda.config import PRESETS, GrowConfig, TrainConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import build_dataset, save_npz
 from pagoda.diffusion import one_step
+from pagoda.edit import psnr as psnr_fn
+from pagoda.edit import slerp
 from pagoda.errors import UserError, run_cli
 from pagoda.generator import OneStepGenerator, load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.pairs import load_pairs, make_pairs, pair_batch
 from pagoda.stages.distill import with_guidance_embedding
-from pagoda.stages.grow import GrowStage, freeze, grow_network, upsampling_gap_bound
+from pagoda.stages.grow import GrowStage, drift, freeze, grow_network, upsampling_gap_bound
 from pagoda.train import train
 
 BASE = 8  # the smoke preset's base resolution
@@ -299,6 +302,8 @@ def test_grow_stage_phases_and_discriminators_by_stage():
     g2, cfg2 = grow_network(g1, cfg1)
     s3 = GrowStage(smoke, g2, cfg2, sigma_max=80.0, sigma_data=0.5, stage_index=3, guided=False)
     assert s3.disc.rec is not None and s3.net.output_resolution == 64
+    no_rec = dataclasses.replace(smoke, loss=dataclasses.replace(smoke.loss, w_rec=0.0))
+    assert GrowStage(no_rec, g1, cfg1, sigma_max=80.0, sigma_data=0.5, stage_index=2, guided=False).phases == ("adv",)
 
 
 def test_train_loop_gives_frozen_parameters_no_state(tmp_path):
@@ -319,3 +324,96 @@ def test_train_loop_gives_frozen_parameters_no_state(tmp_path):
     assert all(torch.equal(before[n], state["net"][n]) for n in frozen)
     assert all(not torch.equal(before[n], state["net"][n]) for n in state["ema"]
                if n.endswith("out_layers.3.weight") and n.startswith("output_blocks.4"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Editing (pagoda.edit).
+
+def test_psnr_and_slerp():
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[0] += 10  # MSE 100 -> 10 log10(255^2 / 100)
+    p = psnr_fn(b, a)
+    assert p[0].item() == pytest.approx(10 * math.log10(255 ** 2 / 100)) and math.isinf(p[1].item())
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    b[1, :, 2:] = 50  # outside the mask: no error counted
+    assert math.isinf(psnr_fn(b, a, mask)[1].item())
+    u, v = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 3.0])
+    assert torch.equal(slerp(u, v, 0.0), u) and torch.allclose(slerp(u, v, 1.0), v, atol=1e-6)
+    mid = slerp(u, v, 0.5)
+    assert mid.norm().item() == pytest.approx(3.0) and mid[0].item() == pytest.approx(mid[1].item())
+
+
+def _edit(task, gen, files, out, *more):
+    return run_cli(main, ["edit", task, "--generator", str(gen), "--teacher", files["teacher"], "--data", files["data"],
+                          "--items", "0-2", "-o", str(out), *map(str, more)])
+
+
+def test_edit_tasks_write_grids_and_numbers(files, tmp_path, capsys):
+    grown = tmp_path / "g16"
+    assert _grow(files["g"], files["pairs"], grown, "--set", "train.steps=1") == 0
+    cases = [("reconstruct", files["g"], ("psnr_db", "d")), ("superres", grown / "G.safetensors",
+                                                             ("psnr_db", "psnr_bicubic_db")),
+             ("inpaint", files["g"], ("psnr_hole_db", "psnr_hole_grey_db")),
+             ("transfer", files["g"], ("psnr_db",)), ("interpolate", files["g"], ("psnr_endpoints_db",))]
+    for task, gen, keys in cases:
+        more = {"transfer": ["--to-class", "3"], "interpolate": ["--frames", "3"], "inpaint": ["--iterations", "2"]}
+        out = tmp_path / f"{task}.png"
+        args = more.get(task, [])
+        if task == "interpolate":
+            code = run_cli(main, ["edit", task, "--generator", str(gen), "--teacher", files["teacher"], "--data",
+                                  files["data"], "--items", "0,5", "-o", str(out), *args])
+        else:
+            code = _edit(task, gen, files, out, *args)
+        assert code == 0, capsys.readouterr().err
+        numbers = json.loads(out.with_suffix(".json").read_text())
+        assert all(k in numbers for k in keys) and numbers["task"] == task
+        from PIL import Image
+        w, h = Image.open(out).size
+        size = 16 if task == "superres" else 8
+        cols = {"reconstruct": 2, "superres": 3, "inpaint": 3, "transfer": 3, "interpolate": 5}[task]
+        rows = 1 if task == "interpolate" else 3
+        assert (w, h) == (cols * size, rows * size)
+
+
+@pytest.mark.parametrize("case", ["mask_size", "superres_base", "other_teacher", "to_class", "item_range"])
+def test_edit_bad_inputs(case, files, tmp_path, capsys):
+    out = tmp_path / "e.png"
+    if case == "mask_size":
+        from PIL import Image
+        Image.new("L", (5, 5), 255).save(tmp_path / "m.png")
+        code, needle = _edit("inpaint", files["g"], files, out, "--mask", tmp_path / "m.png"), "is 5x5"
+    elif case == "superres_base":
+        code, needle = _edit("superres", files["g"], files, out), "needs a grown G"
+    elif case == "other_teacher":
+        other = save_tiny_teacher(tmp_path / "other.safetensors", seed=9)
+        code = run_cli(main, ["edit", "reconstruct", "--generator", files["g"], "--teacher", other, "--data",
+                              files["data"], "-o", str(out)])
+        needle = "not the teacher"
+    elif case == "to_class":
+        code, needle = _edit("transfer", files["g"], files, out, "--to-class", "99"), "--to-class 99"
+    else:
+        code = run_cli(main, ["edit", "reconstruct", "--generator", files["g"], "--teacher", files["teacher"],
+                              "--data", files["data"], "--items", "0,400", "-o", str(out)])
+        needle = "out of range"
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_drift_is_small_for_a_fresh_grown_g_and_large_for_an_unrelated_one():
+    src, cfg = _net(scale=0.2)
+    grown, _ = grow_network(src, cfg)
+    other, _ = _net(seed=7, scale=0.2)
+    other_grown, _ = grow_network(other, cfg)
+
+    def gen(net, res, name):
+        return OneStepGenerator(net, resolution=res, num_classes=16, noise_resolution=BASE, name=name)
+    low = gen(src, BASE, "g8")
+    near = drift(low, gen(grown, 16, "g16"), range(32))
+    far = drift(low, gen(other_grown, 16, "other16"), range(32))
+    assert near["drift_rms"] * 3 < far["drift_rms"] and near["drift_psnr_db"] > far["drift_psnr_db"]
+    with pytest.raises(UserError, match="differ"):
+        drift(low, gen(grown, 16, "g16").__class__(grown, resolution=16, num_classes=16, noise_resolution=16), [0])

@@ -102,14 +102,16 @@ class OneStepStage:
     def step(self, net, batch: list[torch.Tensor], generator: torch.Generator, phase: str | None = None):
         """One G micro-batch. phase None: L_rec + w_adv * lambda * L_adv (adaptive lambda if loss.adaptive);
         "rec": L_rec alone; "adv": w_adv * (L_adv + rec_disc_weight * L_adv_rec) with lambda = 1, L_adv_rec the
-        hinge loss of the reconstructions' discriminator (when there is one). Logs l_rec, l_adv, lambda."""
+        hinge loss of the reconstructions' discriminator (when there is one). L_rec carries loss.w_rec where the
+        config has one (Stage 3; 0 drops it, and lambda is then 1). Logs l_rec, l_adv, lambda."""
         x, y, _, w = batch
         labels, n, loss_cfg = self._labels(y), len(x), self.cfg.loss
         w = w.float() if self.guided else None
         z, target = self.target(batch, labels, generator)
         disc, disc_rec = self._discs(self.disc)
         eps = torch.randn(z.shape, generator=generator, device=z.device)  # the adversarial fake's noise
-        use_rec = phase in (None, "rec") or (phase == "adv" and disc_rec is not None)
+        use_rec = (phase in (None, "rec") and getattr(loss_cfg, "w_rec", 1.0) > 0) or \
+            (phase == "adv" and disc_rec is not None)
         use_adv = disc is not None and phase in (None, "adv")
         parts = ([z] if use_rec else []) + ([self.sigma_max * eps] if use_adv else [])
         reps = len(parts)
@@ -117,10 +119,10 @@ class OneStepStage:
                      None if w is None else w.repeat(reps))
         rec, fake = (out[:n] if use_rec else None), (out[-n:] if use_adv else None)
         stats, loss = {}, 0
-        l_rec = 0
-        if phase in (None, "rec"):
+        l_rec, w_rec = 0, getattr(loss_cfg, "w_rec", 1.0)
+        if phase in (None, "rec") and w_rec > 0:
             draw = augment_params(n, generator) if loss_cfg.augment else None
-            l_rec = d(rec, target, [self.backbone], draw=draw).mean()
+            l_rec = w_rec * d(rec, target, [self.backbone], draw=draw).mean()
             stats["l_rec"], loss = l_rec.detach(), l_rec
         if not use_adv:
             return loss, stats

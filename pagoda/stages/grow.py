@@ -112,7 +112,9 @@ class GrowStage(OneStepStage):
         self.frozen = freeze(self.net, cfg.freeze)
         self.num_classes, self.resolution = self.net.num_classes, self.net.output_resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
-        self.phases = ("rec", "adv") if stage_index >= cfg.loss.split_from else None
+        self.phases = None
+        if stage_index >= cfg.loss.split_from:  # two updates per step; an absent loss has none
+            self.phases = tuple(p for p, w in (("rec", cfg.loss.w_rec), ("adv", cfg.loss.w_adv)) if w > 0)
         self.disc = None
         if cfg.loss.w_adv > 0:
             def make(seed: int) -> ProjectedDiscriminator:
@@ -131,6 +133,40 @@ class GrowStage(OneStepStage):
         """(z, x): the base-resolution latent and the crop of the same image at the new resolution."""
         x, _, z, _ = batch
         return z, to_model(x)
+
+
+@torch.no_grad()
+def drift(low, high, seeds, *, batch: int = 100) -> dict:
+    """How far a grown G moved from the G it was grown from (paper Fig. 3: objects drift between resolutions
+    without L_rec). low, high: OneStepGenerators with the same noise shape (the base), high at a resolution
+    2^k times low's. With x_lo = low(z) and x_hi = high(z) from the same seeds (labels drawn from the seeds):
+
+        drift_rms = mean over seeds of the RMS difference (uint8 levels, 0..255) of area-downsample(x_hi) and x_lo
+        drift_psnr_db = mean over seeds of the PSNR (dB) of the same pair
+
+    A grown G that keeps the content of its source scores a small RMS (it only adds detail, which averaging
+    removes); one that drifts to other objects scores about the RMS between unrelated images (~60-90 levels).
+    """
+    from pagoda.edit import psnr
+    from pagoda.generator import as_seeds
+
+    if low.noise_shape != high.noise_shape or high.resolution % low.resolution:
+        raise UserError(f"drift compares a G with one grown from it: {low.name} ({low.resolution} px, noise "
+                        f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) differ")
+    rms, ps = [], []
+    seeds = as_seeds(seeds)
+    for i in range(0, len(seeds), batch):
+        s = seeds[i:i + batch]
+        x_lo = low.sample(s).cpu()
+        x_hi = high.sample(s).cpu().float()
+        down = F.interpolate(x_hi, size=(low.resolution, low.resolution), mode="area").round().clamp(0, 255)
+        down = down.to(torch.uint8)
+        rms.append((down.float() - x_lo.float()).square().mean(dim=(1, 2, 3)).sqrt())
+        ps.append(psnr(down, x_lo))
+    rms, ps = torch.cat(rms), torch.cat(ps)
+    return {"drift_rms": rms.mean().item(), "drift_psnr_db": ps[torch.isfinite(ps)].mean().item(),
+            "num_samples": len(seeds), "low": low.name, "high": high.name, "low_resolution": low.resolution,
+            "high_resolution": high.resolution}
 
 
 def stage_index(base: int, resolution: int) -> int:

@@ -1,0 +1,306 @@
+"""Controllable generation with PaGoDA's autoencoder (METHOD §2, "Controllable generation"; Kim et al. 2024, §5):
+encode by DDIM inversion with the teacher (Stage 2a's `invert`: Heun on the 40-point Karras grid to sigma_max, D
+clamped, the true label), edit the latent or the input, decode with the one-step G in one network call.
+
+    python -m pagoda edit TASK --generator G.safetensors --teacher T.safetensors --data SRC --items 0-7 -o grid.png
+
+Tasks (each writes a PNG grid, one row per item, and prints / writes its numbers as JSON next to the grid):
+- reconstruct   [x | G(z_x)]; PSNR (dB, uint8) and d (the L_rec distance, `random` backbone) to x.
+- superres      a grown G decodes the inversion of the low-resolution (base) crop at its own resolution:
+                [bicubic up(x_low) | G(z_x) | x_high]; PSNR of both against the high-resolution crop of the same
+                source image (the bicubic row is the baseline).
+- inpaint       mask (base x base, white = keep) over the base input; DESIGN: fill the hole with grey, then
+                `--iterations` rounds of invert -> decode -> paste the known pixels back (at the base resolution;
+                the decoder's output is area-downsampled when G is grown); [masked x | G(z) | x]; PSNR inside
+                the hole against x, and the grey fill's PSNR as the baseline.
+- transfer      invert with the true label y, decode with y' (`--to-class`): [x | G(z_x, y) | G(z_x, y')];
+                no ground truth, so no number beyond the reconstruction's PSNR.
+- interpolate   spherical interpolation (slerp) between the latents of two items, `--frames` points; labels
+                switch from the first item's to the second's at t = 1/2 (DESIGN); PSNR of both endpoints.
+
+Inputs are images of a data source (`photos`, `photos:heldout`, an image folder or an ADM .npz) by index, at
+G's base resolution and, for the ground truth, at G's output resolution (crops of the same source image).
+A guidance-conditioned G decodes at `--guidance` w (default its own) after an inversion with the w-guided teacher.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.checkpoint import read_meta, write_atomic
+from pagoda.data import build_dataset, to_model, to_uint8
+from pagoda.diffusion import one_step
+from pagoda.errors import UserError
+from pagoda.samplers import inversion_sigmas
+
+TASKS = ("reconstruct", "superres", "inpaint", "transfer", "interpolate")
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR in dB per image [N] of uint8 images [N, 3, H, W] against `ref`: 10 log10(255^2 / MSE), MSE over the
+    pixels where mask [N or 1, 1, H, W] is 1 (all without a mask); inf for identical images."""
+    err = (x.double() - ref.double()).square()
+    if mask is None:
+        mse = err.mean(dim=(1, 2, 3))
+    else:
+        m = mask.double().expand(x.shape[0], 1, *x.shape[-2:])
+        mse = (err * m).sum(dim=(1, 2, 3)) / (3 * m.sum(dim=(1, 2, 3))).clamp_min(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between latents a and b [...] (flattened angle; Shoemake 1985), linear when they
+    are (anti)parallel to float precision."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = (a64 @ b64 / (a64.norm() * b64.norm())).clamp(-1, 1)
+    theta = torch.arccos(cos)
+    if theta.abs() < 1e-6 or (math.pi - theta).abs() < 1e-6:
+        return ((1 - t) * a.double() + t * b.double()).to(a.dtype)
+    out = (torch.sin((1 - t) * theta) * a.double() + torch.sin(t * theta) * b.double()) / torch.sin(theta)
+    return out.to(a.dtype)
+
+
+def center_mask(resolution: int) -> torch.Tensor:
+    """The default inpainting mask: float [1, 1, R, R], 1 = keep, 0 over the central half (a square hole)."""
+    m = torch.ones(1, 1, resolution, resolution)
+    lo, hi = resolution // 4, resolution - resolution // 4
+    m[..., lo:hi, lo:hi] = 0
+    return m
+
+
+def load_mask(path: str, resolution: int) -> torch.Tensor:
+    """A mask image (white / nonzero = keep, black = fill) as float [1, 1, R, R]; UserError for another size."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if path == "center":
+        return center_mask(resolution)
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError:
+        raise UserError(f"--mask {path} does not exist: give a {resolution}x{resolution} PNG (white = keep) or "
+                        "'center'") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"--mask {path} is not a readable image ({e}): give a PNG") from None
+    if img.size != (resolution, resolution):
+        raise UserError(f"--mask {path} is {img.size[0]}x{img.size[1]} but the generator's input is "
+                        f"{resolution}x{resolution}: give a mask of the base resolution (white = keep)")
+    m = torch.from_numpy(np.asarray(img.convert("L")) > 127).float()
+    return m[None, None]
+
+
+def write_rows(path: Path, rows: list[list[torch.Tensor]]) -> None:
+    """A PNG grid, one row per list of uint8 images [3, H, W] (smaller images nearest-upsampled to the row's
+    largest size so the columns line up); atomic."""
+    import numpy as np
+    from PIL import Image
+
+    size = max(img.shape[-1] for row in rows for img in row)
+    cols = max(len(row) for row in rows)
+    grid = np.full((len(rows) * size, cols * size, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            img = img[None].float()
+            if img.shape[-1] != size:
+                img = F.interpolate(img, size=(size, size), mode="nearest")
+            grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = img[0].byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_atomic(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
+
+
+@dataclass
+class Editor:
+    """G and its teacher: encode(x, y) -> z by inversion, decode(z, y) -> uint8 images at G's resolution."""
+
+    gen: object  # pagoda.generator.OneStepGenerator
+    teacher: object  # EDM denoiser
+    sigmas: torch.Tensor
+    guidance: float
+
+    @property
+    def base(self) -> int:
+        return self.gen.noise_shape[-1]
+
+    def _w(self, n: int) -> torch.Tensor | None:
+        return torch.full((n,), self.guidance) if self.gen.guidance_range else None
+
+    def _labels(self, y: torch.Tensor):
+        return y if self.gen.num_classes > 0 else None
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """z float32 [N, 3, base, base] of uint8 images x [N, 3, base, base] (Stage 2a's inversion)."""
+        from pagoda.pairs import invert
+        w = None if self.guidance == 1.0 else self._w(len(x))
+        return invert(self.teacher, x, self._labels(y), self.sigmas, w)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, R, R] at G's output resolution: one network call."""
+        g = self.gen
+        x = one_step(g.net, z, self._labels(y), sigma_max=g.sigma_max, sigma_data=g.sigma_data, guidance=self._w(len(z)))
+        return to_uint8(x.float().clamp(-1, 1))
+
+
+def open_editor(generator: str, teacher: str, *, guidance: float | None = None) -> Editor:
+    """The Editor of a PaGoDA checkpoint and the teacher its pairs were made with (checked by SHA-256)."""
+    from pagoda.generator import OneStepGenerator, load_generator
+    from pagoda.pairs import load_teacher
+    from pagoda.weights import sha256_file
+
+    gen = load_generator(generator)
+    if not isinstance(gen, OneStepGenerator):
+        raise UserError(f"--generator {generator} is a {gen.kind!r} checkpoint: editing needs a PaGoDA G (kind "
+                        "'pagoda', from `python -m pagoda distill` or `grow`)")
+    meta = read_meta(generator)
+    want = meta.get("teacher_sha256")
+    if want and sha256_file(teacher) != want:
+        raise UserError(f"--teacher {teacher} is not the teacher {generator} was trained with (its pairs came from "
+                        f"{meta.get('teacher')}): pass that teacher, so the inversion matches G's latents")
+    denoiser, tmeta = load_teacher(teacher)
+    if tmeta.get("resolution") != gen.noise_shape[-1]:
+        raise UserError(f"--teacher {teacher} is at {tmeta.get('resolution')} px but {generator} takes "
+                        f"{gen.noise_shape[-1]} px latents: pass its own teacher")
+    w = gen.check_guidance(guidance)
+    d = meta.get("diffusion", {})
+    sigmas = inversion_sigmas(40, sigma_min=d.get("sigma_min", 0.002), sigma_max=d.get("sigma_max", 80.0),
+                              rho=d.get("rho", 7.0))
+    return Editor(gen, denoiser, sigmas, w)
+
+
+def open_images(source: str, items: list[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, 3, R, R] and labels int64 [N] of the items of a data source ('photos', 'photos:heldout', a folder,
+    an .npz) at `resolution`; UserError for an index out of range."""
+    name, _, split = source.partition(":") if source.startswith("photos") else (source, "", "")
+    dataset = build_dataset(name, resolution, split=split or "train")
+    bad = [i for i in items if not 0 <= i < len(dataset)]
+    if bad:
+        raise UserError(f"--items {bad[0]} is out of range: {source} has {len(dataset)} images (0..{len(dataset) - 1})")
+    x, y = zip(*(dataset[i] for i in items))
+    return torch.stack(x), torch.stack(y)
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """d (pagoda.losses, the `random` backbone with L_rec's seed) per image [N] between uint8 images."""
+    from pagoda.losses import d
+    from pagoda.networks.features import build_backbone
+    return d(to_model(a), to_model(b), [build_backbone("random", seed=1)])
+
+
+def run_task(task: str, editor: Editor, source: str, items: list[int], *, mask: str = "center",
+             iterations: int = 4, to_class: int | None = None, frames: int = 8) -> tuple[list[list[torch.Tensor]], dict]:
+    """(grid rows, numbers) of one task (module docstring); UserError for inputs the task cannot use."""
+    gen, base = editor.gen, editor.base
+    res = gen.resolution
+    x_low, y = open_images(source, items, base)
+    x_high = open_images(source, items, res)[0] if res != base else x_low
+    if task == "reconstruct":
+        rec = editor.decode(editor.encode(x_low, y), y)
+        p, dist = psnr(rec, x_high), _distance(rec, x_high)
+        rows = [[x_high[i], rec[i]] for i in range(len(items))]
+        return rows, {"psnr_db": p.mean().item(), "d": dist.mean().item(), "columns": ["x", "G(z_x)"]}
+    if task == "superres":
+        if res == base:
+            raise UserError(f"superres needs a grown G (output above its {base} px input); {gen.name} outputs {res} px: "
+                            "pass a G from `python -m pagoda grow`")
+        sr = editor.decode(editor.encode(x_low, y), y)
+        bicubic = to_uint8(F.interpolate(to_model(x_low), size=(res, res), mode="bicubic", align_corners=False)
+                           .clamp(-1, 1))
+        rows = [[bicubic[i], sr[i], x_high[i]] for i in range(len(items))]
+        return rows, {"psnr_db": psnr(sr, x_high).mean().item(), "psnr_bicubic_db": psnr(bicubic, x_high).mean().item(),
+                      "columns": ["bicubic(x_low)", "G(z_x_low)", "x_high"]}
+    if task == "inpaint":
+        m = load_mask(mask, base)
+        if iterations < 1:
+            raise UserError(f"--iterations {iterations} must be >= 1")
+        grey = torch.full_like(x_low, 128)
+        masked = torch.where(m.bool(), x_low, grey)
+        current = masked
+        for _ in range(iterations):
+            out = editor.decode(editor.encode(current, y), y)
+            low = out if res == base else to_uint8(F.interpolate(to_model(out), size=(base, base), mode="area"))
+            current = torch.where(m.bool(), x_low, low)
+        hole = 1 - (m if res == base else F.interpolate(m, size=(res, res), mode="nearest"))
+        fill = torch.full_like(x_high, 128)
+        rows = [[masked[i], out[i], x_high[i]] for i in range(len(items))]
+        return rows, {"psnr_hole_db": psnr(out, x_high, hole).mean().item(),
+                      "psnr_hole_grey_db": psnr(fill, x_high, hole).mean().item(), "iterations": iterations,
+                      "columns": ["masked x", "G (inpainted)", "x"]}
+    if task == "transfer":
+        if gen.num_classes == 0:
+            raise UserError(f"transfer needs a class-conditional G; {gen.name} is unconditional")
+        if to_class is None or not 0 <= to_class < gen.num_classes:
+            raise UserError(f"--to-class {to_class} must be a class id in [0, {gen.num_classes - 1}]")
+        z = editor.encode(x_low, y)
+        rec, moved = editor.decode(z, y), editor.decode(z, torch.full_like(y, to_class))
+        rows = [[x_high[i], rec[i], moved[i]] for i in range(len(items))]
+        return rows, {"psnr_db": psnr(rec, x_high).mean().item(), "to_class": to_class,
+                      "columns": ["x", "G(z_x, y)", "G(z_x, y')"]}
+    if task == "interpolate":
+        if len(items) != 2:
+            raise UserError(f"interpolate takes two --items (e.g. 0,5), got {len(items)}")
+        if frames < 2:
+            raise UserError(f"--frames {frames} must be >= 2")
+        z = editor.encode(x_low, y)
+        ts = [i / (frames - 1) for i in range(frames)]
+        zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
+        ys = torch.stack([y[0] if t < 0.5 else y[1] for t in ts])
+        out = editor.decode(zs, ys)
+        ends = torch.stack([out[0], out[-1]])
+        return [[x_high[0], *out, x_high[1]]], {"psnr_endpoints_db": psnr(ends, x_high).tolist(), "t": ts,
+                                                 "columns": ["x_a", *(f"t={t:.2f}" for t in ts), "x_b"]}
+    raise UserError(f"edit task {task!r} is unknown: use one of {', '.join(TASKS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pagoda edit TASK ...` (see the module docstring)."""
+    from pagoda.__main__ import int_list
+    from pagoda.errors import ArgumentParser, check_output, guidance_scale
+
+    p = ArgumentParser(prog="python -m pagoda edit", description="Invert images with the teacher, edit, decode with "
+                       "the one-step G; writes a PNG grid (one row per item) and its numbers as JSON beside it.")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--generator", required=True, help="a PaGoDA G (.safetensors; grown for superres)")
+    p.add_argument("--teacher", required=True, help="the teacher G's pairs were made with")
+    p.add_argument("--data", default="photos:heldout", help="'photos', 'photos:heldout' (default), a folder or .npz")
+    p.add_argument("--items", type=int_list, default=list(range(8)), help="image indices, e.g. 0-7 (default)")
+    p.add_argument("-o", "--out", required=True, help="the grid (.png); numbers go to the same name with .json")
+    p.add_argument("--mask", default="center", help="inpaint: a base-resolution PNG (white = keep) or 'center'")
+    p.add_argument("--iterations", type=int, default=4, help="inpaint: invert/decode/paste rounds (default 4)")
+    p.add_argument("--to-class", type=int, default=None, help="transfer: the class to decode with")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: points from t = 0 to 1 (default 8)")
+    p.add_argument("--guidance", type=guidance_scale, default=None, help="a guidance-conditioned G's w (default its own)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"-o {out}: the grid must end in .png")
+    check_output(out)
+    check_output(out.with_suffix(".json"))
+    editor = open_editor(args.generator, args.teacher, guidance=args.guidance)
+    rows, numbers = run_task(args.task, editor, args.data, args.items, mask=args.mask, iterations=args.iterations,
+                             to_class=args.to_class, frames=args.frames)
+    numbers = {"task": args.task, "generator": str(args.generator), "data": args.data, "items": args.items,
+               "resolution": editor.gen.resolution, "base": editor.base, "guidance": editor.guidance, **numbers}
+    write_rows(out, rows)
+    text = json.dumps(numbers, indent=1) + "\n"
+    write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    shown = {k: v for k, v in numbers.items() if k.startswith("psnr") or k == "d"}
+    print(f"wrote {out} ({len(rows)} rows) and {out.with_suffix('.json')}: "
+          + ", ".join(f"{k} {v if isinstance(v, list) else round(v, 3)}" for k, v in shown.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pagoda.errors import run_cli
+    sys.exit(run_cli(main))
