@@ -130,12 +130,12 @@ def cmd_info(args) -> int:
     from pagoda.checkpoint import check_meta, num_parameters, read_meta
     meta = read_meta(args.ckpt)
     check_meta(args.ckpt, meta, kind=args.kind)
-    print(f"{'file:':<16}{args.ckpt}")
+    print(f"{'file:':<18}{args.ckpt}")
     for key in ("kind", "stage", "resolution", "noise_resolution", "grow_stage", "guidance_range", "num_classes",
                 "step", "ema_rate", "git_commit", "pagoda_version", "time", "source"):
         if key in meta:
-            print(f"{key + ':':<16}{meta[key]}")
-    print(f"{'parameters:':<16}{num_parameters(args.ckpt):,}")
+            print(f"{key + ':':<18}{meta[key]}")
+    print(f"{'parameters:':<18}{num_parameters(args.ckpt):,}")
     config = meta.get("config") or {k: meta[k] for k in ("network", "diffusion", "sample") if k in meta}
     print("config:")
     print(json.dumps(config, indent=2, sort_keys=True))

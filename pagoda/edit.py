@@ -41,6 +41,7 @@ from pagoda.errors import UserError
 from pagoda.samplers import inversion_sigmas
 
 TASKS = ("reconstruct", "superres", "inpaint", "transfer", "interpolate")
+MAX_FRAMES = 64
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,6 +66,18 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         return ((1 - t) * a.double() + t * b.double()).to(a.dtype)
     out = (torch.sin((1 - t) * theta) * a.double() + torch.sin(t * theta) * b.double()) / torch.sin(theta)
     return out.to(a.dtype)
+
+
+def finite(tree):
+    """A JSON tree with every non-finite float (an infinite PSNR of identical images) replaced by None, which JSON
+    can hold."""
+    if isinstance(tree, float):
+        return tree if math.isfinite(tree) else None
+    if isinstance(tree, dict):
+        return {k: finite(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [finite(v) for v in tree]
+    return tree
 
 
 def center_mask(resolution: int) -> torch.Tensor:
@@ -94,6 +107,8 @@ def load_mask(path: str, resolution: int) -> torch.Tensor:
         raise UserError(f"--mask {path} is {img.size[0]}x{img.size[1]} but the generator's input is "
                         f"{resolution}x{resolution}: give a mask of the base resolution (white = keep)")
     m = torch.from_numpy(np.asarray(img.convert("L")) > 127).float()
+    if m.all():
+        raise UserError(f"--mask {path} keeps every pixel (all white, > 127): paint the hole black")
     return m[None, None]
 
 
@@ -158,6 +173,7 @@ def open_editor(generator: str, teacher: str, *, guidance: float | None = None) 
     from pagoda.weights import sha256_file
 
     gen = load_generator(generator)
+    tmeta = read_meta(teacher)  # a missing or foreign --teacher: one line before anything else reads it
     if not isinstance(gen, OneStepGenerator):
         raise UserError(f"--generator {generator} is a {gen.kind!r} checkpoint: editing needs a PaGoDA G (kind "
                         "'pagoda', from `python -m pagoda distill` or `grow`)")
@@ -166,7 +182,7 @@ def open_editor(generator: str, teacher: str, *, guidance: float | None = None) 
     if want and sha256_file(teacher) != want:
         raise UserError(f"--teacher {teacher} is not the teacher {generator} was trained with (its pairs came from "
                         f"{meta.get('teacher')}): pass that teacher, so the inversion matches G's latents")
-    denoiser, tmeta = load_teacher(teacher)
+    denoiser, _ = load_teacher(teacher)
     if tmeta.get("resolution") != gen.noise_shape[-1]:
         raise UserError(f"--teacher {teacher} is at {tmeta.get('resolution')} px but {generator} takes "
                         f"{gen.noise_shape[-1]} px latents: pass its own teacher")
@@ -238,7 +254,9 @@ def run_task(task: str, editor: Editor, source: str, items: list[int], *, mask: 
     if task == "transfer":
         if gen.num_classes == 0:
             raise UserError(f"transfer needs a class-conditional G; {gen.name} is unconditional")
-        if to_class is None or not 0 <= to_class < gen.num_classes:
+        if to_class is None:
+            raise UserError(f"transfer needs --to-class C, the class to decode with (0..{gen.num_classes - 1})")
+        if not 0 <= to_class < gen.num_classes:
             raise UserError(f"--to-class {to_class} must be a class id in [0, {gen.num_classes - 1}]")
         z = editor.encode(x_low, y)
         rec, moved = editor.decode(z, y), editor.decode(z, torch.full_like(y, to_class))
@@ -248,8 +266,8 @@ def run_task(task: str, editor: Editor, source: str, items: list[int], *, mask: 
     if task == "interpolate":
         if len(items) != 2:
             raise UserError(f"interpolate takes two --items (e.g. 0,5), got {len(items)}")
-        if frames < 2:
-            raise UserError(f"--frames {frames} must be >= 2")
+        if not 2 <= frames <= MAX_FRAMES:
+            raise UserError(f"--frames {frames} must be in [2, {MAX_FRAMES}]")
         z = editor.encode(x_low, y)
         ts = [i / (frames - 1) for i in range(frames)]
         zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
@@ -284,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix.lower() != ".png":
         raise UserError(f"-o {out}: the grid must end in .png")
     check_output(out)
-    check_output(out.with_suffix(".json"))
+    check_output(out.with_suffix(".json"), what=f"-o {out}: its numbers' file")
     editor = open_editor(args.generator, args.teacher, guidance=args.guidance)
     rows, numbers = run_task(args.task, editor, args.data, args.items, mask=args.mask, iterations=args.iterations,
                              to_class=args.to_class, frames=args.frames)
     numbers = {"task": args.task, "generator": str(args.generator), "data": args.data, "items": args.items,
                "resolution": editor.gen.resolution, "base": editor.base, "guidance": editor.guidance, **numbers}
     write_rows(out, rows)
-    text = json.dumps(numbers, indent=1) + "\n"
+    text = json.dumps(finite(numbers), indent=1) + "\n"
     write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(text))
     shown = {k: v for k, v in numbers.items() if k.startswith("psnr") or k == "d"}
     print(f"wrote {out} ({len(rows)} rows) and {out.with_suffix('.json')}: "

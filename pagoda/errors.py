@@ -27,6 +27,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool does
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 141
 
 
 SAMPLER_HELP = ("ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m "

@@ -251,7 +251,8 @@ def test_grown_guided_g_and_eval_across_resolutions_and_guidance(files, tmp_path
 # Bad input: one line, exit code 2, nothing written.
 
 @pytest.mark.parametrize("case", ["not_2x", "other_base_pairs", "teacher_as_source", "guidance_out_of_range",
-                                  "unknown_freeze", "other_guidance_pairs", "no_source"])
+                                  "unknown_freeze", "other_guidance_pairs", "no_source", "all_frozen", "new_frozen",
+                                  "drift_swapped"])
 def test_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "out"
     if case == "not_2x":
@@ -274,7 +275,20 @@ def test_bad_inputs(case, files, tmp_path, capsys):
     elif case == "unknown_freeze":
         code, needle = _grow(files["g"], files["pairs"], out, "--set", 'freeze=["encoder"]'), "not a module"
     elif case == "other_guidance_pairs":
-        code, needle = _grow(files["g"], files["gpairs"], out), "guidance range"
+        code, needle = _grow(files["g"], files["gpairs"], out), "are guided pairs (w in [1, 2])"
+    elif case == "all_frozen":
+        names = '["time_embed","label_emb","input_blocks","middle_block","output_blocks","out"]'
+        code, needle = _grow(files["g"], files["pairs"], out, "--set", f"freeze={names}"), "nothing to train"
+        assert not out.exists()
+    elif case == "new_frozen":
+        code, needle = _grow(files["g"], files["pairs"], out, "--set", 'freeze=["output_blocks.5"]'), "must be trained"
+        assert not out.exists()
+    elif case == "drift_swapped":
+        assert _grow(files["g"], files["pairs"], tmp_path / "g16", "--set", "train.steps=1") == 0
+        capsys.readouterr()
+        code = run_cli(main, ["drift", "--low", str(tmp_path / "g16" / "G.safetensors"), "--high", files["g"],
+                              "--seeds", "0-3"])
+        needle = "swap them"
     else:
         code, needle = run_cli(main, ["grow", "--preset", "smoke", "--pairs", files["pairs"], "--out", str(out)]), \
             "--from"
@@ -377,7 +391,8 @@ def test_edit_tasks_write_grids_and_numbers(files, tmp_path, capsys):
         assert (w, h) == (cols * size, rows * size)
 
 
-@pytest.mark.parametrize("case", ["mask_size", "superres_base", "other_teacher", "to_class", "item_range"])
+@pytest.mark.parametrize("case", ["mask_size", "superres_base", "other_teacher", "to_class", "item_range",
+                                  "missing_teacher", "mask_no_hole", "no_to_class"])
 def test_edit_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "e.png"
     if case == "mask_size":
@@ -393,6 +408,16 @@ def test_edit_bad_inputs(case, files, tmp_path, capsys):
         needle = "not the teacher"
     elif case == "to_class":
         code, needle = _edit("transfer", files["g"], files, out, "--to-class", "99"), "--to-class 99"
+    elif case == "no_to_class":
+        code, needle = _edit("transfer", files["g"], files, out), "needs --to-class"
+    elif case == "missing_teacher":
+        code = run_cli(main, ["edit", "reconstruct", "--generator", files["g"], "--teacher", str(tmp_path / "nope"),
+                              "--data", files["data"], "-o", str(out)])
+        needle = "does not exist"
+    elif case == "mask_no_hole":
+        from PIL import Image
+        Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+        code, needle = _edit("inpaint", files["g"], files, out, "--mask", tmp_path / "m.png"), "keeps every pixel"
     else:
         code = run_cli(main, ["edit", "reconstruct", "--generator", files["g"], "--teacher", files["teacher"],
                               "--data", files["data"], "--items", "0,400", "-o", str(out)])
@@ -415,5 +440,5 @@ def test_drift_is_small_for_a_fresh_grown_g_and_large_for_an_unrelated_one():
     near = drift(low, gen(grown, 16, "g16"), range(32))
     far = drift(low, gen(other_grown, 16, "other16"), range(32))
     assert near["drift_rms"] * 3 < far["drift_rms"] and near["drift_psnr_db"] > far["drift_psnr_db"]
-    with pytest.raises(UserError, match="differ"):
+    with pytest.raises(UserError, match="grown from it"):
         drift(low, gen(grown, 16, "g16").__class__(grown, resolution=16, num_classes=16, noise_resolution=16), [0])

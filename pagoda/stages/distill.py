@@ -245,6 +245,7 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
         extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=teacher_net.resolution,
                      num_classes=teacher_net.num_classes, teacher=str(cfg.teacher),
                      teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda",
-                     guidance_range=list(pairs.guidance_range) if guided else None)
+                     guidance_range=list(pairs.guidance_range) if guided else None,
+                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"])
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)

@@ -40,7 +40,7 @@ from pagoda.errors import UserError
 from pagoda.networks.discriminator import ProjectedDiscriminator
 from pagoda.networks.features import build_backbone
 from pagoda.stages.distill import DiscPair, OneStepStage
-from pagoda.train import train
+from pagoda.train import check_run_config, train
 
 
 def grow_network(source: nn.Module, network: dict) -> tuple[nn.Module, dict]:
@@ -110,6 +110,13 @@ class GrowStage(OneStepStage):
         self.net, self.network = grow_network(source_net, network)
         self.net.train()
         self.frozen = freeze(self.net, cfg.freeze)
+        if not any(p.requires_grad for p in self.net.parameters()):
+            raise UserError(f"freeze {list(cfg.freeze)} leaves nothing to train: keep at least the grown blocks "
+                            f"(output_blocks.{source_net.base_output_blocks} ...) and the head `out` trainable")
+        grown = range(len(source_net.output_blocks), len(self.net.output_blocks))
+        if any(not p.requires_grad for i in grown for p in self.net.output_blocks[i].parameters()):
+            raise UserError(f"freeze {list(cfg.freeze)} freezes blocks this stage adds (output_blocks."
+                            f"{grown.start}-{grown.stop - 1}): they start at zero and must be trained; drop them")
         self.num_classes, self.resolution = self.net.num_classes, self.net.output_resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
         self.phases = None
@@ -148,11 +155,17 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
     removes); one that drifts to other objects scores about the RMS between unrelated images (~60-90 levels).
     """
     from pagoda.edit import psnr
-    from pagoda.generator import as_seeds
+    from pagoda.generator import OneStepGenerator, as_seeds
 
-    if low.noise_shape != high.noise_shape or high.resolution % low.resolution:
+    for g in (low, high):
+        if not isinstance(g, OneStepGenerator):
+            raise UserError(f"drift compares PaGoDA generators; {g.name} is a {g.kind!r} checkpoint: pass G files")
+    if low.resolution > high.resolution:
+        raise UserError(f"--low {low.name} is at {low.resolution} px and --high {high.name} at {high.resolution} px: "
+                        "swap them (--high is the grown one)")
+    if low.noise_shape != high.noise_shape or high.resolution <= low.resolution or high.resolution % low.resolution:
         raise UserError(f"drift compares a G with one grown from it: {low.name} ({low.resolution} px, noise "
-                        f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) differ")
+                        f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) are not")
     rms, ps = [], []
     seeds = as_seeds(seeds)
     for i in range(0, len(seeds), batch):
@@ -164,7 +177,8 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
         rms.append((down.float() - x_lo.float()).square().mean(dim=(1, 2, 3)).sqrt())
         ps.append(psnr(down, x_lo))
     rms, ps = torch.cat(rms), torch.cat(ps)
-    return {"drift_rms": rms.mean().item(), "drift_psnr_db": ps[torch.isfinite(ps)].mean().item(),
+    finite = ps[torch.isfinite(ps)]
+    return {"drift_rms": rms.mean().item(), "drift_psnr_db": finite.mean().item() if len(finite) else None,
             "num_samples": len(seeds), "low": low.name, "high": high.name, "low_resolution": low.resolution,
             "high_resolution": high.resolution}
 
@@ -191,6 +205,7 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
         raise UserError("no generator given: pass --from G.safetensors (Stage 2b's G, or a grown one)")
     if not cfg.pairs:
         raise UserError("no pairs given: pass --pairs DIR (the Stage-2a pairs the source G was trained on)")
+    check_run_config(Path(out_dir), to_dict(cfg))  # a clash with the run there: one line before any work
     with dist.session():
         source, meta = load_network(cfg.source, kind="pagoda")
         diffusion = diffusion_config(cfg.source, meta)
@@ -200,8 +215,14 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
                            image_resolution=target)
         trained = meta.get("guidance_range")
         if (pairs.guidance_range and list(pairs.guidance_range)) != (trained or None):
-            raise UserError(f"pairs in {cfg.pairs} have guidance range {pairs.guidance_range} but --from {cfg.source} "
-                            f"was trained on {trained and tuple(trained)}: grow it on the pairs it was trained on")
+            def say(r):
+                return f"guided pairs (w in [{r[0]:g}, {r[1]:g}])" if r else "unguided pairs"
+            raise UserError(f"--pairs {cfg.pairs} are {say(pairs.guidance_range)} but --from {cfg.source} was trained "
+                            f"on {say(trained)}: grow it on the pairs it was trained on")
+        fingerprint = meta.get("pairs_data_fingerprint")
+        if fingerprint and fingerprint != pairs.index["data"]["fingerprint"]:
+            raise UserError(f"--pairs {cfg.pairs} hold other images ({pairs.index['data']['source']}) than the pairs "
+                            f"--from {cfg.source} was trained on ({meta.get('pairs')}): grow it on those")
         torch.manual_seed(cfg.train.seed)  # the same new blocks and discriminator on every rank and every rerun
         k = stage_index(base, target)
         stage = GrowStage(cfg, source, meta["network"], sigma_max=diffusion.sigma_max,
@@ -214,6 +235,7 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
         extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=target,
                      noise_resolution=base, num_classes=source.num_classes, teacher=meta.get("teacher"),
                      teacher_sha256=meta.get("teacher_sha256"), pairs=str(cfg.pairs), source=str(cfg.source),
-                     method="pagoda", guidance_range=trained, grow_stage=k, frozen=stage.frozen)
+                     method="pagoda", guidance_range=trained, grow_stage=k, frozen=stage.frozen,
+                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"])
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)
