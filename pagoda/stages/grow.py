@@ -230,7 +230,8 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
                           weights_dir=weights_dir).to(dist.device())
         dist.print0(f"grow: {source.output_resolution} -> {target} px (stage {k}, base {base}); frozen: "
                     f"{', '.join(stage.frozen)}; losses: "
-                    f"{'L_rec, then w_adv L_adv (two updates)' if stage.phases else 'L_rec + w_adv lambda L_adv'}"
+                    f"{' then '.join(stage.phases) + ' (one update each)' if stage.phases else 'L_rec + w_adv lambda L_adv'}"
+                    f"{' (w_rec = 0: no L_rec)' if cfg.loss.w_rec == 0 else ''}"
                     f"{' + a reconstructions discriminator' if isinstance(stage.disc, DiscPair) else ''}")
         extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=target,
                      noise_resolution=base, num_classes=source.num_classes, teacher=meta.get("teacher"),
