@@ -171,6 +171,20 @@ def build_network(meta: dict, *, where: str = "checkpoint"):
     return UNet(**dataclasses.asdict(cfg))
 
 
+def rebuild_network(source, network: dict, *, new_prefixes, **changes):
+    """(a network of the architecture network + changes with every tensor of `source` copied under its own path,
+    its network config as a dict). The tensors the change adds are freshly initialised and must all lie under one
+    of `new_prefixes`; anything else missing, or any source tensor without a place, is a RuntimeError (the copy is
+    by module structure: no key is renamed)."""
+    cfg = to_dict(dataclasses.replace(from_dict(UNetConfig, network, where="network"), **changes))
+    net = build_network({"network": cfg}).to(next(source.parameters()).device)
+    missing, unexpected = net.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or not all(k.startswith(tuple(new_prefixes)) for k in missing):
+        raise RuntimeError(f"the rebuilt network does not hold the source by structure: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    return net, cfg
+
+
 def diffusion_config(path: str | os.PathLike, meta: dict) -> DiffusionConfig:
     """The EDM constants (sigma range, sigma_data, rho) in a model file's meta; the imported EDM teacher has no
     'diffusion' entry, so EDM's defaults apply to it. Unknown or mistyped keys are UserErrors."""

@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagoda.checkpoint import read_meta, write_atomic
+from pagoda.checkpoint import diffusion_config, read_meta, write_atomic
 from pagoda.data import build_dataset, to_model, to_uint8
-from pagoda.diffusion import one_step
 from pagoda.errors import UserError
 from pagoda.samplers import inversion_sigmas
 
@@ -145,9 +144,6 @@ class Editor:
     def base(self) -> int:
         return self.gen.noise_shape[-1]
 
-    def _w(self, n: int) -> torch.Tensor | None:
-        return torch.full((n,), self.guidance) if self.gen.guidance_range else None
-
     def _labels(self, y: torch.Tensor):
         return y if self.gen.num_classes > 0 else None
 
@@ -155,21 +151,19 @@ class Editor:
     def encode(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """z float32 [N, 3, base, base] of uint8 images x [N, 3, base, base] (Stage 2a's inversion)."""
         from pagoda.pairs import invert
-        w = None if self.guidance == 1.0 else self._w(len(x))
+        w = None if self.guidance == 1.0 else torch.full((len(x),), self.guidance)
         return invert(self.teacher, x, self._labels(y), self.sigmas, w)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, R, R] at G's output resolution: one network call."""
-        g = self.gen
-        x = one_step(g.net, z, self._labels(y), sigma_max=g.sigma_max, sigma_data=g.sigma_data, guidance=self._w(len(z)))
-        return to_uint8(x.float().clamp(-1, 1))
+        return self.gen.decode(z, self._labels(y), self.guidance)
 
 
 def open_editor(generator: str, teacher: str, *, guidance: float | None = None) -> Editor:
     """The Editor of a PaGoDA checkpoint and the teacher its pairs were made with (checked by SHA-256)."""
     from pagoda.generator import OneStepGenerator, load_generator
-    from pagoda.pairs import load_teacher
+    from pagoda.pairs import NUM_POINTS, load_teacher
     from pagoda.weights import sha256_file
 
     gen = load_generator(generator)
@@ -187,9 +181,8 @@ def open_editor(generator: str, teacher: str, *, guidance: float | None = None) 
         raise UserError(f"--teacher {teacher} is at {tmeta.get('resolution')} px but {generator} takes "
                         f"{gen.noise_shape[-1]} px latents: pass its own teacher")
     w = gen.check_guidance(guidance)
-    d = meta.get("diffusion", {})
-    sigmas = inversion_sigmas(40, sigma_min=d.get("sigma_min", 0.002), sigma_max=d.get("sigma_max", 80.0),
-                              rho=d.get("rho", 7.0))
+    d = diffusion_config(generator, meta)
+    sigmas = inversion_sigmas(NUM_POINTS, sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho)
     return Editor(gen, denoiser, sigmas, w)
 
 

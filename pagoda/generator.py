@@ -266,13 +266,17 @@ class OneStepGenerator(Generator):
         labels = self.check_labels(labels, len(seeds))
         w = self.check_guidance(guidance)
         eps, drawn = seeded_draws(seeds, self.noise_shape, self.device, self.num_classes if labels is None else 0)
-        labels = drawn if labels is None else labels.to(self.device)
+        return self.decode(eps * self.sigma_max, drawn if labels is None else labels.to(self.device), w)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None, w: float = 1.0) -> torch.Tensor:
+        """uint8 [N, 3, R, R] of latents z float [N, *noise_shape] (sigma_max * eps, or an inversion's) and labels
+        int64 [N] (None for an unconditional G) at a checked CFG scale w: one network call, clamped."""
         ctx = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device.type, dtype=self.dtype)
         with ctx:
-            w = torch.full((len(seeds),), w, device=self.device) if self.guidance_range else None
-            x = one_step(self.net, eps * self.sigma_max, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
-                         guidance=w)
+            w = torch.full((len(z),), w, device=self.device) if self.guidance_range else None
+            x = one_step(self.net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data, guidance=w)
         return to_uint8(x.float().clamp(-1, 1))
 
 

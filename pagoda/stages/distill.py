@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import build_network, diffusion_config, load_network
-from pagoda.config import DiffusionConfig, DistillConfig, UNetConfig, from_dict, to_dict
+from pagoda.checkpoint import diffusion_config, load_network, rebuild_network
+from pagoda.config import DiffusionConfig, DistillConfig, to_dict
 from pagoda.data import to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas, one_step
 from pagoda.errors import UserError
@@ -63,11 +63,7 @@ class DiscPair(nn.Module):
 def with_guidance_embedding(net: nn.Module, network: dict) -> tuple[nn.Module, dict]:
     """(a copy of `net` with the w-embedding switched on, its network config): the new embedding's last layer is
     zero (pagoda.networks.unet), so the copy equals `net` at every w until trained."""
-    cfg = to_dict(from_dict(UNetConfig, {**network, "guidance_embed": True}, where="network"))
-    out = build_network({"network": cfg})
-    missing, unexpected = out.load_state_dict(net.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("guidance_emb.") for k in missing), (missing, unexpected)
-    return out.to(next(net.parameters()).device), cfg
+    return rebuild_network(net, network, new_prefixes=("guidance_emb.",), guidance_embed=True)
 
 
 class OneStepStage:
@@ -110,17 +106,17 @@ class OneStepStage:
         z, target = self.target(batch, labels, generator)
         disc, disc_rec = self._discs(self.disc)
         eps = torch.randn(z.shape, generator=generator, device=z.device)  # the adversarial fake's noise
-        use_rec = (phase in (None, "rec") and getattr(loss_cfg, "w_rec", 1.0) > 0) or \
-            (phase == "adv" and disc_rec is not None)
+        w_rec = getattr(loss_cfg, "w_rec", 1.0)  # Stage 3's weight of L_rec (Stage 2b: 1)
+        rec_loss = phase in (None, "rec") and w_rec > 0
+        use_rec = rec_loss or (phase == "adv" and disc_rec is not None)
         use_adv = disc is not None and phase in (None, "adv")
         parts = ([z] if use_rec else []) + ([self.sigma_max * eps] if use_adv else [])
         reps = len(parts)
         out = self.G(net, torch.cat(parts), None if labels is None else labels.repeat(reps),
                      None if w is None else w.repeat(reps))
         rec, fake = (out[:n] if use_rec else None), (out[-n:] if use_adv else None)
-        stats, loss = {}, 0
-        l_rec, w_rec = 0, getattr(loss_cfg, "w_rec", 1.0)
-        if phase in (None, "rec") and w_rec > 0:
+        stats, loss, l_rec = {}, 0, 0
+        if rec_loss:
             draw = augment_params(n, generator) if loss_cfg.augment else None
             l_rec = w_rec * d(rec, target, [self.backbone], draw=draw).mean()
             stats["l_rec"], loss = l_rec.detach(), l_rec
@@ -156,21 +152,19 @@ class OneStepStage:
         with torch.no_grad():
             fake = self.G(net, self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device), labels, w)
             rec = self.G(net, z, labels, w) if disc_rec is not None else None
-        real_d = real
-        if self.cfg.loss.augment:
-            draw = augment_params(len(x), generator)
-            real_d, fake = apply_augment(real, draw), apply_augment(fake, draw)
-        logits_real, logits_fake = disc(real_d, labels, w), disc(fake, labels, w)
-        loss = hinge_d_loss(logits_real, logits_fake).mean()
-        stats = {"real": logits_real.mean().detach(), "fake": logits_fake.mean().detach()}
-        if disc_rec is not None:
-            real_r = real
+
+        def hinge(d_net, real_x, fake_x):  # one DiffAugment draw shared by real_i and fake_i
             if self.cfg.loss.augment:
                 draw = augment_params(len(x), generator)
-                real_r, rec = apply_augment(real, draw), apply_augment(rec, draw)
-            logits_real_r, logits_rec = disc_rec(real_r, labels, w), disc_rec(rec, labels, w)
-            loss = loss + hinge_d_loss(logits_real_r, logits_rec).mean()
-            stats["rec"] = logits_rec.mean().detach()
+                real_x, fake_x = apply_augment(real_x, draw), apply_augment(fake_x, draw)
+            logits_real, logits_fake = d_net(real_x, labels, w), d_net(fake_x, labels, w)
+            return hinge_d_loss(logits_real, logits_fake).mean(), logits_real.mean().detach(), logits_fake.mean().detach()
+
+        loss, real_mean, fake_mean = hinge(disc, real, fake)
+        stats = {"real": real_mean, "fake": fake_mean}
+        if disc_rec is not None:
+            loss_rec, _, stats["rec"] = hinge(disc_rec, real, rec)
+            loss = loss + loss_rec
         return loss, stats
 
 

@@ -23,7 +23,6 @@ The deliverable G.safetensors is a OneStepGenerator: nfe 1, resolution = its out
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import build_network, diffusion_config, load_network
+from pagoda.checkpoint import diffusion_config, load_network, rebuild_network
 from pagoda.config import GrowConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import to_model
 from pagoda.errors import UserError
@@ -49,15 +48,9 @@ def grow_network(source: nn.Module, network: dict) -> tuple[nn.Module, dict]:
     network: the source's UNetConfig fields (its checkpoint's meta["network"]). The new blocks are initialised
     from the global RNG (seed it for a reproducible run); their output convs are zero.
     """
-    cfg = from_dict(UNetConfig, network, where="source network")
-    cfg = to_dict(dataclasses.replace(cfg, grow_stages=cfg.grow_stages + 1))
-    grown = build_network({"network": cfg}).to(next(source.parameters()).device)
-    missing, unexpected = grown.load_state_dict(source.state_dict(), strict=False)
-    new = {f"output_blocks.{i}." for i in range(len(source.output_blocks), len(grown.output_blocks))}
-    if unexpected or not all(any(k.startswith(p) for p in new) for k in missing):
-        raise RuntimeError(f"growing did not copy the source by structure: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}")
-    return grown, cfg
+    stages = from_dict(UNetConfig, network, where="source network").grow_stages + 1
+    new = [f"output_blocks.{len(source.output_blocks) + i}." for i in range(3)]  # the 3 blocks of one 2x stage
+    return rebuild_network(source, network, new_prefixes=new, grow_stages=stages)
 
 
 def freeze(net: nn.Module, names) -> list[str]:
