@@ -1,0 +1,146 @@
+"""`python -m reports.build results/ -o reports/out`: tables, plots and one HTML page from result rows.
+
+Inputs: directories (every *.jsonl inside, recursively) and/or .jsonl files of result rows (eval, bench).
+The output folder gets index.html (self-contained), tables.md, tables.tex and plots/NAME.png + NAME.pdf. It
+is built in a temporary folder beside the target and then moved into place, so nothing is ever half-written;
+a previous report there is replaced, any other existing non-empty folder is refused.
+
+Exit status: 0 built; 2 bad input or output path: one line `error: ...` on stderr and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from reports.html import page
+from reports.paper import paper_rows
+from reports.plots import make_plots
+from reports.rows import ReportError, latest, load
+from reports.tables import TABLE_METRICS, all_tables, latex, markdown
+
+MARKER = ".pagoda-report"  # marks a folder this command made, which the next build may replace
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are ReportErrors (one line, exit status 2)."""
+
+    def error(self, message):
+        raise ReportError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="PATH",
+                   help="a directory of *.jsonl result files (searched recursively) or a .jsonl file; "
+                        "several allowed")
+    p.add_argument("-o", "--out", required=True, type=Path, metavar="DIR",
+                   help="output folder; a previous report there is replaced")
+    p.add_argument("--no-published", action="store_true",
+                   help="leave out the published reference numbers (reports/paper.py)")
+    p.add_argument("--title", default="PaGoDA report", help="title of index.html (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def check_output(out: Path) -> None:
+    """ReportError unless a report folder can be written at `out`: not a file, not a non-empty folder this
+    command did not make, and its nearest existing parent a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"-o {out} is a file: give a folder path for the report")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise ReportError(f"-o {out} is a folder that holds other files: give a new or empty folder (only a "
+                          "folder made by reports.build is replaced)")
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ReportError(f"-o {out}: {parent} is a file, not a folder: choose another path")
+    if not os.access(parent, os.W_OK):
+        raise ReportError(f"-o {out}: folder {parent} is not writable: choose another path")
+
+
+def write_report(out: Path, fill: Callable[[Path], None]) -> None:
+    """Run `fill(folder)` on a new temporary folder beside `out`, then move it to `out` (replacing a previous
+    report). If anything fails the temporary folder is removed and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        fill(tmp)
+        (tmp / MARKER).write_text("made by python -m reports.build; the next build replaces this folder\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if not out.exists():
+            tmp.rename(out)
+            return
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except OSError:
+            old.rename(out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarize(n_read: int, files: list[Path], rows: list[dict], paper: list[dict]) -> list[str]:
+    """The header lines: rows and files read, devices (with their names) and dtypes seen, published rows, and
+    the metrics (with row counts) that no table or plot shows."""
+    devices = {}
+    for r in rows:
+        if r.get("device"):
+            name = (r.get("extra") or {}).get("device_name")
+            devices.setdefault(r["device"], set()).update([name] if name else [])
+    seen = ", ".join(d + (f" ({', '.join(sorted(n))})" if n else "") for d, n in sorted(devices.items()))
+    dtypes = ", ".join(sorted({r["dtype"] for r in rows if r.get("dtype")}))
+    lines = [f"{n_read} rows read from {len(files)} file{'s' * (len(files) != 1)}",
+             f"devices: {seen or 'not recorded'}", f"dtypes: {dtypes or 'not recorded'}",
+             f"published reference rows: {len(paper)}"
+             + (" (ImageNet, sources in the table notes)" if paper else "")]
+    unshown = Counter(r["metric"] for r in rows if r["metric"] not in TABLE_METRICS + ("fid_class",))
+    if unshown:
+        counts = ", ".join(f"{m} ({n})" for m, n in sorted(unshown.items()))
+        lines.append(f"rows of metrics no table or plot shows: {counts}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the report that the command line `argv` asks for; ReportError on bad input or output path."""
+    args = parse_args(argv)
+    check_output(args.out)
+    read, files = load(args.inputs)
+    rows, paper = latest(read), [] if args.no_published else paper_rows()
+    summary = summarize(len(read), files, rows, paper)
+    tables = all_tables(rows, paper)
+
+    def fill(folder: Path) -> None:
+        (folder / "tables.md").write_text(markdown(tables, "; ".join(summary)), encoding="utf-8")
+        (folder / "tables.tex").write_text(latex(tables, "; ".join(summary)), encoding="utf-8")
+        (folder / "plots").mkdir()
+        plots = make_plots(rows, paper, folder / "plots")
+        (folder / "index.html").write_text(page(args.title, summary, files, tables, plots), encoding="utf-8")
+
+    write_report(args.out, fill)
+    print(f"report: {args.out / 'index.html'} ({summary[0]}); tables.md, tables.tex and plots/ beside it")
+    return 0
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run `main(argv)`; a ReportError becomes one line `error: ...` on stderr and exit status 2 (any other
+    exception is a bug and keeps its traceback)."""
+    try:
+        return int(main(argv) or 0)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,353 @@
+"""The report's tables, in the papers' layouts, built from rows and rendered as Markdown and LaTeX (booktabs).
+
+A Table holds text cells only; every number cell carries its sample count (`n=`) and, where the row has one,
+its confidence interval. Cells: MISSING = a metric the table asks for that no row measured; blank = the
+model has no row at that resolution. Rows are expected deduplicated (rows.latest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from reports.rows import COST_METRICS, TRAIN_METRICS
+
+MISSING = "—"
+QUALITY = ("fid", "is", "precision", "recall")
+OTHER_QUALITY = ("sfid", "kid", "density", "coverage", "clip", "cmmd")
+NAMES = {"fid": "FID ↓", "is": "IS ↑", "precision": "Prec. ↑", "recall": "Rec. ↑", "fd_dinov2": "FD-DINOv2 ↓",
+         "sfid": "sFID ↓", "kid": "KID ↓", "density": "Dens. ↑", "coverage": "Cov. ↑", "clip": "CLIP ↑",
+         "cmmd": "CMMD ↓", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
+         "params": "Params", "gflops_per_image": "GFLOPs/img", "peak_mem_mb": "Peak MB",
+         "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs", "pairs_cost_ratio": "Cost ratio"}
+METHOD_ORDER = ("pagoda", "pd", "dpmpp2m", "heun", "ddim", "samples")
+BATCH_FREE = ("nfe", "params", "gflops_per_image")  # cost metrics that do not depend on the batch
+NOTE_REPS = "n= timed repetitions"
+NOTE_MISSING = f"{MISSING} not measured (published rows: not reported)"
+
+
+@dataclass
+class Table:
+    """A titled table of text cells: `sections` = [(label or None, body lines)], each line one cell per
+    column; `groups` = [(label, span)] spanning header cells above `columns`; the first `label_cols`
+    columns are text, the rest numbers. `unavailable` (the reason) replaces the body of a table that no row
+    feeds."""
+
+    title: str
+    columns: list[str] = field(default_factory=list)
+    sections: list[tuple[str | None, list[list[str]]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    groups: list[tuple[str, int]] | None = None
+    label_cols: int = 0
+    unavailable: str | None = None
+
+    def cells(self) -> list[str]:
+        """Every body cell (for notes that depend on what the table shows)."""
+        return [c for _, body in self.sections for line in body for c in line]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells.
+
+
+def num(v: float, digits: int | None = None) -> str:
+    """`v` with `digits` decimals, else by size: 1 decimal from 100, 2 from 0.1, else 3 significant digits."""
+    if digits is not None:
+        return f"{v:.{digits}f}"
+    return f"{v:.1f}" if abs(v) >= 100 else f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.3g}"
+
+
+def count(n: float) -> str:
+    """A count in short form: 250, 1k, 1.5k, 50k, 296M, 1.2G."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
+def label(v) -> str:
+    """A label cell: '' for None, numbers as %g (1.0 -> '1'), the rest as str."""
+    return "" if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def cell(row: dict | None, with_n: bool = True) -> str:
+    """The cell of one row: value (with the quoted decimals and ≈ of a published row; latency with its p90,
+    params in short form), then [ci_low, ci_high] and (if `with_n`) n=; MISSING for None."""
+    if row is None:
+        return MISSING
+    v, extra, metric = row["value"], row.get("extra") or {}, row["metric"]
+    text = count(v) if metric == "params" else label(v) if metric == "nfe" else \
+        ("≈" if extra.get("approx") else "") + num(v, extra.get("digits"))
+    if metric == "latency_ms" and extra.get("p90_ms") is not None:
+        text += f" ({num(extra['p90_ms'])})"
+    if row.get("ci_low") is not None and row.get("ci_high") is not None:
+        text += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"
+    n = row.get("num_samples") or extra.get("reps")
+    return text + (f" n={count(n)}" if n and with_n else "")
+
+
+def field_of(row: dict, key: str):
+    """A row field, or else the `extra` entry of that name (factor, kind, compile)."""
+    return row[key] if key in row else (row.get("extra") or {}).get(key)
+
+
+def sort_key(method, *rest) -> tuple:
+    """Order of table lines: METHOD_ORDER first, then the other fields with None first."""
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, method or "") + tuple((v is not None, v) for v in rest)
+
+
+def with_cfg(row: dict) -> bool:
+    """True for a row sampled with classifier-free guidance (guidance not None or 1)."""
+    return row.get("guidance") not in (None, 1)
+
+
+def res_text(r) -> str:
+    """'64 px' ('res. ?' for a row without resolution)."""
+    return f"{r} px" if r is not None else "res. ?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality tables: one line per (model, method, sampler, steps, guidance), metric columns per resolution.
+
+LINE = ("model", "method", "sampler", "steps", "guidance")
+LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "n"]
+
+
+def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...], title: str) -> Table:
+    """Our rows of `metrics` beside the published rows at the resolutions we measured, split into
+    without / with CFG. Unavailable when no row of ours has one of `metrics`."""
+    ours = [r for r in rows if r["metric"] in metrics]
+    if not ours:
+        return Table(title, unavailable=f"no {'/'.join(metrics)} rows")
+    res = sorted({r.get("resolution") for r in ours}, key=lambda r: (r is None, r or 0))
+    pub = [r for r in paper if r["metric"] in metrics and r.get("resolution") in res]
+    by_line = {}
+    for r in ours + pub:
+        by_line.setdefault((bool(r.get("published")),) + tuple(r.get(k) for k in LINE), []).append(r)
+    lines = sorted(by_line, key=lambda line: _line_order(line, by_line[line]))
+    sources = list(dict.fromkeys(by_line[line][0]["source"] for line in lines if line[0]))
+    sections = {"without CFG": [], "with CFG": []}
+    for line in lines:
+        lr = by_line[line]
+        at = {(r.get("resolution"), r["metric"]): r for r in lr}
+        has = {r.get("resolution") for r in lr}
+        src = f"published [{sources.index(lr[0]['source']) + 1}]" if line[0] else "ours"
+        nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
+        ns = {r.get("num_samples") for r in lr}
+        n = count(next(iter(ns))) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
+        body = [cell(at.get((R, m)), with_n=not n) if R in has else "" for R in res for m in metrics]
+        sections["with CFG" if with_cfg(lr[0]) else "without CFG"].append(
+            [src] + [label(v) for v in line[1:]] + [label(nfe), n] + body)
+    table = Table(title, LINE_COLS + [NAMES.get(m, m) for m in metrics] * len(res),
+                  [(k, v) for k, v in sections.items() if v], groups=[("", len(LINE_COLS))] +
+                  [(res_text(R), len(metrics)) for R in res], label_cols=len(LINE_COLS))
+    table.notes = _quality_notes(table, ours, pub, sources)
+    return table
+
+
+def _line_order(line: tuple, rows: list[dict]) -> tuple:
+    """Ours before published, then by method, lowest resolution, model, sampler, steps, guidance."""
+    published, model, method, *rest = line
+    return (published,) + sort_key(method, min(r.get("resolution") or 0 for r in rows), model, *rest)
+
+
+def _quality_notes(table: Table, ours: list[dict], pub: list[dict], sources: list[str]) -> list[str]:
+    cells, notes = table.cells(), ["n: number of samples behind every number of the line (a line without one "
+                                   "gives n= in each cell); [lo, hi]: the row's confidence interval; "
+                                   "↓ lower is better, ↑ higher is better; w: guidance scale"]
+    if MISSING in cells:
+        notes.append(NOTE_MISSING)
+    if "" in cells:
+        notes.append("blank: the model has no rows at that resolution")
+    for what in ("extractor", "reference"):
+        seen = sorted({r[what] for r in ours if r.get(what)})
+        if seen:
+            notes.append(f"ours: {what} {', '.join(seen)}")
+    if pub:
+        notes.append("published: ImageNet, 50k samples, ADM evaluator; shown at the resolutions measured "
+                     "here; ≈ approximate")
+    return notes + [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost tables: never mixing devices, dtypes or compilation in one table.
+
+COST_LINE = ("model", "method", "sampler", "steps", "guidance", "resolution", "batch")
+TRAIN_LINE = ("model", "method", "resolution", "factor", "batch")
+RATIO_LINE = ("model", "method", "kind", "device", "dtype")
+COLS = {"model": "Model", "method": "Method", "sampler": "Sampler", "steps": "Steps", "guidance": "w",
+        "resolution": "Res.", "batch": "Batch", "factor": "Factor", "kind": "Kind", "device": "Device",
+        "dtype": "dtype"}
+
+
+def pivot(rows: list[dict], line_of: tuple[str, ...], metrics: tuple[str, ...], title: str) -> Table:
+    """One line per distinct values of the `line_of` fields (model and method first, batch last), one column
+    per metric. A BATCH_FREE metric without a row at a line's batch shows the row of the same line at its
+    smallest other batch."""
+    def key(r: dict) -> tuple:
+        return tuple(field_of(r, k) for k in line_of)
+
+    at = {(key(r), r["metric"]): r for r in rows}
+    free = {}
+    for r in sorted(rows, key=lambda r: -(r.get("batch") or 0)):  # the smallest batch is written last
+        if r["metric"] in BATCH_FREE:
+            free[key(r)[:-1], r["metric"]] = r
+    own = {key(r) for r in rows if r["metric"] not in BATCH_FREE}
+    lines = own | {key(r) for r in rows if key(r)[:-1] not in {k[:-1] for k in own}}
+    res = line_of.index("resolution") if "resolution" in line_of else None
+    lines = sorted(lines, key=lambda line: sort_key(line[1], None if res is None else line[res], *line))
+    body = [[label(v) for v in line] + [cell(at.get((line, m)) or free.get((line[:-1], m))) for m in metrics]
+            for line in lines]
+    return Table(title, [COLS[k] for k in line_of] + [NAMES[m] for m in metrics], [(None, body)],
+                 label_cols=len(line_of))
+
+
+def setting_of(row: dict) -> tuple:
+    """What a cost depends on besides the model: (device, dtype, extra.compile)."""
+    return row.get("device"), row.get("dtype"), field_of(row, "compile")
+
+
+def setting_text(setting: tuple) -> str:
+    """'cuda:0, bfloat16, eager' for a setting_of tuple."""
+    device, dtype, compiled = setting
+    return f"{device or 'device ?'}, {dtype or 'dtype ?'}, " + \
+        {True: "compiled", False: "eager"}.get(compiled, "compile not recorded")
+
+
+def split_tables(rows: list[dict], line_of: tuple[str, ...], metrics: tuple[str, ...], title: str,
+                 notes: Callable[[list[dict]], list[str]]) -> list[Table]:
+    """One pivot table per (device, dtype, compile) of `rows`, each saying how many groups there are, with
+    the `notes(rows of the group)`; one unavailable table when `rows` is empty."""
+    if not rows:
+        return [Table(title, unavailable=f"no {'/'.join(metrics)} rows")]
+    groups = {}
+    for r in rows:
+        groups.setdefault(setting_of(r), []).append(r)
+    tables = []
+    for i, setting in enumerate(sorted(groups, key=lambda s: tuple((v is not None, v) for v in s)), 1):
+        t = pivot(groups[setting], line_of, metrics, f"{title}: {setting_text(setting)}")
+        names = sorted({n for r in groups[setting] if (n := (r.get("extra") or {}).get("device_name"))})
+        n = len(groups)
+        t.notes = [f"split by device/dtype/compile: {n} group{'s' * (n > 1)}; this is group {i} of {n}"
+                   + (f" ({', '.join(names)})" if names else "")] + notes(groups[setting])
+        t.notes += [NOTE_MISSING] if MISSING in t.cells() else []
+        tables.append(t)
+    return tables
+
+
+def cost_tables(rows: list[dict]) -> list[Table]:
+    """The sampling-cost tables (one per device/dtype/compile) of the COST_METRICS rows."""
+    def notes(group: list[dict]) -> list[str]:
+        kinds = sorted({(r.get("extra") or {}).get("mem_kind") or "kind not recorded" for r in group
+                        if r["metric"] == "peak_mem_mb"})
+        return [NOTE_REPS, "latency: median (p90) ms of one sampling call of `batch` images; img/s at that "
+                "batch", "NFE counted through a wrapper; GFLOPs: forward, per image, 2 FLOPs per "
+                "multiply-add; NFE, params and GFLOPs do not depend on the batch: a line without its own row "
+                "shows that of another batch"] + ([f"peak memory: {', '.join(kinds)}"] if kinds else [])
+
+    cost = [r for r in rows if r["metric"] in COST_METRICS]
+    return split_tables(cost, COST_LINE, ("nfe", "latency_ms", "img_per_s", "params", "gflops_per_image",
+                                          "peak_mem_mb"), "Sampling cost", notes)
+
+
+def train_tables(rows: list[dict]) -> list[Table]:
+    """The training-step tables (one per device/dtype/compile) and the inversion-pair cost table."""
+    step = [r for r in rows if r["metric"] in ("train_step_ms", "train_step_gflops")]
+    ratio = [r for r in rows if r["metric"] == "pairs_cost_ratio"]
+    notes = [NOTE_REPS, "factor: resolution as a multiple of the base resolution; step ms: one training step "
+                        "of `batch` images; step GFLOPs: its FLOPs"]
+    tables = split_tables(step, TRAIN_LINE, ("train_step_ms", "train_step_gflops"), "Training cost",
+                          lambda group: notes)
+    if not ratio:
+        return tables + [Table("Inversion-pair cost", unavailable="no pairs_cost_ratio rows")]
+    t = pivot(ratio, RATIO_LINE, ("pairs_cost_ratio",), "Inversion-pair cost")
+    t.notes = ["cost ratio: cost of the inversion pairs / cost of the teacher's training run, in the kind "
+               "named"]
+    return tables + [t]
+
+
+# Every metric some table shows (plots also show fid_class).
+TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + COST_METRICS + TRAIN_METRICS
+
+
+def all_tables(rows: list[dict], paper: list[dict]) -> list[Table]:
+    """Every table of the report, in order (unavailable ones included, so the report says what is absent)."""
+    other = tuple(m for m in OTHER_QUALITY if any(r["metric"] == m for r in rows))
+    tables = [quality_table(rows, paper, QUALITY, "Sample quality (FID, IS, precision, recall)"),
+              quality_table(rows, paper, ("fd_dinov2",), "FD-DINOv2")]
+    if other:
+        tables.append(quality_table(rows, paper, other, "Other quality metrics"))
+    return tables + cost_tables(rows) + train_tables(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _header(t: Table) -> list[str]:
+    """Column names, each prefixed by its group label (for formats without spanning headers)."""
+    spans = [g for g, span in t.groups or [] for _ in range(span)] or [""] * len(t.columns)
+    return [f"{g} {c}".strip() for g, c in zip(spans, t.columns)]
+
+
+def to_markdown(t: Table) -> str:
+    """One table as Markdown: a heading, a pipe table (section labels as bold lines), notes as a list."""
+    if t.unavailable:
+        return f"### {t.title}\n\n*not available: {t.unavailable}*\n"
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [f"### {t.title}", "", line(_header(t)),
+           "|" + "|".join(":--" if i < t.label_cols else "--:" for i in range(len(t.columns))) + "|"]
+    for name, body in t.sections:
+        out += [line([f"**{name}**"] + [""] * (len(t.columns) - 1))] if name else []
+        out += [line(c) for c in body]
+    return "\n".join(out + [""] + [f"- {n}" for n in t.notes]) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---", "–": "--",
+        "≈": r"$\approx$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "§": r"\S{}", "·": r"$\cdot$"}
+
+
+def tex(text: str) -> str:
+    """`text` with LaTeX's special characters escaped and the report's few symbols as LaTeX."""
+    return "".join(_TEX.get(c, c) for c in text)
+
+
+def to_latex(t: Table) -> str:
+    """One table as a LaTeX float: booktabs rules, spanning group headers with \\cmidrule, section labels as
+    italic lines, notes below in footnote size; wide tables are scaled to the line width (graphicx)."""
+    if t.unavailable:
+        return f"\\noindent\\textit{{{tex(t.title)}: not available: {tex(t.unavailable)}.}}\\par\n"
+    n = len(t.columns)
+    out = ["\\begin{table}[htbp]", "\\centering", f"\\caption{{{tex(t.title)}}}", "\\small"]
+    wide = n > 9
+    out += ["\\resizebox{\\linewidth}{!}{%"] if wide else []
+    out += [f"\\begin{{tabular}}{{{'l' * t.label_cols}{'r' * (n - t.label_cols)}}}", "\\toprule"]
+    if t.groups:
+        out.append(" & ".join(f"\\multicolumn{{{span}}}{{c}}{{{tex(g)}}}" for g, span in t.groups) + " \\\\")
+        starts = [sum(s for _, s in t.groups[:i]) + 1 for i in range(len(t.groups))]
+        out.append(" ".join(f"\\cmidrule(lr){{{a}-{a + s - 1}}}" for a, (g, s) in zip(starts, t.groups) if g))
+    out += [" & ".join(map(tex, t.columns)) + " \\\\", "\\midrule"]
+    for i, (name, body) in enumerate(t.sections):
+        out += ["\\midrule"] if i else []
+        out += [f"\\multicolumn{{{n}}}{{l}}{{\\textit{{{tex(name)}}}}} \\\\"] if name else []
+        out += [" & ".join(map(tex, c)) + " \\\\" for c in body]
+    out += ["\\bottomrule", "\\end{tabular}"] + (["}"] if wide else [])
+    out += ["\\par\\smallskip", "{\\footnotesize"] + [tex(note) + "\\par" for note in t.notes] + ["}"]
+    return "\n".join(out + ["\\end{table}"]) + "\n"
+
+
+def markdown(tables: list[Table], summary: str) -> str:
+    """tables.md: a heading, the summary line, every table."""
+    return "\n".join([f"# Report tables\n\n{summary}\n"] + [to_markdown(t) for t in tables])
+
+
+def latex(tables: list[Table], summary: str) -> str:
+    """tables.tex: to \\input into a document that loads booktabs and graphicx."""
+    head = ("% Report tables, made by `python -m reports.build`; needs \\usepackage{booktabs,graphicx}.\n"
+            f"% {summary}\n")
+    return "\n".join([head] + [to_latex(t) for t in tables])

@@ -1,0 +1,275 @@
+"""reports/: tables equal golden files, plots are drawn, the page is self-contained and renders, bad input is
+refused in one line, and reports never imports pagoda, eval or bench.
+
+Fast CPU tests without torch. The fixture tests/data/reports/rows.jsonl is hand-made: a 16 px teacher with
+heun/euler/dpmpp2m at several steps (with and without CFG), one-step generators at 16/32/64 px (one
+guidance-conditioned), two PD students, FD-DINOv2, KID, per-class FID, cost rows on cpu/float32 and
+cuda:0/bfloat16, training-cost rows, a superseded measurement and two metrics left unmeasured.
+To rewrite the golden tables on purpose (then read the diff):
+
+    PAGODA_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_reports.py -k golden
+"""
+
+import ast
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from reports.build import main, run_cli, write_report
+from reports.html import page
+from reports.paper import paper_rows
+from reports.plots import PLOTS, Unavailable, fid_vs_latency, pareto, sample_grids
+from reports.rows import latest, load
+from reports.tables import MISSING, QUALITY, all_tables, cost_tables, quality_table, tex
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "reports"
+ROWS = DATA / "rows.jsonl"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """The report of the fixture rows, built once through the CLI entry point."""
+    out = tmp_path_factory.mktemp("report") / "out"
+    assert run_cli(main, [str(DATA), "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return latest(load([str(ROWS)])[0])
+
+
+def _line(table, model: str, **cols) -> list[str]:
+    """The one body line of `table` whose Model column is `model` and whose other named columns match."""
+    idx = {c: table.columns.index(c) for c in ["Model", *cols]}
+    found = [line for _, body in table.sections for line in body if line[idx["Model"]] == model
+             and all(line[idx[c]] == v for c, v in cols.items())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_tables_match_golden(report):
+    for built, golden in (("tables.md", "golden.md"), ("tables.tex", "golden.tex")):
+        text = (report / built).read_text(encoding="utf-8")
+        if os.environ.get("PAGODA_UPDATE_GOLDEN") == "1":
+            (DATA / golden).write_text(text, encoding="utf-8")
+        assert text == (DATA / golden).read_text(encoding="utf-8"), \
+            f"{built} differs from tests/data/reports/{golden} (if intended: PAGODA_UPDATE_GOLDEN=1)"
+
+
+def test_plots_are_drawn(report):
+    for stem, _, _ in PLOTS:
+        png, pdf = report / "plots" / f"{stem}.png", report / "plots" / f"{stem}.pdf"
+        assert png.stat().st_size > 15_000, stem
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000, stem
+        img = mpimg.imread(png)[..., :3]
+        assert img.shape[0] > 300 and img.shape[1] > 400 and img.std() > 0.05, stem  # not blank
+
+
+def test_page_is_self_contained(report, rows):
+    html = (report / "index.html").read_text(encoding="utf-8")
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:)""", html) and "url(" not in html
+    sources = re.findall(r'<img src="([^"]*)"', html)
+    assert len(sources) == len(PLOTS) and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert base64.b64decode(sources[0].split(",", 1)[1]) == (report / "plots" / "fid_vs_nfe.png").read_bytes()
+    tables = [t for t in all_tables(rows, paper_rows()) if not t.unavailable]
+    assert html.count("<table>") == len(tables) == 7
+    for text in ("224 rows read from 1 file", "devices: cpu (AMD EPYC 7B13), cuda:0 (NVIDIA H200)",
+                 "dtypes: bfloat16, float32", "published reference rows: 20"):
+        assert text in html
+
+
+def test_reports_never_imports_pagoda_eval_or_bench():
+    code = ("import json, sys\nimport reports.build, reports.html, reports.paper, reports.plots, "
+            "reports.rows, reports.tables\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'pagoda', 'eval', 'bench', 'torch'})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    for path in (ROOT / "reports").glob("*.py"):  # also imports inside functions, which the run may skip
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & {"pagoda", "eval", "bench"}, (path.name, names)
+
+
+GOOD = {"model": "m", "metric": "fid", "value": 1.0}
+BAD_INPUTS = {  # case: (file content, or None for no file; a fragment the message must hold)
+    "empty directory": (None, "holds no *.jsonl files"),
+    "empty file": ("", "holds no rows"),
+    "malformed JSON line": (json.dumps(GOOD) + '\n{"model": "m", "metric":\n', "jsonl:2: not valid JSON"),
+    "row without value": ('{"model": "m", "metric": "fid"}\n', "row lacks 'value'"),
+    "non-numeric value": (json.dumps(dict(GOOD, value="12.3")), "'value' must be a finite number, got '12"),
+    "NaN value": ('{"model": "m", "metric": "fid", "value": NaN}', "'value' must be a finite number"),
+    "row not an object": ("[1, 2]\n", "a row must be a JSON object"),
+    "resolution not an integer": (json.dumps(dict(GOOD, resolution="64")), "'resolution' must be an integer"),
+    "extra not an object": (json.dumps(dict(GOOD, extra=[1])), "'extra' must be a JSON object"),
+    "latency p90 not a number": (json.dumps(dict(GOOD, extra={"p90_ms": "fast"})), "'extra.p90_ms' must be"),
+    "nonexistent path": (None, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys):
+    content, fragment = BAD_INPUTS[case]
+    src = tmp_path / "in"
+    src.mkdir()
+    if content is not None:
+        (src / "rows.jsonl").write_text(content)
+    target = src / "missing.jsonl" if case == "nonexistent path" else src
+    assert run_cli(main, [str(target), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and fragment in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output folder, no temporary folder
+
+
+def test_cli_process_exit_status(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"model": "m", "metric": "fid"}\n')
+    for args in ([str(bad), "-o", str(tmp_path / "out")], [str(bad)]):  # bad row; -o missing
+        done = subprocess.run([sys.executable, "-m", "reports.build", *args], cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == "", done
+        assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_is_replaced_atomically(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_report(out, lambda d: (d / "a.txt").write_text("1"))
+    write_report(out, lambda d: (d / "b.txt").write_text("2"))  # a previous report is replaced
+    assert sorted(p.name for p in out.iterdir()) == [".pagoda-report", "b.txt"]
+
+    def fail(d):
+        (d / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_report(out, fail)
+    assert sorted(p.name for p in out.iterdir()) == [".pagoda-report", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    for target, fragment in ((foreign, "holds other files"), (foreign / "notes.txt", "is a file")):
+        assert run_cli(main, [str(ROWS), "-o", str(target)]) == 2
+        assert fragment in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep" and len(list(foreign.iterdir())) == 1
+
+
+def test_cost_rows_of_two_devices_are_split(rows, report):
+    cpu, cuda = cost_tables(rows)
+    assert cpu.title == "Sampling cost: cpu, float32, eager"
+    assert cuda.title == "Sampling cost: cuda:0, bfloat16, eager"
+    for t, device, latency in ((cpu, "AMD EPYC 7B13", "9.00 (9.72) n=30"),
+                               (cuda, "NVIDIA H200", "2.10 (2.27) n=100")):
+        assert t.notes[0].startswith("split by device/dtype/compile: 2 groups") and device in t.notes[0]
+        line = _line(t, "G_base", Batch="1")
+        assert line[t.columns.index("Latency ms (p90)")] == latency
+        assert line[t.columns.index("Params")] == "14.2M"
+    assert len(_line(cpu, "G_base", Batch="8")) == len(cpu.columns)  # batch-free params shown at batch 8 too
+    assert "Batch" in cpu.columns and not any(line[6] == "64" for _, b in cpu.sections for line in b)
+    md = (report / "tables.md").read_text(encoding="utf-8")
+    assert md.count("split by device/dtype/compile: 2 groups") == 2
+
+
+def test_missing_metric_is_a_marked_cell(rows):
+    t = quality_table(rows, [], QUALITY, "quality")
+    recall64 = t.columns.index("Rec. ↑", t.columns.index("Rec. ↑") + 1) + 4  # the third resolution group
+    assert t.groups[-1] == ("64 px", 4)
+    assert _line(t, "G_4x")[recall64] == MISSING
+    assert _line(t, "teacher", Sampler="dpmpp2m", Steps="4")[t.columns.index("Rec. ↑")] == MISSING
+    assert any(n.startswith(f"{MISSING} not measured") for n in t.notes)
+    no_recall = quality_table([r for r in rows if r["metric"] != "recall"], [], QUALITY, "quality")
+    assert _line(no_recall, "G_base")[no_recall.columns.index("Rec. ↑")] == MISSING  # the column stays
+    cpu = cost_tables(rows)[0]
+    assert _line(cpu, "pd_2", Batch="1")[cpu.columns.index("Peak MB")] == MISSING
+
+
+def test_latest_measurement_wins(rows, report):
+    t = quality_table(rows, [], QUALITY, "quality")
+    assert _line(t, "G_base")[t.columns.index("FID ↓")] == "11.04 [10.58, 11.52]"
+    assert "12.77" not in (report / "tables.md").read_text(encoding="utf-8")
+    old = dict(GOOD, value=2.0, time="2025-01-02T00:00:00Z")
+    new = dict(GOOD, value=1.0, time="2025-01-01T00:00:00Z")
+    assert latest([old, new]) == [old]  # by time, not by file order
+    cost = [dict(GOOD, metric="latency_ms", batch=1, device=d) for d in ("cpu", "cuda:0")]
+    assert latest(cost) == cost  # a cost on another device is another measurement
+
+
+def test_published_rows():
+    paper = paper_rows()
+    assert all(r["published"] and re.search(r"\b20\d\d\b", r["source"]) and r["num_samples"] == 50_000
+               for r in paper)
+    fid = {(r["model"], r["resolution"], r["nfe"]): r for r in paper if r["metric"] == "fid"}
+    assert [fid["PaGoDA", R, 1]["value"] for R in (64, 128, 256, 512)] == [1.21, 1.48, 1.56, 1.80]
+    assert fid["EDM teacher", 64, 79]["value"] == 2.44 and fid["PD (EDM teacher)", 64, 2]["value"] == 8.95
+    assert [fid["EDM teacher", 64, n]["value"] for n in (10, 5, 3)] == [16.7, 43.8, 83.0]
+    assert all(fid["StyleGAN-XL", R, 1]["extra"]["approx"] for R in (64, 128, 256, 512))
+    assert [r["value"] for r in paper if r["metric"] == "is"] == [259.6]
+    t = quality_table([dict(GOOD, resolution=64, nfe=1, num_samples=100)], paper, QUALITY, "q")
+    assert _line(t, "StyleGAN-XL")[t.columns.index("FID ↓")] == "≈1.51"
+    assert _line(t, "EDM teacher", NFE="3")[t.columns.index("FID ↓")] == "83"  # as quoted, no invented digits
+
+
+def test_inputs_directories_and_files(tmp_path):
+    lines = ROWS.read_text().splitlines(keepends=True)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "one.jsonl").write_text("".join(lines[:100]))
+    (tmp_path / "a" / "b" / "two.jsonl").write_text("".join(lines[100:]))
+    (tmp_path / "a" / "b" / "notes.txt").write_text("not rows")
+    by_dir, files = load([str(tmp_path / "a")])
+    assert len(by_dir) == len(lines) and len(files) == 2
+    by_files, _ = load([str(tmp_path / "a" / "one.jsonl"), str(tmp_path / "a" / "b" / "two.jsonl"),
+                        str(tmp_path / "a" / "one.jsonl")])  # a file named twice is read once
+    assert sorted(map(json.dumps, by_files)) == sorted(map(json.dumps, by_dir))  # the same rows, any order
+    png = {(r.get("extra") or {}).get("samples_png") for r in load([str(ROWS)])[0]} - {None}
+    assert png == {str(DATA / "samples_G_4x.png")}  # relative to the rows file's folder
+
+
+def test_absent_rows_make_plots_and_tables_say_so(rows, tmp_path):
+    quality = [r for r in rows if r["metric"] in QUALITY]
+    with pytest.raises(Unavailable, match="no fid rows with a latency_ms row"):
+        fid_vs_latency(quality, [])
+    lost = [dict(r, extra={"samples_png": str(tmp_path / "gone.png")}) for r in quality[:1]]
+    with pytest.raises(Unavailable, match="gone.png"):
+        sample_grids(lost, [])
+    assert [t.unavailable for t in all_tables(quality, []) if t.unavailable] == [
+        "no fd_dinov2 rows", "no nfe/latency_ms/img_per_s/params/gflops_per_image/peak_mem_mb rows",
+        "no train_step_ms/train_step_gflops rows", "no pairs_cost_ratio rows"]
+    html = page("t", ["s"], [], [], [("FID vs latency", None, "not available: no latency_ms rows")])
+    assert "not available: no latency_ms rows" in html
+
+
+def test_pareto_front_and_latex_escapes():
+    assert pareto([(1, 5), (2, 3), (3, 4), (4, 1), (1, 6), (4, 2)]) == [(1, 5), (2, 3), (4, 1)]
+    assert tex("G_base 50% & #1 ~x {a}—≈") == r"G\_base 50\% \& \#1 \textasciitilde{}x \{a\}---$\approx$"
+
+
+def test_page_renders_in_headless_chromium(report, rows, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not on PATH: run tools/chromium.sh (Debian, root or sudo) to run this test")
+    shot, url = tmp_path / "shot.png", (report / "index.html").as_uri()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    done = subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1280,2000", url],
+                          capture_output=True, timeout=180)
+    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[:2] == (2000, 1280) and img.std() > 0.05  # text and tables, not a blank page
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    assert dom.count("<table>") == len([t for t in all_tables(rows, paper_rows()) if not t.unavailable])
+    assert dom.count('<img src="data:image/png;base64,') == len(PLOTS)
