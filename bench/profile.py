@@ -18,7 +18,8 @@ assumed from what it declares:
   every paper's GFLOPs).
 - Parameters: of the network(s) evaluated.
 
-Rows: metrics nfe, latency_ms (extra p90_ms, reps, warmup), img_per_s, peak_mem_mb (extra mem_kind),
+Rows: metrics nfe, latency_ms (extra p90_ms, reps, warmup), img_per_s (these two: num_samples = the images
+timed, batch x reps), peak_mem_mb (extra mem_kind),
 gflops_per_image, params; every row carries batch, dtype, device, extra.device_name and extra.compile.
 """
 
@@ -229,11 +230,11 @@ def profile(gen, *, batches: list[int], guidance: float | None = None, reps: int
         times = time_call(fn, device=gen.device, reps=reps, warmup=warmup)
         median = statistics.median(times)
         mem, kind = peak_memory_mb(gen, fn)
-        row = dict(base, batch=batch)
+        row, timed = dict(base, batch=batch), dict(base, batch=batch, num_samples=batch * reps)
         rows += [make_row(metric="nfe", value=nfe, extra=extra, **row),
                  make_row(metric="latency_ms", value=median, extra=dict(extra, p90_ms=percentile(times, 90),
-                                                                        reps=reps, warmup=warmup), **row),
-                 make_row(metric="img_per_s", value=batch / median * 1e3, extra=extra, **row),
+                                                                        reps=reps, warmup=warmup), **timed),
+                 make_row(metric="img_per_s", value=batch / median * 1e3, extra=extra, **timed),
                  make_row(metric="peak_mem_mb", value=mem, extra=dict(extra, mem_kind=kind), **row),
                  make_row(metric="gflops_per_image", value=flops / 1e9, extra=extra, **row),
                  make_row(metric="params", value=count_params(net), extra=extra, **row)]

@@ -406,6 +406,41 @@ class PhotosDataset(_FlipDataset):
                              "resolution": self.resolution, "xflip": self.xflip})
 
 
+NATIVE_CHECK_FILES = 2048  # an image folder's native size is read from at most this many evenly spaced headers
+
+
+def native_side(dataset) -> tuple[int, str] | None:
+    """(smallest image side in pixels before any resizing, what was checked) of a data set, or None where it
+    has no fixed source pixels below its crops (photos crops the full photographs, never upscaled past 128 px).
+    An npz: its array's height and width. A folder: the headers of every image, or of NATIVE_CHECK_FILES evenly
+    spaced ones in a larger folder (each is a header read, not a decode)."""
+    if isinstance(dataset, NpzDataset):
+        return int(min(dataset.images.shape[1:3])), f"its {len(dataset.images)} images"
+    if isinstance(dataset, ImageFolderDataset):
+        files = dataset.files
+        if len(files) > NATIVE_CHECK_FILES:
+            files = [files[i * len(files) // NATIVE_CHECK_FILES] for i in range(NATIVE_CHECK_FILES)]
+        sides = []
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    sides.append(min(img.size))
+            except (OSError, Image.DecompressionBombError):
+                raise UserError(f"{f} is not a readable image: remove it from {dataset.root}") from None
+        what = f"{'all ' if len(files) == len(dataset.files) else ''}{len(files)} of its {len(dataset.files)} images"
+        return min(sides), what
+    return None
+
+
+def check_native_resolution(dataset, source: str, resolution: int, why: str) -> None:
+    """UserError when the data's images are smaller than `resolution`: they would reach it only by upscaling,
+    and a model trained or scored on upscaled images learns the upscaler's blur, not the data."""
+    found = native_side(dataset)
+    if found is not None and found[0] < resolution:
+        raise UserError(f"data {source} has images of {found[0]} px ({found[1]} checked), smaller than the "
+                        f"{resolution} px {why}: they would be upscaled; give data at {resolution} px or more")
+
+
 def build_dataset(source: str, resolution: int, *, xflip: bool = False, split: str = "train") -> _FlipDataset:
     """'photos' -> PhotosDataset, '*.npz' -> NpzDataset, a folder -> ImageFolderDataset."""
     if source == "photos":

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.checkpoint import diffusion_config, read_meta, write_atomic
-from pagoda.data import build_dataset, to_model, to_uint8
+from pagoda.data import build_dataset, check_native_resolution, to_model, to_uint8
 from pagoda.errors import UserError
 from pagoda.samplers import inversion_sigmas
 
@@ -186,11 +186,15 @@ def open_editor(generator: str, teacher: str, *, guidance: float | None = None) 
     return Editor(gen, denoiser, sigmas, w)
 
 
-def open_images(source: str, items: list[int], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def open_images(source: str, items: list[int], resolution: int, why: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [N, 3, R, R] and labels int64 [N] of the items of a data source ('photos', 'photos:heldout', a folder,
-    an .npz) at `resolution`; UserError for an index out of range."""
+    an .npz) at `resolution`; UserError for an index out of range, and (given `why`, the use of the images) for
+    data smaller than `resolution`."""
     name, _, split = source.partition(":") if source.startswith("photos") else (source, "", "")
     dataset = build_dataset(name, resolution, split=split or "train")
+    if why:
+        check_native_resolution(dataset, source, resolution, why)
     bad = [i for i in items if not 0 <= i < len(dataset)]
     if bad:
         raise UserError(f"--items {bad[0]} is out of range: {source} has {len(dataset)} images (0..{len(dataset) - 1})")
@@ -211,7 +215,7 @@ def run_task(task: str, editor: Editor, source: str, items: list[int], *, mask: 
     gen, base = editor.gen, editor.base
     res = gen.resolution
     x_low, y = open_images(source, items, base)
-    x_high = open_images(source, items, res)[0] if res != base else x_low
+    x_high = open_images(source, items, res, why="ground truth of a grown G")[0] if res != base else x_low
     if task == "reconstruct":
         rec = editor.decode(editor.encode(x_low, y), y)
         p, dist = psnr(rec, x_high), _distance(rec, x_high)

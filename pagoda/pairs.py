@@ -60,7 +60,7 @@ import torch
 
 from pagoda import dist
 from pagoda.checkpoint import check_meta, diffusion_config, load_network, read_meta, write_atomic
-from pagoda.data import build_dataset, to_model
+from pagoda.data import build_dataset, check_native_resolution, to_model
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import UserError
 from pagoda.samplers import ddim_invert, inversion_sigmas
@@ -477,6 +477,8 @@ def load_pairs(folder: str | os.PathLike, *, teacher_sha256: str | None = None, 
                         f"--out")
     if image_resolution is not None and image_resolution != index["resolution"]:
         dataset = build_dataset(data or index["data"]["source"], image_resolution)
+        check_native_resolution(dataset, data or index["data"]["source"], image_resolution,
+                                "images a grown G is trained on")
     return Pairs(folder, index, dataset)
 
 

@@ -226,3 +226,20 @@ def test_bad_npz(tmp_path):
         NpzDataset(tmp_path / "float.npz", 8)
     with pytest.raises(UserError, match="absent.npz does not exist"):
         build_dataset(str(tmp_path / "absent.npz"), 8)
+
+
+def test_native_side_refuses_upscaled_data(tmp_path):
+    # Grown generators and super-resolution need images at least as large as their resolution.
+    from PIL import Image
+
+    from pagoda.data import check_native_resolution, native_side
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (32, 40), (10, 20, 30)).save(tmp_path / "a" / "big.png")
+    Image.new("RGB", (12, 12), (10, 20, 30)).save(tmp_path / "a" / "small.png")
+    folder = build_dataset(str(tmp_path), 16)
+    assert native_side(folder) == (12, "all 2 of its 2 images")
+    check_native_resolution(folder, "f", 12, "test")
+    with pytest.raises(UserError, match="has images of 12 px .* smaller than the 16 px grown"):
+        check_native_resolution(folder, "f", 16, "grown G")
+    assert native_side(build_dataset("photos", 16)) is None  # crops of the full photographs, never upscaled

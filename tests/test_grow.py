@@ -252,10 +252,16 @@ def test_grown_guided_g_and_eval_across_resolutions_and_guidance(files, tmp_path
 
 @pytest.mark.parametrize("case", ["not_2x", "other_base_pairs", "teacher_as_source", "guidance_out_of_range",
                                   "unknown_freeze", "other_guidance_pairs", "no_source", "all_frozen", "new_frozen",
-                                  "drift_swapped"])
+                                  "drift_swapped", "low_res_data"])
 def test_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "out"
-    if case == "not_2x":
+    if case == "low_res_data":  # 8 px images would reach the 16 px stage only by upscaling
+        x, y = zip(*(build_dataset(files["data"], 8)[i] for i in range(8)))
+        save_npz(tmp_path / "d8.npz", torch.stack(x).permute(0, 2, 3, 1).numpy(), torch.stack(y).numpy())
+        make_pairs(files["teacher"], str(tmp_path / "d8.npz"), tmp_path / "p8", shard_size=8, batch=8,
+                   progress=False)
+        code, needle = _grow(files["g"], tmp_path / "p8", out), "has images of 8 px (its 8 images checked)"
+    elif case == "not_2x":
         code, needle = _grow(files["g"], files["pairs"], out, "--resolution", "32"), "not twice"
     elif case == "other_base_pairs":
         teacher16 = tmp_path / "t16.safetensors"
