@@ -222,10 +222,12 @@ def cmd_drift(args) -> int:
     import torch
 
     from pagoda.generator import load_generator
-    from pagoda.stages.grow import drift
+    from pagoda.stages.grow import check_lineage, drift
     if args.out:
         check_output(Path(args.out))
     low, high = (load_generator(p, device=args.device) for p in (args.low, args.high))
+    if low.resolution < high.resolution:  # a swapped pair gets drift()'s own message
+        check_lineage(args.low, args.high)
     row = drift(low, high, torch.tensor(args.seeds, dtype=torch.int64))
     line = json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)})
     print(line)

@@ -41,6 +41,7 @@ from pagoda.samplers import inversion_sigmas
 
 TASKS = ("reconstruct", "superres", "inpaint", "transfer", "interpolate")
 MAX_FRAMES = 64
+TASK_OPTIONS = {"mask": "inpaint", "iterations": "inpaint", "to_class": "transfer", "frames": "interpolate"}
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,20 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="photos:heldout", help="'photos', 'photos:heldout' (default), a folder or .npz")
     p.add_argument("--items", type=int_list, default=list(range(8)), help="image indices, e.g. 0-7 (default)")
     p.add_argument("-o", "--out", required=True, help="the grid (.png); numbers go to the same name with .json")
-    p.add_argument("--mask", default="center", help="inpaint: a base-resolution PNG (white = keep) or 'center'")
-    p.add_argument("--iterations", type=int, default=4, help="inpaint: invert/decode/paste rounds (default 4)")
+    p.add_argument("--mask", default=None, help="inpaint: a base-resolution PNG (white = keep) or 'center' (default)")
+    p.add_argument("--iterations", type=int, default=None, help="inpaint: invert/decode/paste rounds (default 4)")
     p.add_argument("--to-class", type=int, default=None, help="transfer: the class to decode with")
-    p.add_argument("--frames", type=int, default=8, help="interpolate: points from t = 0 to 1 (default 8)")
+    p.add_argument("--frames", type=int, default=None, help="interpolate: points from t = 0 to 1 (default 8)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="a guidance-conditioned G's w (default its own)")
     args = p.parse_args(argv)
+    alien = [f"--{k.replace('_', '-')}" for k, task in TASK_OPTIONS.items()
+             if task != args.task and getattr(args, k) is not None]
+    if alien:  # never silently ignored
+        raise UserError(f"{', '.join(alien)}: option(s) of another task, not of {args.task}: drop them")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"-o {out}: the grid must end in .png")
     check_output(out)
     check_output(out.with_suffix(".json"), what=f"-o {out}: its numbers' file")
     editor = open_editor(args.generator, args.teacher, guidance=args.guidance)
-    rows, numbers = run_task(args.task, editor, args.data, args.items, mask=args.mask, iterations=args.iterations,
-                             to_class=args.to_class, frames=args.frames)
+    rows, numbers = run_task(args.task, editor, args.data, args.items, mask=args.mask or "center",
+                             iterations=4 if args.iterations is None else args.iterations, to_class=args.to_class,
+                             frames=8 if args.frames is None else args.frames)
     numbers = {"task": args.task, "generator": str(args.generator), "data": args.data, "items": args.items,
                "resolution": editor.gen.resolution, "base": editor.base, "guidance": editor.guidance, **numbers}
     write_rows(out, rows)

@@ -252,7 +252,7 @@ def test_grown_guided_g_and_eval_across_resolutions_and_guidance(files, tmp_path
 
 @pytest.mark.parametrize("case", ["not_2x", "other_base_pairs", "teacher_as_source", "guidance_out_of_range",
                                   "unknown_freeze", "other_guidance_pairs", "no_source", "all_frozen", "new_frozen",
-                                  "drift_swapped", "low_res_data"])
+                                  "drift_swapped", "low_res_data", "drift_other_lineage"])
 def test_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "out"
     if case == "low_res_data":  # 8 px images would reach the 16 px stage only by upscaling
@@ -289,6 +289,12 @@ def test_bad_inputs(case, files, tmp_path, capsys):
     elif case == "new_frozen":
         code, needle = _grow(files["g"], files["pairs"], out, "--set", 'freeze=["output_blocks.5"]'), "must be trained"
         assert not out.exists()
+    elif case == "drift_other_lineage":
+        assert _grow(files["g"], files["pairs"], tmp_path / "g16", "--set", "train.steps=1") == 0
+        capsys.readouterr()
+        code = run_cli(main, ["drift", "--low", files["gg"], "--high", str(tmp_path / "g16" / "G.safetensors"),
+                              "--seeds", "0-3"])
+        needle = "was not grown from"
     elif case == "drift_swapped":
         assert _grow(files["g"], files["pairs"], tmp_path / "g16", "--set", "train.steps=1") == 0
         capsys.readouterr()
@@ -398,7 +404,7 @@ def test_edit_tasks_write_grids_and_numbers(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["mask_size", "superres_base", "other_teacher", "to_class", "item_range",
-                                  "missing_teacher", "mask_no_hole", "no_to_class"])
+                                  "missing_teacher", "mask_no_hole", "no_to_class", "other_tasks_option"])
 def test_edit_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "e.png"
     if case == "mask_size":
@@ -414,6 +420,8 @@ def test_edit_bad_inputs(case, files, tmp_path, capsys):
         needle = "not the teacher"
     elif case == "to_class":
         code, needle = _edit("transfer", files["g"], files, out, "--to-class", "99"), "--to-class 99"
+    elif case == "other_tasks_option":
+        code, needle = _edit("reconstruct", files["g"], files, out, "--frames", "4"), "--frames: option(s) of another"
     elif case == "no_to_class":
         code, needle = _edit("transfer", files["g"], files, out), "needs --to-class"
     elif case == "missing_teacher":

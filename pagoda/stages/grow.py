@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import diffusion_config, load_network, rebuild_network
+from pagoda.checkpoint import diffusion_config, load_network, read_meta, rebuild_network
 from pagoda.config import GrowConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import to_model
 from pagoda.errors import UserError
@@ -40,6 +40,7 @@ from pagoda.networks.discriminator import ProjectedDiscriminator
 from pagoda.networks.features import build_backbone
 from pagoda.stages.distill import DiscPair, OneStepStage
 from pagoda.train import check_run_config, train
+from pagoda.weights import sha256_file
 
 
 def grow_network(source: nn.Module, network: dict) -> tuple[nn.Module, dict]:
@@ -136,6 +137,20 @@ class GrowStage(OneStepStage):
 
 
 @torch.no_grad()
+def check_lineage(low_path, high_path) -> None:
+    """UserError unless the G at high_path was grown (through any number of stages) from the G at low_path: its
+    meta's `lineage` (the SHA-256 of every source it was grown from) holds low's file hash. A grown G written
+    before lineage was recorded is checked by its teacher only."""
+    low_meta, high_meta = read_meta(low_path), read_meta(high_path)
+    lineage = high_meta.get("lineage")
+    if lineage is not None and sha256_file(low_path) not in lineage:
+        raise UserError(f"--high {high_path} was not grown from --low {low_path} (its lineage does not hold that "
+                        "file): pass the G it was grown from, or the one grown from this G")
+    if lineage is None and low_meta.get("teacher_sha256") != high_meta.get("teacher_sha256"):
+        raise UserError(f"--low {low_path} and --high {high_path} come from different teachers: drift compares a "
+                        "G with one grown from it")
+
+
 def drift(low, high, seeds, *, batch: int = 100) -> dict:
     """How far a grown G moved from the G it was grown from (paper Fig. 3: objects drift between resolutions
     without L_rec). low, high: OneStepGenerators with the same noise shape (the base), high at a resolution
@@ -230,6 +245,7 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
                      noise_resolution=base, num_classes=source.num_classes, teacher=meta.get("teacher"),
                      teacher_sha256=meta.get("teacher_sha256"), pairs=str(cfg.pairs), source=str(cfg.source),
                      method="pagoda", guidance_range=trained, grow_stage=k, frozen=stage.frozen,
-                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"])
+                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
+                     lineage=[*meta.get("lineage", []), sha256_file(cfg.source)])
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)
