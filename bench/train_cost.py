@@ -32,9 +32,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from bench.compare import csv_of
 from bench.profile import device_name
 from eval.rows import append_rows, check_rows_output, make_row, text_table
+from eval.run import csv_of
 from pagoda.config import get_preset
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import ArgumentParser, UserError, positive_int, run_cli
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guided", action="store_true", help="cost of guided pairs (two rows per NFE)")
     p.add_argument("-o", "--out", default="results/train_cost.jsonl", help="JSONL file the rows are appended to")
     args = p.parse_args(argv)
+    args.factors = sorted(set(args.factors))
     if 1 not in args.factors:
         p.error(f"--factors {args.factors}: include 1 (the base resolution every ratio is taken against)")
     check_rows_output(args.out)

@@ -256,7 +256,8 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
                  per_class=plan.per_class, prompts=prompts_of(plan, source))
     outs = extract(source, {n: extractors[n] for n in need}, need, batch=plan.batch, device=device,
                    on_batch=on_batch)
-    base = dict(source.row_fields(), batch=plan.batch, dtype="float32", device=str(device), seed=seed)
+    dtype = str(getattr(getattr(source, "generator", None), "dtype", torch.float32)).removeprefix("torch.")
+    base = dict(source.row_fields(), batch=plan.batch, dtype=dtype, device=str(device), seed=seed)
     rows = []
     for metric in plan.metrics:
         ex = extractors[plan.extractor_of(metric)]
@@ -295,11 +296,14 @@ def csv_of(kind):
     """argparse type: a comma-separated list of `kind` values."""
     def parse(text: str) -> list:
         try:
-            return [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v) for v in text.split(",") if v.strip()]
         except argparse.ArgumentTypeError as e:  # the item's own message names the fix
             raise argparse.ArgumentTypeError(f"in {text!r}: {e}") from None
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is an empty list: give at least one value")
+        return values
     return parse
 
 
@@ -425,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, extractors: dict,
         num_samples: int | None, seed: int, labels: str, guidance: list, samplers: list, steps: list,
-        resolutions: list[int] | None, device) -> list[dict]:
+        resolutions: list[int] | None, device, dtype: torch.dtype = torch.float32) -> list[dict]:
     """Check every cell, then measure them in order; the rows of all cells. Each checkpoint is loaded once to
     plan and check its cells (the sampler and steps of a cell change nothing that is checked) and once per
-    cell to measure it; each sample set is opened once."""
+    cell to measure it; each sample set is opened once. dtype: the checkpoints' sampling dtype (autocast)."""
     from pagoda.generator import load_generator
 
     def generator_source(gen, cell: Cell) -> GeneratorSource:
@@ -461,7 +465,7 @@ def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, ex
         if cell.images:
             rows += score_cell(plan, image_sources[cell.spec], extractors, refs, device=device, seed=None)
             continue
-        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device)
+        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device, dtype=dtype)
         with generator_source(gen, cell) as source:
             rows += score_cell(plan, source, extractors, refs, device=device, seed=seed)
     return rows

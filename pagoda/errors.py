@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,17 +60,31 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def writable_dir(folder: Path) -> bool:
+    """Whether a file can be created in `folder`, tried (os.access says yes for root on read-only mounts and
+    pseudo file systems such as /sys and /proc)."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pagoda-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
 def check_output(path, what: str = "-o") -> None:
     """UserError unless `path` can be written as a file: not a directory, not inside a file, and when it
     exists a regular file (a device or fifo would be read whole or replaced by the atomic rename)."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{what} {p} is a directory: give a file name inside it, e.g. {p / 'results.jsonl'}")
-    for parent in p.parents:
+    for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{what} {p}: {parent} is a file, not a directory: choose another path")
-            if not os.access(parent, os.W_OK):
+            if not writable_dir(parent):
                 raise UserError(f"{what} {p}: directory {parent} is not writable: choose another path")
             break
     if p.exists() and not p.resolve().is_file():

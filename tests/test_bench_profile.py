@@ -175,17 +175,25 @@ def test_compare_sweeps_cost_and_quality(ckpts, domain_ref, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["reps", "warmup", "cuda", "fp16-cpu", "metrics-without-quality", "missing",
-                                  "not-a-generator", "guidance-range", "batch"])
-def test_compare_bad_input(case, ckpts, tmp_path, capsys):
+                                  "not-a-generator", "guidance-range", "batch", "device", "empty-batch",
+                                  "extractor-without-quality", "unwritable", "quality-too-few"])
+def test_compare_bad_input(case, ckpts, domain_ref, tmp_path, capsys):
     out = tmp_path / "bench.jsonl"
     base = ["--ckpt", ckpts["G"], "-o", str(out)]
+    weights, ref = domain_ref
     argv = {"reps": base + ["--reps", "5"], "warmup": base + ["--warmup", "0"],
             "cuda": base + ["--device", "cuda"], "fp16-cpu": base + ["--dtype", "float16", "--device", "cpu"],
             "metrics-without-quality": base + ["--metrics", "fid,pr"],
             "missing": ["--ckpt", str(tmp_path / "nope.safetensors"), "-o", str(out)],
             "not-a-generator": ["--ckpt", str(tmp_path), "-o", str(out)],
             "guidance-range": ["--ckpt", ckpts["Gw"], "--guidance", "5", "-o", str(out)],
-            "batch": base + ["--batch", "0"]}[case]
+            "batch": base + ["--batch", "0"], "device": base + ["--device", "tpu"],
+            "empty-batch": base + ["--batch", ","], "extractor-without-quality": base + ["--extractor", "domain"],
+            "unwritable": ["--ckpt", ckpts["G"], "-o", "/proc/pagoda-bench.jsonl"],
+            # fewer samples than feature dimensions, without --allow-small: refused before anything is measured
+            "quality-too-few": base + ["--quality", str(ref), "--extractor", "domain", "--weights-dir", str(weights),
+                                       "--num-samples", "16"],
+            }[case]
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     assert run_cli(compare_main, argv) == 2
