@@ -6,7 +6,8 @@ Stage 1"), and what the one-off inversion pairs cost against the teacher run, me
 
 The teacher UNet of the preset is rebuilt at f x its resolution for each --factors f, with its attention at
 the same depths (attention_resolutions x f): the network a one-resolution diffusion model would train at the
-target size. One training step is the teacher stage's own (`TeacherStage.step`: the EDM loss, backward,
+target size (--attention resolution keeps attention at the base's resolutions instead, so only the
+convolutions grow with the pixel count: the paper's "64x" is that pixel count at 8x). One training step is the teacher stage's own (`TeacherStage.step`: the EDM loss, backward,
 Adam update) on random uint8 images of a micro-batch of --batch.
 
 - train_step_gflops: FLOPs per image of forward + backward, counted by FlopCounterMode on fake tensors
@@ -44,11 +45,13 @@ from pagoda.samplers import inversion_sigmas
 from pagoda.stages.teacher import TeacherStage
 
 
-def scaled(cfg, factor: int):
-    """The teacher config with its network (and data) at factor x the resolution, attention at the same depths."""
+def scaled(cfg, factor: int, attention: str = "depth"):
+    """The teacher config with its network (and data) at factor x the resolution; attention at the same depths
+    (attention="depth": its resolutions x factor) or at the same resolutions ("resolution": the levels above
+    the base's get none)."""
     net = cfg.network
-    net = dataclasses.replace(net, resolution=net.resolution * factor,
-                              attention_resolutions=tuple(r * factor for r in net.attention_resolutions))
+    att = net.attention_resolutions if attention == "resolution" else tuple(r * factor for r in net.attention_resolutions)
+    net = dataclasses.replace(net, resolution=net.resolution * factor, attention_resolutions=att)
     return dataclasses.replace(cfg, network=net, data=dataclasses.replace(cfg.data, resolution=net.resolution))
 
 
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=positive_int, default=5, help="timed steps per factor (default 5)")
     p.add_argument("--num-images", type=positive_int, default=None, help="training images (default: the data set's)")
     p.add_argument("--guided", action="store_true", help="cost of guided pairs (two rows per NFE)")
+    p.add_argument("--attention", choices=("depth", "resolution"), default="depth",
+                   help="attention of the scaled UNet at the same depths (default; its token count grows with the "
+                        "resolution) or at the same resolutions as the base's")
     p.add_argument("-o", "--out", default="results/train_cost.jsonl", help="JSONL file the rows are appended to")
     args = p.parse_args(argv)
     args.factors = sorted(set(args.factors))
@@ -161,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(True)
     fields = dict(model=f"{preset.name} teacher UNet", method="teacher-train", batch=args.batch, dtype="float32",
                   device="cpu", num_samples=None)
-    extra = dict(device_name=device_name(torch.device("cpu")), compile=False, preset=preset.name)
+    extra = dict(device_name=device_name(torch.device("cpu")), compile=False, preset=preset.name,
+                 attention=args.attention)
 
-    flops = {f: step_flops(scaled(cfg, f)) for f in tqdm(args.factors, desc="flops", file=sys.stderr)}
+    flops = {f: step_flops(scaled(cfg, f, args.attention)) for f in tqdm(args.factors, desc="flops", file=sys.stderr)}
     timed = [f for f in args.factors if base * f <= args.time_up_to]
-    ms = {f: time_steps(scaled(cfg, f), args.batch, args.reps) for f in tqdm(timed, desc="timed", file=sys.stderr)}
+    ms = {f: time_steps(scaled(cfg, f, args.attention), args.batch, args.reps) for f in tqdm(timed, desc="timed", file=sys.stderr)}
     rows = []
     for f in args.factors:
         row = dict(fields, resolution=base * f)

@@ -242,3 +242,17 @@ def test_train_cost_bad_input(argv, tmp_path, capsys):
     assert run_cli(train_cost_main, argv + ["-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and not out.exists()
+
+
+def test_train_cost_attention_choice(tmp_path):
+    # Attention kept at the base's resolutions costs less at 4x than attention at the same depths (whose token
+    # count grows 16x), and the rows say which was measured.
+    ratios = {}
+    for att in ("depth", "resolution"):
+        out = tmp_path / f"{att}.jsonl"
+        argv = ["--preset", "smoke", "--factors", "1,4", "--time-up-to", "1", "--attention", att, "-o", str(out)]
+        assert run_cli(train_cost_main, argv) == 0
+        (row,) = [r for r in read_rows(out) if r["metric"] == "train_step_gflops" and r["extra"]["factor"] == 4]
+        assert row["extra"]["attention"] == att
+        ratios[att] = row["extra"]["ratio_vs_base"]
+    assert ratios["resolution"] < ratios["depth"]
