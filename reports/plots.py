@@ -2,7 +2,8 @@
 
 Every plot function takes (rows, paper): our deduplicated rows and the published rows, and returns a Figure,
 or raises Unavailable saying which rows it lacks. Subtitles name the sample counts; cost plots name the
-device, dtype and compilation of each panel and never mix two of them on one axis.
+device, dtype and compilation of each panel and never mix two of them on one axis. Titles are wrapped to the
+width of their figure or panel, so none is clipped; a line is named by what is constant along it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from reports.tables import count, label, res_text, setting_of, setting_text, with_cfg
@@ -29,6 +32,35 @@ YLABEL = {"fid": "FID (lower is better)", "is": "IS (higher is better)",
 
 class Unavailable(Exception):
     """Raised by a plot whose rows are absent; the message says which rows (e.g. 'no fid_class rows')."""
+
+
+def wrap(text: str, width: float, fontsize: float) -> str:
+    """`text` with each of its lines broken at spaces into lines at most `width` points wide in the default
+    font at `fontsize` (a single word wider than that stays whole)."""
+    renderer, font = RendererAgg(1, 1, 72), FontProperties(size=fontsize)  # at 72 dpi a pixel is a point
+    lines = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            longer = f"{line} {word}" if line else word
+            if line and renderer.get_text_width_height_descent(longer, font, ismath=False)[0] > width:
+                lines.append(line)
+                longer = word
+            line = longer
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _suptitle(fig: Figure, title: str, *notes: str) -> None:
+    """The figure's title over its notes (joined by '; '), wrapped to the figure's width."""
+    text = title + "\n" + "; ".join(n for n in notes if n) if any(notes) else title
+    fig.suptitle(wrap(text, fig.get_figwidth() * 72 * 0.95, 10), fontsize=10)
+
+
+def _title(ax, text: str, fontsize: float = 10) -> None:
+    """A panel title wrapped to the width of its panel (the figure's width over the columns of its grid)."""
+    ncols = ax.get_subplotspec().get_gridspec().ncols
+    ax.set_title(wrap(text, ax.get_figure().get_figwidth() / ncols * 72 * 0.9, fontsize), fontsize=fontsize)
 
 
 def _join(row: dict) -> tuple:
@@ -79,16 +111,27 @@ def _resolutions(rows: list[dict]) -> list:
     return sorted({r.get("resolution") for r in rows}, key=lambda r: (r is None, r or 0))
 
 
-def _curves(ax, rows: list[dict], x: str, key: tuple[str, ...] = SERIES, **label_opts) -> None:
-    """One line per distinct `key` of `rows` (x = the field `x`, y = value); published rows hollow, dashed."""
-    groups = {}
+def _curves(ax, rows: list[dict], x: str, key: tuple[str, ...] = SERIES, annotate: str | None = None) -> bool:
+    """One line per distinct `key` of `rows` (x = the field `x`, y = value), named by what is constant along
+    it: model, sampler, w and resolution where `key` holds them, steps where all its points share them.
+    Published rows hollow, dashed. On a line whose points differ in the field `annotate`, each point is
+    labelled with its value; returns whether any point was."""
+    groups, labelled = {}, False
     for r in rows:
         groups.setdefault((bool(r.get("published")),) + tuple(r.get(k) for k in key), []).append(r)
     for i, k in enumerate(sorted(groups, key=str)):
         rs = sorted(groups[k], key=lambda r: r[x])
         style = dict(ls="--", marker="s", mfc="none") if k[0] else dict(ls="-", marker="o^Dv"[i // 10 % 4])
-        ax.plot([r[x] for r in rs], [r["value"] for r in rs], label=name(rs[0], **label_opts), ms=4, lw=1,
-                color=f"C{i % 10}", **style)  # 10 colours x 4 markers tell 40 curves apart
+        text = name(rs[0], steps=len({r.get("steps") for r in rs}) == 1, w="guidance" in key,
+                    res="resolution" in key)
+        ax.plot([r[x] for r in rs], [r["value"] for r in rs], label=text, ms=4, lw=1, color=f"C{i % 10}",
+                **style)  # 10 colours x 4 markers tell 40 curves apart
+        if annotate and len({r.get(annotate) for r in rs}) > 1:
+            for r in rs:
+                ax.annotate(label(r.get(annotate)) or "?", (r[x], r["value"]), xytext=(3, 3), fontsize=6,
+                            textcoords="offset points", color=f"C{i % 10}")
+            labelled = True
+    return labelled
 
 
 def _front(ax, points: list[tuple[float, float]], text: str = "Pareto front (ours)") -> None:
@@ -116,46 +159,52 @@ def fid_vs_nfe(rows: list[dict], paper: list[dict]) -> Figure:
         raise Unavailable("no fid rows with an nfe at two or more NFE values of one resolution")
     fig, axes = _grid(len(res))
     for ax, R in zip(axes, res):
-        _curves(ax, at[R], "nfe", steps=False)
+        _curves(ax, at[R], "nfe")
         _front(ax, [(r["nfe"], r["value"]) for r in at[R] if not r.get("published")])
         _logx(ax, "NFE per image (log scale)")
-        ax.set(ylabel=YLABEL["fid"], title=res_text(R))
+        ax.set(ylabel=YLABEL["fid"])
+        _title(ax, res_text(R))
         ax.legend(fontsize=6)
     single = ", ".join(res_text(R) for R in at if R not in res)
-    fig.suptitle(f"FID vs NFE\n{n_text(fid)}; hollow, dashed: published (ImageNet, n = 50k)\n"
-                 "dotted: Pareto front of ours" + (f"; one point only, not drawn: {single}" * bool(single)),
-                 fontsize=10)
+    shown = any(r.get("published") for R in res for r in at[R])
+    _suptitle(fig, "FID vs NFE", n_text(fid), "hollow, dashed: published (ImageNet, n = 50k)" * shown,
+              "dotted: Pareto front of ours", f"one point only, not drawn: {single}" * bool(single))
     return fig
 
 
 def fid_vs_latency(rows: list[dict], paper: list[dict]) -> Figure:
     """FID against the latency of the same model and sampling setup (log x), at the smallest batch measured,
-    one panel per (device, dtype, compile), with the Pareto front of each resolution."""
-    fid = {_join(r): r for r in rows if r["metric"] == "fid"}
+    one panel per (device, dtype, compile), with the Pareto front of each resolution. A latency is joined
+    only to the FID sampled in its own dtype (on whatever device the FID was measured); a latency without
+    one is not drawn."""
+    fid = {(_join(r), r["dtype"]): r for r in rows if r["metric"] == "fid" and r.get("dtype")}
     lat = {}
     for r in sorted((r for r in rows if r["metric"] == "latency_ms"), key=lambda r: -(r.get("batch") or 0)):
         lat[setting_of(r), _join(r)] = r  # the smallest batch is written last
-    points = [dict(fid[k], latency=r["value"], lat_batch=r.get("batch"), setting=s, device_name=
-                   (r.get("extra") or {}).get("device_name")) for (s, k), r in lat.items() if k in fid]
+    points = [dict(fid[k, s[1]], latency=r["value"], lat_batch=r.get("batch"), setting=s,
+                   device_name=(r.get("extra") or {}).get("device_name"))
+              for (s, k), r in lat.items() if (k, s[1]) in fid]
     if not points:
-        raise Unavailable("no fid rows with a latency_ms row of the same model, resolution and sampling "
-                          "setup")
+        raise Unavailable("no fid rows with a latency_ms row of the same model, resolution, sampling setup "
+                          "and dtype")
     settings = sorted({p["setting"] for p in points}, key=str)
     fig, axes = _grid(len(settings), ncols=2, size=(5.6, 4.2))
+    steps = False
     for ax, setting in zip(axes, settings):
         ps = [p for p in points if p["setting"] == setting]
-        _curves(ax, ps, "latency", SERIES + ("resolution",), res=True)
+        steps |= _curves(ax, ps, "latency", SERIES + ("resolution",), annotate="steps")
         for R in _resolutions(ps):
             _front(ax, [(p["latency"], p["value"]) for p in ps if p.get("resolution") == R],
                    f"Pareto front {res_text(R)}")
         batches = ", ".join(sorted({label(p["lat_batch"]) for p in ps}))
         device = ", ".join(sorted({p["device_name"] for p in ps if p["device_name"]}))
         _logx(ax, f"latency of one call (ms, median, log scale), batch {batches}")
-        ax.set(ylabel=YLABEL["fid"], title=setting_text(setting) + (f"\n{device}" if device else ""))
-        ax.title.set_fontsize(8)
+        ax.set(ylabel=YLABEL["fid"])
+        _title(ax, setting_text(setting) + (f"\n{device}" if device else ""), 8)
         ax.legend(fontsize=6)
-    fig.suptitle(f"FID vs latency\n{n_text(points)}; latency at the smallest batch measured; "
-                 "dotted: Pareto front", fontsize=10)
+    _suptitle(fig, "FID vs latency", n_text(points), "FID sampled in the panel's dtype",
+              "latency at the smallest batch measured", "numbers at points: sampler steps" * steps,
+              "dotted: Pareto front")
     return fig
 
 
@@ -177,11 +226,12 @@ def guidance_curves(rows: list[dict], paper: list[dict]) -> Figure:
         for j, m in enumerate(metrics):
             ax = axes[i * len(metrics) + j]
             at = [r for r in rs if r.get("resolution") == R and r["metric"] == m]
-            _curves(ax, at, "guidance", key[:4], w=False)
-            ax.set(xlabel="guidance scale w (1 = no CFG)", ylabel=YLABEL[m], title=f"{res_text(R)}: {m}")
+            _curves(ax, at, "guidance", key[:4])
+            ax.set(xlabel="guidance scale w (1 = no CFG)", ylabel=YLABEL[m])
+            _title(ax, f"{res_text(R)}: {m}")
             if j == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle(f"Quality vs guidance scale\n{n_text(rs)}", fontsize=10)
+    _suptitle(fig, "Quality vs guidance scale", n_text(rs))
     return fig
 
 
@@ -216,7 +266,8 @@ def fid_vs_resolution(rows: list[dict], paper: list[dict]) -> Figure:
     ax.set(xlabel="resolution (px, log scale)", ylabel=YLABEL["fid"])
     ax.legend(fontsize=7)
     ours = [r for k, v in series.items() if not k[4] for r in v]
-    fig.suptitle(f"FID vs resolution\n{n_text(ours)}; dashed: published (ImageNet, n = 50k)", fontsize=10)
+    _suptitle(fig, "FID vs resolution", n_text(ours),
+              "dashed: published (ImageNet, n = 50k)" * any(k[4] for k in series))
     return fig
 
 
@@ -255,12 +306,11 @@ def latency_stack(rows: list[dict], paper: list[dict]) -> Figure:
         ax.set_xticks(range(len(ticks)), ticks, fontsize=6, rotation=30, ha="right")
         device = ", ".join(sorted({d for r in at if (d := (r.get("extra") or {}).get("device_name"))}))
         reps = "/".join(sorted({str(n) for r in at if (n := (r.get("extra") or {}).get("reps"))}))
-        ax.set(ylabel=f"latency of one call (ms, median), batch {batch}",
-               title=", ".join(filter(None, (setting_text(setting), device)))
-               + (f"\nmedian of n = {reps} timed repetitions" if reps else ""))
-        ax.title.set_fontsize(8)
+        ax.set(ylabel=f"latency of one call (ms, median), batch {batch}")
+        _title(ax, ", ".join(filter(None, (setting_text(setting), device)))
+               + (f"\nmedian of n = {reps} timed repetitions" if reps else ""), 8)
         ax.legend(fontsize=7)
-    fig.suptitle("Latency: growth stages of the one-step generator vs the teacher's solvers", fontsize=10)
+    _suptitle(fig, "Latency: growth stages of the one-step generator vs the teacher's solvers")
     return fig
 
 
@@ -285,7 +335,7 @@ def precision_recall(rows: list[dict], paper: list[dict]) -> Figure:
     ax.set(xlabel="recall (coverage of the data, higher is better)",
            ylabel="precision (fidelity, higher is better)")
     ax.legend(fontsize=7, title="method", title_fontsize=7)
-    fig.suptitle(f"Precision–recall plane\n{n_text([p for p, _ in pairs])}", fontsize=10)
+    _suptitle(fig, "Precision–recall plane", n_text([p for p, _ in pairs]))
     return fig
 
 
@@ -312,8 +362,8 @@ def class_spread(rows: list[dict], paper: list[dict]) -> Figure:
                   fontsize=7)
     ax.set(ylabel="per-class FID (lower is better)")
     classes = sorted({len(v) for v in groups.values()})
-    fig.suptitle(f"Per-class FID spread\n{'/'.join(map(str, classes))} classes per model; "
-                 f"{n_text([r for v in groups.values() for r in v]).replace('point', 'class')}", fontsize=10)
+    _suptitle(fig, "Per-class FID spread", f"{'/'.join(map(str, classes))} classes per model",
+              n_text([r for v in groups.values() for r in v]).replace("point", "class"))
     return fig
 
 
@@ -337,10 +387,10 @@ def sample_grids(rows: list[dict], paper: list[dict]) -> Figure:
     for ax, (img, r) in zip(axes, images):
         ax.imshow(img, interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"{name(r)} · {res_text(r.get('resolution'))}", fontsize=8)
+        _title(ax, f"{name(r)} · {res_text(r.get('resolution'))}", 8)
     sub = f"not found or unreadable: {', '.join(missing)}" if missing else \
         "as named by the rows' extra.samples_png"
-    fig.suptitle(f"Sample grids\n{sub}", fontsize=10)
+    _suptitle(fig, "Sample grids", sub)
     return fig
 
 

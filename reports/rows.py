@@ -43,6 +43,9 @@ FIELDS = {"model": _STR, "metric": _STR, "value": _NUM, "method": _STR, "sampler
           "ci_high": _NUM, "extra": (lambda v: isinstance(v, dict), "a JSON object")}
 EXTRA_FIELDS = {"p90_ms": _NUM, "reps": _INT, "factor": _NUM, "compile": _BOOL, "samples_png": _STR,
                 "device_name": _STR, "mem_kind": _STR, "kind": _STR, "class_name": _STR}
+# Bounds of the numeric fields that have them: a size or count is never negative, a resolution or batch is
+# at least 1 (a row of resolution -8 is a fault, not a measurement).
+LOWER = {"resolution": 1, "batch": 1, "steps": 0, "nfe": 0, "num_samples": 0, "extra.reps": 1}
 
 
 def check_row(row, where: str) -> dict:
@@ -55,10 +58,12 @@ def check_row(row, where: str) -> dict:
                           "the file")
     for fields, values, prefix in ((FIELDS, row, ""), (EXTRA_FIELDS, row.get("extra") or {}, "extra.")):
         for name, (ok, what) in fields.items():  # FIELDS first: `extra` is a dict before its entries are read
-            v = values.get(name)
+            v, null, low = values.get(name), "" if name in REQUIRED else " or null", LOWER.get(prefix + name)
             if (v is not None or name in REQUIRED) and not ok(v):
-                null = "" if name in REQUIRED else " or null"
                 raise ReportError(f"{where}: '{prefix}{name}' must be {what}{null}, got {v!r}: fix that line")
+            if v is not None and low is not None and v < low:
+                raise ReportError(f"{where}: '{prefix}{name}' must be {what} >= {low}{null}, got {v!r}: fix "
+                                  "that line")
     return row
 
 

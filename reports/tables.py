@@ -19,10 +19,12 @@ NAMES = {"fid": "FID ↓", "is": "IS ↑", "precision": "Prec. ↑", "recall": "
          "sfid": "sFID ↓", "kid": "KID ↓", "density": "Dens. ↑", "coverage": "Cov. ↑", "clip": "CLIP ↑",
          "cmmd": "CMMD ↓", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
          "params": "Params", "gflops_per_image": "GFLOPs/img", "peak_mem_mb": "Peak MB",
-         "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs", "pairs_cost_ratio": "Cost ratio"}
+         "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
 METHOD_ORDER = ("pagoda", "pd", "dpmpp2m", "heun", "ddim", "samples")
 BATCH_FREE = ("nfe", "params", "gflops_per_image")  # cost metrics that do not depend on the batch
-NOTE_REPS = "n= timed repetitions"
+TIMED_IMAGES = ("latency_ms", "img_per_s")  # timed rows whose num_samples = images timed = batch x reps
+NOTE_IMAGES = "n= images timed for the latency and img/s (batch × timed repetitions)"
+NOTE_STEPS = "n= timed training steps (each of `batch` images)"
 NOTE_MISSING = f"{MISSING} not measured (published rows: not reported)"
 
 
@@ -31,7 +33,7 @@ class Table:
     """A titled table of text cells: `sections` = [(label or None, body lines)], each line one cell per
     column; `groups` = [(label, span)] spanning header cells above `columns`; the first `label_cols`
     columns are text, the rest numbers. `unavailable` (the reason) replaces the body of a table that no row
-    feeds."""
+    feeds; `published` counts the published reference rows the table shows."""
 
     title: str
     columns: list[str] = field(default_factory=list)
@@ -40,6 +42,7 @@ class Table:
     groups: list[tuple[str, int]] | None = None
     label_cols: int = 0
     unavailable: str | None = None
+    published: int = 0
 
     def cells(self) -> list[str]:
         """Every body cell (for notes that depend on what the table shows)."""
@@ -82,8 +85,22 @@ def cell(row: dict | None, with_n: bool = True) -> str:
         text += f" ({num(extra['p90_ms'])})"
     if row.get("ci_low") is not None and row.get("ci_high") is not None:
         text += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"
-    n = row.get("num_samples") or extra.get("reps")
+    n = sample_count(row)
     return text + (f" n={count(n)}" if n and with_n else "")
+
+
+def sample_count(row: dict) -> int | None:
+    """What a cell's n= counts: for latency and img/s the images timed (num_samples, else batch x extra.reps:
+    bench rows without num_samples), for a training step the steps timed (extra.reps), else num_samples
+    (or extra.reps)."""
+    extra = row.get("extra") or {}
+    if row["metric"] in TIMED_IMAGES:
+        if row.get("num_samples"):
+            return row["num_samples"]
+        return row["batch"] * extra["reps"] if row.get("batch") and extra.get("reps") else None
+    if row["metric"] in TRAIN_METRICS:
+        return extra.get("reps")
+    return row.get("num_samples") or extra.get("reps")
 
 
 def field_of(row: dict, key: str):
@@ -141,7 +158,7 @@ def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...],
             [src] + [label(v) for v in line[1:]] + [label(nfe), n] + body)
     table = Table(title, LINE_COLS + [NAMES.get(m, m) for m in metrics] * len(res),
                   [(k, v) for k, v in sections.items() if v], groups=[("", len(LINE_COLS))] +
-                  [(res_text(R), len(metrics)) for R in res], label_cols=len(LINE_COLS))
+                  [(res_text(R), len(metrics)) for R in res], label_cols=len(LINE_COLS), published=len(pub))
     table.notes = _quality_notes(table, ours, pub, sources)
     return table
 
@@ -241,7 +258,7 @@ def cost_tables(rows: list[dict]) -> list[Table]:
     def notes(group: list[dict]) -> list[str]:
         kinds = sorted({(r.get("extra") or {}).get("mem_kind") or "kind not recorded" for r in group
                         if r["metric"] == "peak_mem_mb"})
-        return [NOTE_REPS, "latency: median (p90) ms of one sampling call of `batch` images; img/s at that "
+        return [NOTE_IMAGES, "latency: median (p90) ms of one sampling call of `batch` images; img/s at that "
                 "batch", "NFE counted through a wrapper; GFLOPs: forward, per image, 2 FLOPs per "
                 "multiply-add; NFE, params and GFLOPs do not depend on the batch: a line without its own row "
                 "shows that of another batch"] + ([f"peak memory: {', '.join(kinds)}"] if kinds else [])
@@ -255,8 +272,9 @@ def train_tables(rows: list[dict]) -> list[Table]:
     """The training-step tables (one per device/dtype/compile) and the inversion-pair cost table."""
     step = [r for r in rows if r["metric"] in ("train_step_ms", "train_step_gflops")]
     ratio = [r for r in rows if r["metric"] == "pairs_cost_ratio"]
-    notes = [NOTE_REPS, "factor: resolution as a multiple of the base resolution; step ms: one training step "
-                        "of `batch` images; step GFLOPs: its FLOPs"]
+    notes = [NOTE_STEPS, "factor: resolution as a multiple of the base resolution; step ms: median of one "
+                         "training step of `batch` images; step GFLOPs/img: the FLOPs of one training step "
+                         "per image (forward + backward, 2 FLOPs per multiply-add), not of the whole batch"]
     tables = split_tables(step, TRAIN_LINE, ("train_step_ms", "train_step_gflops"), "Training cost",
                           lambda group: notes)
     if not ratio:
@@ -309,7 +327,8 @@ def to_markdown(t: Table) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---", "–": "--",
-        "≈": r"$\approx$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "§": r"\S{}", "·": r"$\cdot$"}
+        "≈": r"$\approx$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "§": r"\S{}", "·": r"$\cdot$",
+        "×": r"$\times$"}
 
 
 def tex(text: str) -> str:

@@ -214,7 +214,8 @@ def test_train_cost_rows(tmp_path, capsys):
     # Convolutions grow with the pixel count (4x per 2x), attention (kept at the same depth) faster.
     assert 4 <= flops[2]["extra"]["ratio_vs_base"] and 16 <= flops[4]["extra"]["ratio_vs_base"]
     assert flops[4]["extra"]["ratio_vs_base"] / flops[2]["extra"]["ratio_vs_base"] >= 4
-    assert ms[2]["extra"]["ratio_vs_base"] > 1 and ms[1]["extra"]["per_image_ms"] == ms[1]["value"] / 2
+    assert ms[2]["extra"]["ratio_vs_base"] == ms[2]["value"] / ms[1]["value"]  # never a timing assertion
+    assert ms[1]["extra"]["per_image_ms"] == ms[1]["value"] / 2
     kinds = {r["extra"]["kind"]: r for r in rows if r["metric"] == "pairs_cost_ratio"}
     assert set(kinds) == {"flops", "time"} and kinds["flops"]["nfe"] == 78
     assert kinds["flops"]["extra"]["items"] == 2 * len(PhotosDataset(8, "train"))

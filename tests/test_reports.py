@@ -22,13 +22,14 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from reports.build import main, run_cli, write_report
+from reports.build import MARKER, main, run_cli, summarize, write_report
 from reports.html import page
 from reports.paper import paper_rows
-from reports.plots import PLOTS, Unavailable, fid_vs_latency, pareto, sample_grids
-from reports.rows import latest, load
-from reports.tables import MISSING, QUALITY, all_tables, cost_tables, quality_table, tex
+from reports.plots import PLOTS, Unavailable, fid_vs_latency, fid_vs_nfe, pareto, sample_grids
+from reports.rows import ReportError, latest, load
+from reports.tables import MISSING, QUALITY, all_tables, cell, cost_tables, quality_table, tex, train_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "reports"
@@ -86,7 +87,7 @@ def test_page_is_self_contained(report, rows):
     tables = [t for t in all_tables(rows, paper_rows()) if not t.unavailable]
     assert html.count("<table>") == len(tables) == 7
     for text in ("224 rows read from 1 file", "devices: cpu (AMD EPYC 7B13), cuda:0 (NVIDIA H200)",
-                 "dtypes: bfloat16, float32", "published reference rows: 20"):
+                 "dtypes: bfloat16, float32", "published reference rows: 13 of 20 shown"):
         assert text in html
 
 
@@ -115,6 +116,14 @@ BAD_INPUTS = {  # case: (file content, or None for no file; a fragment the messa
     "NaN value": ('{"model": "m", "metric": "fid", "value": NaN}', "'value' must be a finite number"),
     "row not an object": ("[1, 2]\n", "a row must be a JSON object"),
     "resolution not an integer": (json.dumps(dict(GOOD, resolution="64")), "'resolution' must be an integer"),
+    "resolution a fraction": (json.dumps(dict(GOOD, resolution=64.5)), "jsonl:1: 'resolution' must be an"),
+    "negative resolution": (json.dumps(dict(GOOD, resolution=-8)), "jsonl:1: 'resolution' must be an int"
+                                                                    "eger >= 1 or null, got -8"),
+    "zero resolution": (json.dumps(dict(GOOD, resolution=0)), "jsonl:1: 'resolution' must be an integer >="),
+    "negative batch": (json.dumps(dict(GOOD, batch=-4)), "jsonl:1: 'batch' must be an integer >= 1"),
+    "negative nfe": (json.dumps(dict(GOOD, nfe=-1)), "jsonl:1: 'nfe' must be a finite number >= 0"),
+    "negative num_samples": (json.dumps(dict(GOOD, num_samples=-1000)), "jsonl:1: 'num_samples' must be an "
+                                                                         "integer >= 0"),
     "extra not an object": (json.dumps(dict(GOOD, extra=[1])), "'extra' must be a JSON object"),
     "latency p90 not a number": (json.dumps(dict(GOOD, extra={"p90_ms": "fast"})), "'extra.p90_ms' must be"),
     "nonexistent path": (None, "does not exist"),
@@ -256,6 +265,7 @@ def test_absent_rows_make_plots_and_tables_say_so(rows, tmp_path):
 def test_pareto_front_and_latex_escapes():
     assert pareto([(1, 5), (2, 3), (3, 4), (4, 1), (1, 6), (4, 2)]) == [(1, 5), (2, 3), (4, 1)]
     assert tex("G_base 50% & #1 ~x {a}—≈") == r"G\_base 50\% \& \#1 \textasciitilde{}x \{a\}---$\approx$"
+    assert tex("8 × 30") == r"8 $\times$ 30"
 
 
 def test_page_renders_in_headless_chromium(report, rows, tmp_path):
@@ -273,3 +283,135 @@ def test_page_renders_in_headless_chromium(report, rows, tmp_path):
     dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     assert dom.count("<table>") == len([t for t in all_tables(rows, paper_rows()) if not t.unavailable])
     assert dom.count('<img src="data:image/png;base64,') == len(PLOTS)
+
+
+def _setup(**fields) -> dict:
+    """A row of the 16 px teacher's heun sampler (fields override)."""
+    return dict(dict(model="teacher", method="heun", sampler="heun", resolution=16, guidance=1.0, steps=4,
+                     nfe=7, metric="fid", value=1.0, num_samples=1000), **fields)
+
+
+def _lat(device: str, dtype: str, steps: int, value: float) -> dict:
+    return _setup(metric="latency_ms", value=value, steps=steps, nfe=2 * steps - 1, batch=1, device=device,
+                  dtype=dtype, num_samples=30, extra={"compile": False, "reps": 30})
+
+
+def test_fid_vs_latency_joins_fid_of_the_same_dtype_only():
+    fid = [_setup(value=v, steps=s, nfe=2 * s - 1, dtype=dtype, device="cuda:0")
+           for dtype, values in (("float32", (30.0, 15.0)), ("bfloat16", (31.0, 16.5)))
+           for s, v in zip((4, 8), values)]
+    lat = [_lat(device, dtype, s, v)
+           for device, dtype in (("cpu", "float32"), ("cuda:0", "bfloat16"), ("cuda:0", "float16"))
+           for s, v in ((4, 9.0), (8, 17.0))]
+    fig = fid_vs_latency(fid + lat, [])
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert sorted(panels) == ["cpu, float32, eager", "cuda:0, bfloat16, eager"]  # no float16 FID: no panel
+    for title, fids in (("cpu, float32, eager", [30.0, 15.0]), ("cuda:0, bfloat16, eager", [31.0, 16.5])):
+        (line,) = [ln for ln in panels[title].get_lines() if not ln.get_label().startswith("Pareto")]
+        assert list(line.get_ydata()) == fids and list(line.get_xdata()) == [9.0, 17.0], title
+    with pytest.raises(Unavailable, match="and dtype"):  # float32 FID beside bfloat16 latency only
+        fid_vs_latency(fid[:2] + lat[2:4], [])
+
+
+def test_plot_lines_are_named_by_what_is_constant_along_them(rows):
+    fid = [_setup(value=v, steps=s, nfe=2 * s - 1, dtype="float32")
+           for s, v in ((4, 30.0), (8, 15.0), (16, 9.0))]
+    lat = [_lat("cpu", "float32", s, v) for s, v in ((4, 9.0), (8, 17.0), (16, 33.0))]
+    (ax,) = [ax for ax in fid_vs_latency(fid + lat, []).axes if ax.get_visible()]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["teacher heun 16 px", "Pareto front 16 px"]
+    assert sorted(t.get_text() for t in ax.texts) == ["16", "4", "8"]  # each point says its steps
+    labels = {ln.get_label() for ax in fid_vs_nfe(rows, paper_rows()).axes for ln in ax.get_lines()}
+    assert {"teacher heun", "teacher euler", "pd_2 euler-2", "teacher heun-16 w=2"} <= labels
+    assert not any(re.search(r"(heun|euler|dpmpp2m)-4\b", t) for t in labels), labels
+
+
+def _outside(fig) -> list[str]:
+    """The titles and panels (axes with their labels, ticks, legend) of `fig` that reach past its edges."""
+    FigureCanvasAgg(fig)
+    fig.set_dpi(120)  # as saved
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(ax.get_title() or "panel", ax.get_tightbbox(renderer)) for ax in fig.axes if ax.get_visible()]
+    boxes += [(t.get_text(), t.get_window_extent(renderer)) for t in fig.texts if t.get_text()]
+    return [text for text, b in boxes
+            if b.x0 < -1 or b.y0 < -1 or b.x1 > fig.bbox.width + 1 or b.y1 > fig.bbox.height + 1]
+
+
+def test_plot_titles_fit_their_figure(rows):
+    device = "NVIDIA H200 NVL 141GB HBM3e PCIe Gen5 x16 (MIG 7g.141gb, GI 0 CI 0)"
+    long = [dict(r, model=r["model"] + "_ema0.9999_step400000", extra=dict(r.get("extra") or {},
+                                                                           device_name=device)) for r in rows]
+    for stem, _, plot in PLOTS:  # at one resolution (one panel: narrow figures) where the plot can be drawn
+        try:
+            fig = plot([r for r in long if r.get("resolution") == 16], paper_rows())
+        except Unavailable:
+            fig = plot(long, paper_rows())
+        assert _outside(fig) == [], stem
+
+
+def test_cost_and_training_notes_say_what_they_count(rows):
+    cpu, cuda = cost_tables(rows)
+    line = _line(cpu, "G_base", Batch="8")
+    latency, img = (line[cpu.columns.index(c)] for c in ("Latency ms (p90)", "img/s"))
+    assert latency.endswith(" n=240") and img.endswith(" n=240")  # 8 images x 30 timed calls
+    assert _line(cuda, "G_base", Batch="64")[cuda.columns.index("img/s")].endswith(" n=6.4k")
+    assert any("n= images timed" in n and "batch × timed repetitions" in n for n in cpu.notes)
+    assert not any("n= timed repetitions" in n for n in cpu.notes)
+    bench = dict(_lat("cuda:0", "bfloat16", 4, 2.0), batch=64, num_samples=64 * 30)  # as bench writes it
+    assert cell(bench).endswith(" n=1.92k") and cell(dict(bench, metric="img_per_s")).endswith(" n=1.92k")
+    step = train_tables(rows)[0]
+    assert "Step GFLOPs/img" in step.columns
+    assert any("n= timed training steps" in n for n in step.notes)
+    assert any("per image (forward + backward" in n and "not of the whole batch" in n for n in step.notes)
+    assert not any("its FLOPs" in n for n in step.notes)
+
+
+def test_published_rows_counted_as_shown(rows):
+    paper = paper_rows()
+    tables = all_tables(rows, paper)
+    shown = sum(t.published for t in tables)
+    assert shown == 13  # the 64 px FIDs; IS and the 128-512 px rows have no resolution of ours beside them
+    assert "published reference rows: 13 of 20 shown" in summarize(224, [ROWS], rows, paper, shown)[3]
+    at16 = [r for r in rows if r.get("resolution") == 16]
+    tables = all_tables(at16, paper)
+    text = "\n".join(to for t in tables for to in t.cells())
+    assert "published" not in text and sum(t.published for t in tables) == 0
+    line = summarize(len(at16), [ROWS], at16, paper, 0)[3]
+    assert line.startswith("published reference rows: 20 available, none shown (no matching resolution"), line
+
+
+def _report_like(folder: Path) -> None:
+    """A fill for write_report: what a build writes, in small."""
+    (folder / "index.html").write_text("<html></html>")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "fid_vs_nfe.png").write_bytes(b"png")
+
+
+def test_rebuild_refuses_a_folder_holding_files_it_did_not_write(report, tmp_path, capsys):
+    out = tmp_path / "out"
+    write_report(out, _report_like)
+    write_report(out, _report_like)  # an unchanged report is replaced
+    for added in ("notes.txt", "plots/mine.png", "drafts/"):
+        path = out / added
+        path.mkdir() if added.endswith("/") else path.write_text("mine")
+        before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+        with pytest.raises(ReportError, match=f"holds {re.escape(added)}, which the previous report build "
+                                              "did not write.*move it out"):
+            write_report(out, _report_like)
+        assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert "index.html\nplots/\nplots/fid_vs_nfe.png\n" in (out / MARKER).read_text()  # what it wrote
+    built = tmp_path / "built"  # a real build's folder, through the command line
+    shutil.copytree(report, built)
+    (built / "notes.txt").write_text("keep")
+    assert run_cli(main, [str(ROWS), "-o", str(built)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "notes.txt" in err, err
+    assert (built / "notes.txt").read_text() == "keep" and (built / "index.html").exists()
+    (out / MARKER).write_text("made by python -m reports.build; the next build replaces this folder\n")
+    write_report(out, _report_like)  # a marker of an older build without the list: what a build writes passes
+    (out / MARKER).write_text("made by python -m reports.build; the next build replaces this folder\n")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ReportError, match="holds notes.txt"):
+        write_report(out, _report_like)
