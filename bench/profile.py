@@ -8,14 +8,16 @@ assumed from what it declares:
 - Latency: `reps` (>= 30) timed calls of one batch after `warmup` untimed ones; on CUDA between two CUDA
   events after a synchronise, on a CPU by `time.perf_counter` (the CPU has nothing to synchronise). Median
   and p90 in ms per call; images/s = batch / median.
-- Peak memory. CUDA: `torch.cuda.max_memory_allocated` over one call (mem_kind "cuda_max_allocated"). CPU:
+- Peak memory: the weights plus the peak of what one call allocates beyond what was allocated before it.
+  CUDA: from `torch.cuda.max_memory_allocated` (mem_kind "cuda_max_allocated"). CPU:
   DESIGN: the peak of live tensor bytes during one call, weights included, counted by a dispatch mode that
   follows every storage an op creates until it is freed (mem_kind "tensor_peak"). RSS would mostly show
   the allocator's caching (glibc keeps freed blocks; a second call often adds nothing), and this is the same
   quantity as CUDA's allocated bytes.
 - FLOPs per image: `torch.utils.flop_counter.FlopCounterMode` over one sample() call of one image (2 FLOPs
-  per multiply-add; convolutions, matmuls and attention; elementwise ops are not counted, as in fvcore and
-  every paper's GFLOPs).
+  per multiply-add; convolutions, matmuls and attention, counted on attention's math backend because the fused
+  CPU kernels have no FLOP formula; elementwise ops are not counted, as in fvcore and every paper's GFLOPs).
+  Under --compile, FLOPs and CPU memory are counted on the uncompiled module (inductor bypasses the dispatcher).
 - Parameters: of the network(s) evaluated.
 
 Rows: metrics nfe, latency_ms (extra p90_ms, reps, warmup), img_per_s (these two: num_samples = the images
@@ -34,6 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,6 +107,11 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(fn: Callable[[], object], *, device: torch.device, reps: int = MIN_REPS, warmup: int = 3) -> list[float]:
     """Milliseconds of each of `reps` calls of fn after `warmup` untimed ones (see the module docstring)."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _time_call(fn, device, reps, warmup)
+
+
+def _time_call(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -144,12 +152,12 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._purge()  # first: a freed storage's address may already hold one of this op's outputs
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in self.live:
                     self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        self._purge()
         self.peak = max(self.peak, self.base + sum(n for _, n in self.live.values()))
         return out
 
@@ -165,22 +173,44 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def peak_memory_mb(gen, fn: Callable[[], object]) -> tuple[float, str]:
     """(peak MiB of one call of fn, mem_kind) as the module docstring defines it."""
-    if gen.device.type == "cuda":
+    weights = tensor_bytes(network_of(gen))
+    if gen.device.type == "cuda":  # what else lives on the GPU (e.g. eval's extractors) is not the model's
         synchronize(gen.device)
+        before = torch.cuda.memory_allocated(gen.device)
         torch.cuda.reset_peak_memory_stats(gen.device)
         fn()
         synchronize(gen.device)
-        return torch.cuda.max_memory_allocated(gen.device) / 2**20, "cuda_max_allocated"
-    mode = TensorMemory(tensor_bytes(network_of(gen)))
-    with mode:
+        return (torch.cuda.max_memory_allocated(gen.device) - before + weights) / 2**20, "cuda_max_allocated"
+    mode = TensorMemory(weights)
+    with uncompiled(gen), mode:
         fn()
     return mode.peak / 2**20, "tensor_peak"
 
 
-def flops_per_image(gen, guidance: float | None = None) -> float:
-    """FLOPs of one sample() call of one image (FlopCounterMode; 2 per multiply-add)."""
+@contextlib.contextmanager
+def flop_counter():
+    """A FlopCounterMode (2 FLOPs per multiply-add) with attention on its math backend: the fused CPU kernels
+    of scaled_dot_product_attention have no FLOP formula and would count 0."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        yield counter
+
+
+@contextlib.contextmanager
+def uncompiled(gen):
+    """The generator with its torch.compile'd network swapped for the original module while inside (inductor's
+    kernels bypass the dispatcher, so neither FLOPs nor tensor memory could be counted through them)."""
+    net = network_of(gen)
+    set_network(gen, getattr(net, "_orig_mod", net))
+    try:
+        yield gen
+    finally:
+        set_network(gen, net)
+
+
+def flops_per_image(gen, guidance: float | None = None) -> float:
+    """FLOPs of one sample() call of one image (2 per multiply-add; `flop_counter`)."""
+    with uncompiled(gen), flop_counter() as counter:
         sampler_call(gen, 1, guidance)()
     return float(counter.get_total_flops())
 

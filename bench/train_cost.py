@@ -30,10 +30,9 @@ import time
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from bench.profile import device_name
+from bench.profile import device_name, flop_counter
 from eval.rows import append_rows, check_rows_output, make_row, text_table
 from eval.run import csv_of
 from pagoda.config import get_preset
@@ -78,8 +77,7 @@ def step_flops(cfg, batch: int = 2) -> float:
     with FakeTensorMode():
         stage = TeacherStage(cfg)
         data = [torch.zeros(batch, 3, r, r, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long)]
-        counter = FlopCounterMode(display=False)
-        with counter:
+        with flop_counter() as counter:
             loss, _ = stage.step(stage.net, data, None)
             loss.backward()
     return counter.get_total_flops() / batch
@@ -89,10 +87,10 @@ def nfe_flops(cfg) -> float:
     """FLOPs of one denoiser evaluation of one image (forward, no grad), on fake tensors."""
     with FakeTensorMode(), torch.no_grad():
         net = UNet(**dataclasses.asdict(cfg.network))
-        r, counter = cfg.network.resolution, FlopCounterMode(display=False)
-        with counter:
-            EDMPrecond(net, sigma_data=cfg.diffusion.sigma_data)(torch.zeros(1, 3, r, r), torch.ones(1),
-                                                                 torch.zeros(1, dtype=torch.long))
+        r = cfg.network.resolution
+        labels = torch.zeros(1, dtype=torch.long) if cfg.network.num_classes else None
+        with flop_counter() as counter:
+            EDMPrecond(net, sigma_data=cfg.diffusion.sigma_data)(torch.zeros(1, 3, r, r), torch.ones(1), labels)
     return float(counter.get_total_flops())
 
 
@@ -120,8 +118,10 @@ def time_inversion(cfg, batch: int, guided: bool) -> float:
     x, y = fake_batch(cfg, batch, "cpu")
     labels = y if cfg.network.num_classes else None
     w = torch.full((batch,), 2.0) if guided and labels is not None else None
-    t0 = time.perf_counter()
-    invert(EDMPrecond(net, sigma_data=d.sigma_data), x, labels, sigmas, guidance=w)
+    denoiser = EDMPrecond(net, sigma_data=d.sigma_data)
+    invert(denoiser, x[:1], None if labels is None else labels[:1], sigmas, guidance=None if w is None else w[:1])
+    t0 = time.perf_counter()  # after a warm-up inversion of one item, as the training step is timed warm
+    invert(denoiser, x, labels, sigmas, guidance=w)
     return time.perf_counter() - t0
 
 

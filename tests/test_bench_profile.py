@@ -12,6 +12,7 @@ from bench.compare import main as compare_main
 from bench.profile import (
     TensorMemory,
     count_nfe,
+    flop_counter,
     flops_per_image,
     network_of,
     percentile,
@@ -21,7 +22,7 @@ from bench.profile import (
 from bench.train_cost import main as train_cost_main
 from bench.train_cost import nfe_flops, step_flops
 from eval.ref import main as ref_main
-from eval.rows import ROW_KEYS, make_row, read_rows
+from eval.rows import ROW_KEYS, make_row, read_rows, row_key
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import PHOTO_CLASSES, PhotosDataset
@@ -257,3 +258,30 @@ def test_train_cost_attention_choice(tmp_path):
         assert row["extra"]["attention"] == att
         ratios[att] = row["extra"]["ratio_vs_base"]
     assert ratios["resolution"] < ratios["depth"]
+
+
+def test_tensor_memory_survives_address_reuse():
+    # A freed storage's address is routinely handed to the next allocation; the new storage must still count.
+    mib = 2**20 // 4
+    with TensorMemory() as mode:
+        for _ in range(5):
+            a = torch.ones(mib)
+            del a
+        b = torch.ones(mib)
+        c = torch.ones(mib)
+    assert mode.peak == 2 * 2**20 and b.sum() + c.sum() == 2 * mib
+
+
+def test_flop_counter_counts_attention():
+    # The fused CPU attention kernels have no FLOP formula (they would count 0): counted on the math backend,
+    # q k^T and the weighted sum are 2 * 2 * B * H * L^2 * d FLOPs.
+    q = torch.randn(1, 4, 64, 32)
+    with flop_counter() as counter, torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * 2 * 4 * 64 * 64 * 32
+
+
+def test_cost_rows_of_different_batches_are_different_measurements(ckpts):
+    rows = profile(load_generator(ckpts["G"]), batches=[1, 2], reps=30, warmup=1, make_row=make_row,
+                   fields={"model": "G"})
+    assert len({row_key(r) for r in rows}) == len(rows)  # eval.gate and the reports never merge them
