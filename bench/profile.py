@@ -107,27 +107,23 @@ def synchronize(device: torch.device) -> None:
 
 def time_call(fn: Callable[[], object], *, device: torch.device, reps: int = MIN_REPS, warmup: int = 3) -> list[float]:
     """Milliseconds of each of `reps` calls of fn after `warmup` untimed ones (see the module docstring)."""
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return _time_call(fn, device, reps, warmup)
-
-
-def _time_call(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
     times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for _ in range(warmup):
             fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        synchronize(device)
+        for _ in range(reps):
+            if device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(stop))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 

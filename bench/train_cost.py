@@ -7,8 +7,9 @@ Stage 1"), and what the one-off inversion pairs cost against the teacher run, me
 The teacher UNet of the preset is rebuilt at f x its resolution for each --factors f, with its attention at
 the same depths (attention_resolutions x f): the network a one-resolution diffusion model would train at the
 target size (--attention resolution keeps attention at the base's resolutions instead, so only the
-convolutions grow with the pixel count: the paper's "64x" is that pixel count at 8x). One training step is the teacher stage's own (`TeacherStage.step`: the EDM loss, backward,
-Adam update) on random uint8 images of a micro-batch of --batch.
+convolutions grow with the pixel count: the paper's "64x" is that pixel count at 8x). One training step is
+the teacher stage's own (`TeacherStage.step`: the EDM loss, backward, Adam update) on random uint8 images of
+a micro-batch of --batch.
 
 - train_step_gflops: FLOPs per image of forward + backward, counted by FlopCounterMode on fake tensors
   (FakeTensorMode: shapes only, no memory, no time: any size works), with extra.ratio_vs_base.
@@ -39,7 +40,7 @@ from pagoda.config import get_preset
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import ArgumentParser, UserError, positive_int, run_cli
 from pagoda.networks.unet import UNet
-from pagoda.pairs import NUM_POINTS, invert
+from pagoda.pairs import NUM_POINTS, invert, nfe_per_item
 from pagoda.samplers import inversion_sigmas
 from pagoda.stages.teacher import TeacherStage
 
@@ -49,7 +50,9 @@ def scaled(cfg, factor: int, attention: str = "depth"):
     (attention="depth": its resolutions x factor) or at the same resolutions ("resolution": the levels above
     the base's get none)."""
     net = cfg.network
-    att = net.attention_resolutions if attention == "resolution" else tuple(r * factor for r in net.attention_resolutions)
+    att = net.attention_resolutions
+    if attention == "depth":
+        att = tuple(r * factor for r in att)
     net = dataclasses.replace(net, resolution=net.resolution * factor, attention_resolutions=att)
     return dataclasses.replace(cfg, network=net, data=dataclasses.replace(cfg.data, resolution=net.resolution))
 
@@ -170,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = dict(device_name=device_name(torch.device("cpu")), compile=False, preset=preset.name,
                  attention=args.attention)
 
-    flops = {f: step_flops(scaled(cfg, f, args.attention)) for f in tqdm(args.factors, desc="flops", file=sys.stderr)}
+    flops = {f: step_flops(scaled(cfg, f, args.attention))
+             for f in tqdm(args.factors, desc="flops", file=sys.stderr)}
     timed = [f for f in args.factors if base * f <= args.time_up_to]
-    ms = {f: time_steps(scaled(cfg, f, args.attention), args.batch, args.reps) for f in tqdm(timed, desc="timed", file=sys.stderr)}
+    ms = {f: time_steps(scaled(cfg, f, args.attention), args.batch, args.reps)
+          for f in tqdm(timed, desc="timed", file=sys.stderr)}
     rows = []
     for f in args.factors:
         row = dict(fields, resolution=base * f)
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(make_row(metric="train_step_ms", value=ms[f], **row,
                                  extra=dict(extra, factor=f, per_image_ms=ms[f] / args.batch, reps=args.reps,
                                             ratio_vs_base=ms[f] / ms[1] if 1 in ms else None)))
-    nfe = 2 * (NUM_POINTS - 1) * (2 if args.guided else 1)
+    nfe = nfe_per_item(args.guided)
     run_images = train.steps * train.batch
     pairs = dict(extra, items=items, nfe_per_item=nfe, teacher_steps=train.steps, teacher_batch=train.batch,
                  guided=args.guided)
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                          **row, extra=dict(pairs, kind="flops")))
     if 1 in ms:
         per_item = time_inversion(cfg, args.batch, args.guided) / args.batch
-        rows.append(make_row(metric="pairs_cost_ratio", value=items * per_item * 1e3 / (run_images * ms[1] /
-                                                                                        args.batch),
+        step_per_image_ms = ms[1] / args.batch
+        rows.append(make_row(metric="pairs_cost_ratio", value=items * per_item * 1e3 / (run_images * step_per_image_ms),
                              **row, extra=dict(pairs, kind="time", per_item_ms=per_item * 1e3)))
     append_rows(args.out, rows)
     table = [dict(metric=r["metric"], resolution=r["resolution"], factor=r["extra"].get("factor"),

@@ -306,9 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output(out)
     check_output(out.with_suffix(".json"), what=f"-o {out}: its numbers' file")
     editor = open_editor(args.generator, args.teacher, guidance=args.guidance)
-    rows, numbers = run_task(args.task, editor, args.data, args.items, mask=args.mask or "center",
-                             iterations=4 if args.iterations is None else args.iterations, to_class=args.to_class,
-                             frames=8 if args.frames is None else args.frames)
+    given = {k: getattr(args, k) for k in TASK_OPTIONS if getattr(args, k) is not None}
+    rows, numbers = run_task(args.task, editor, args.data, args.items, **given)
     numbers = {"task": args.task, "generator": str(args.generator), "data": args.data, "items": args.items,
                "resolution": editor.gen.resolution, "base": editor.base, "guidance": editor.guidance, **numbers}
     write_rows(out, rows)

@@ -79,6 +79,11 @@ GOLDEN = (5 ** 0.5 - 1) / 2  # 1 / phi
 GUIDANCE_RULE = "w_j = lo + (hi - lo) * frac(j / phi), phi = (1 + sqrt 5) / 2"
 
 
+def nfe_per_item(guided: bool) -> int:
+    """Network evaluations to invert one item: NUM_POINTS - 1 Heun steps of 2, twice that with CFG's two rows."""
+    return 2 * (NUM_POINTS - 1) * (2 if guided else 1)
+
+
 def pair_guidance(items, lo: float, hi: float) -> torch.Tensor:
     """The CFG scales w_j of items (float32 [n]) of guided pairs over [lo, hi] (GUIDANCE_RULE, in float64)."""
     j = torch.as_tensor(list(items), dtype=torch.float64)
@@ -185,7 +190,7 @@ def plan_pairs(teacher, data: str, *, dtype: str, shard_size: int, batch: int,
                  data=dict(source=_source_name(data), fingerprint=dataset.fingerprint(),
                            num_images=len(dataset)),
                  resolution=resolution, sigmas=sigmas.tolist(), num_points=NUM_POINTS,
-                 num_steps=NUM_POINTS - 1, nfe_per_item=2 * (NUM_POINTS - 1) * (2 if guidance else 1), clamp=True,
+                 num_steps=NUM_POINTS - 1, nfe_per_item=nfe_per_item(bool(guidance)), clamp=True,
                  dtype=dtype, batch=batch, num_items=num_items, shard_size=shard_size, items=ITEMS_RULE,
                  complete=False, shards=shards)
     if guidance is not None:

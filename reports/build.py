@@ -106,8 +106,20 @@ def check_output(out: Path) -> None:
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise ReportError(f"-o {out}: {parent} is a file, not a folder: choose another path")
-    if not os.access(parent, os.W_OK):
+    if not creatable(parent):
         raise ReportError(f"-o {out}: folder {parent} is not writable: choose another path")
+
+
+def creatable(folder: Path) -> bool:
+    """Whether a folder can be made in `folder`, tried (os.access says yes for root on /proc, /sys and read-only
+    mounts). The twin of pagoda.errors.writable_dir, which reports may not import."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".pagoda-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def write_report(out: Path, fill: Callable[[Path], None]) -> None:

@@ -178,6 +178,14 @@ def test_output_folder_is_replaced_atomically(tmp_path, capsys):
     assert (foreign / "notes.txt").read_text() == "keep" and len(list(foreign.iterdir())) == 1
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs Linux's /proc, where nothing can be created")
+def test_unwritable_output_is_refused_before_any_work(capsys):
+    # os.access says /proc is writable for root; the build must not find out only at the end.
+    assert run_cli(main, [str(ROWS), "-o", "/proc/pagoda-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not writable" in err[0]
+
+
 def test_cost_rows_of_two_devices_are_split(rows, report):
     cpu, cuda = cost_tables(rows)
     assert cpu.title == "Sampling cost: cpu, float32, eager"
