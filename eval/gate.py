@@ -1,6 +1,13 @@
 """`python -m eval.gate`: compare result rows with a baseline and fail on a regression.
 
     python -m eval.gate --results new.jsonl --baseline base.jsonl --tolerance fid=+0.05,is=-1%
+    python -m eval.gate --results runs/smoke/results --baseline base.jsonl --metrics fid,precision,recall
+    python -m eval.gate --results runs/smoke/results --metrics fid,precision,recall --write-baseline base.jsonl
+
+--results and --baseline are JSONL files or folders (every *.jsonl in them, sorted by name), repeatable.
+--metrics keeps only those metrics of both sides (e.g. leave out latencies, which depend on the machine).
+--write-baseline FILE writes the (filtered) results as a new baseline, atomically, and compares nothing: the
+way to update a committed baseline on purpose.
 
 Rows are matched on (model, method, resolution, guidance, sampler, steps, metric) and the class of a
 per-class row; two matched rows measured with different estimator parameters (extra: KID subset size
@@ -160,23 +167,72 @@ def format_diff(verdicts: list[dict]) -> str:
     return text_table(verdicts, cols, _fmt)
 
 
+def read_all(paths: list[str], what: str) -> list[dict]:
+    """The rows of every file named, and of every *.jsonl in every folder named (sorted), in that order."""
+    from pathlib import Path
+    rows = []
+    for path in paths:
+        files = sorted(Path(path).glob("*.jsonl")) if Path(path).is_dir() else [path]
+        if not files:
+            raise UserError(f"{what} {path} is a folder without .jsonl files: give a file or folder of result rows")
+        for f in files:
+            rows += read_rows(f, what)
+    return rows
+
+
+def write_baseline(rows: list[dict], path: str) -> None:
+    """`rows` as a JSONL baseline at `path`, written to a temporary file then renamed (never half-written)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from pagoda.errors import check_output
+    check_output(Path(path), "--write-baseline")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.gate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", required=True, help="JSONL rows of the new measurement")
-    p.add_argument("--baseline", required=True, help="JSONL rows to compare against")
+    p.add_argument("--results", required=True, action="append", help="JSONL rows of the new measurement (a file "
+                   "or a folder of .jsonl files; repeatable)")
+    p.add_argument("--baseline", action="append", default=[], help="JSONL rows to compare against (file or "
+                   "folder; repeatable)")
+    p.add_argument("--metrics", default=None, help="compare only these metrics (comma list), e.g. fid,precision")
+    p.add_argument("--write-baseline", metavar="FILE", default=None, help="write the (filtered) results to FILE as "
+                   "the new baseline and exit")
     p.add_argument("--tolerance", default="", help="per-metric tolerances, e.g. fid=+0.05,is=-1%%")
     p.add_argument("--allow-missing", action="store_true", help="a baseline row absent from the results is not a failure")
     args = p.parse_args(argv)
     tolerances = parse_tolerances(args.tolerance)
-    results, baseline = read_rows(args.results, "--results file"), read_rows(args.baseline, "--baseline file")
+    if (args.write_baseline is None) == (not args.baseline):
+        raise UserError("give --baseline FILE to compare with, or --write-baseline FILE to write one (not both)")
+    results = read_all(args.results, "--results")
+    keep = None
+    if args.metrics is not None:
+        keep = {m.strip() for m in args.metrics.split(",") if m.strip()}
+        unknown = sorted(keep - {r["metric"] for r in results})
+        if not keep or unknown:
+            raise UserError(f"--metrics {args.metrics!r}: {unknown or 'nothing'} not in the results; metrics present: "
+                            f"{sorted({r['metric'] for r in results})}")
+        results = [r for r in results if r["metric"] in keep]
+    if args.write_baseline is not None:
+        latest = list(_latest(results).values())
+        write_baseline(latest, args.write_baseline)
+        print(f"gate: wrote {len(latest)} baseline rows to {args.write_baseline}")
+        return 0
+    baseline = read_all(args.baseline, "--baseline")
+    if keep is not None:
+        baseline = [r for r in baseline if r["metric"] in keep]
     if not baseline:
-        raise UserError(f"--baseline file {args.baseline} holds no rows: nothing to compare against; give the "
-                        "rows of a reference measurement")
+        raise UserError(f"--baseline {', '.join(args.baseline)} holds no rows{' of --metrics' if keep else ''}: "
+                        "nothing to compare against; give the rows of a reference measurement")
     present = {r["metric"] for r in results + baseline}
     absent = sorted(set(tolerances) - present)
     if absent:
-        raise UserError(f"--tolerance names metric(s) {absent} found in neither {args.results} nor {args.baseline}; "
+        raise UserError(f"--tolerance names metric(s) {absent} found in neither --results nor --baseline; "
                         f"metrics present: {sorted(present)}")
     verdicts = compare(results, baseline, tolerances, allow_missing=args.allow_missing)
     print(format_diff(verdicts))

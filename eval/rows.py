@@ -29,11 +29,14 @@ MATCH_KEYS = ("model", "method", "resolution", "guidance", "sampler", "steps", "
 # Entries of `extra` that are part of what was measured (the class of a per-class metric; a cost row's scale
 # factor, attention layout, pairs kind, compile flag, device model); the others are
 # estimator parameters (below) or results (e.g. `std`) and never take part in matching.
-MATCH_EXTRA = ("class", "factor", "attention", "guided", "kind", "compile", "device_name")
+MATCH_EXTRA = ("class", "factor", "attention", "guided", "kind", "compile", "device_name", "source")
 # Cost rows (bench) also measure a batch size on a device in a dtype: those are part of what they measure.
 COST_METRICS = ("nfe", "latency_ms", "img_per_s", "peak_mem_mb", "gflops_per_image", "params", "train_step_ms",
                 "train_step_gflops", "pairs_cost_ratio")
 COST_KEYS = ("batch", "dtype", "device", "nfe")
+# Counts of a setting (counted NFE, parameters, FLOPs per image) are the same on any machine: they match across
+# device models (extra.device_name), so a gate on them holds on another CPU or GPU.
+COUNT_METRICS = ("nfe", "params", "gflops_per_image")
 # Entries of `extra` that are estimator parameters or image conventions: two rows that differ in one of
 # them measured the same thing differently, and eval.gate refuses to compare them.
 ESTIMATOR_EXTRA = ("subset_size", "subsets", "kid_seed", "splits", "style", "k", "bootstrap", "resize", "labels",
@@ -64,7 +67,9 @@ def make_row(*, model: str, metric: str, value: float, **fields: Any) -> dict:
 
 def row_key(row: dict) -> tuple:
     """What a row measures: the MATCH_KEYS plus the MATCH_EXTRA entries of its `extra`."""
-    extra = json.dumps({k: v for k, v in (row.get("extra") or {}).items() if k in MATCH_EXTRA}, sort_keys=True)
+    machine_free = row.get("metric") in COUNT_METRICS
+    extra = json.dumps({k: v for k, v in (row.get("extra") or {}).items()
+                        if k in MATCH_EXTRA and not (machine_free and k == "device_name")}, sort_keys=True)
     cost = tuple(row.get(k) for k in COST_KEYS) if row.get("metric") in COST_METRICS else ()
     return tuple(row.get(k) for k in MATCH_KEYS) + (extra,) + cost
 

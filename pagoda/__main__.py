@@ -45,6 +45,8 @@ FLAGS = {"source": "from"}  # config field -> option name where they differ
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
     "import-edm": ("pagoda.importers", "import the public EDM ImageNet-64 teacher (python -m pagoda import-edm -h)"),
+    "demo": ("pagoda.demo", "the whole pipeline on the bundled photos: teacher -> pairs -> G -> grown G, PD, eval, "
+                            "cost, report (python -m pagoda demo -h)"),
     "edit": ("pagoda.edit", "reconstruct / super-resolve / inpaint / transfer / interpolate through a G "
                             "(python -m pagoda edit -h)"),
 }
@@ -229,12 +231,28 @@ def cmd_drift(args) -> int:
     if low.resolution < high.resolution:  # a swapped pair gets drift()'s own message
         check_lineage(args.low, args.high)
     row = drift(low, high, torch.tensor(args.seeds, dtype=torch.int64))
-    line = json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)})
-    print(line)
+    print(json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)}))
     if args.out:
         with open(args.out, "a") as f:
-            f.write(line + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in drift_rows(row, args.low, args.high)))
     return 0
+
+
+def drift_rows(row: dict, low_path, high_path) -> list[dict]:
+    """`drift()`'s measure as result rows (ARCHITECTURE "Result row"): drift_rms (uint8 levels) and drift_psnr_db
+    of the grown model (model = its path as given, as eval.run names a checkpoint; resolution = its output),
+    extra.source = the source G's path as given."""
+    import datetime
+
+    import torch
+
+    from pagoda.version import __version__, git_commit
+    common = {"model": str(high_path), "method": "pagoda", "resolution": row["high_resolution"], "guidance": 1.0,
+              "sampler": None, "steps": None, "nfe": 1, "num_samples": row["num_samples"],
+              "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "torch": torch.__version__, "commit": git_commit(), "pagoda_version": __version__,
+              "extra": {"source": str(low_path), "source_resolution": row["low_resolution"]}}
+    return [{**common, "metric": m, "value": row[m]} for m in ("drift_rms", "drift_psnr_db") if row[m] is not None]
 
 
 # ---------------------------------------------------------------------------------------------

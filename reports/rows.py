@@ -15,7 +15,7 @@ REQUIRED = ("model", "metric", "value")
 MATCH_KEYS = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric")
 # Entries of `extra` that are part of what was measured: a per-class row's class, a training row's factor,
 # the kind of a cost ratio.
-MATCH_EXTRA = ("class", "factor", "kind")
+MATCH_EXTRA = ("class", "factor", "kind", "source")
 # Cost metrics (bench) and training-cost metrics; a cost also depends on batch, device, dtype and compilation.
 COST_METRICS = ("nfe", "latency_ms", "img_per_s", "peak_mem_mb", "gflops_per_image", "params")
 TRAIN_METRICS = ("train_step_ms", "train_step_gflops", "pairs_cost_ratio")
@@ -42,7 +42,8 @@ FIELDS = {"model": _STR, "metric": _STR, "value": _NUM, "method": _STR, "sampler
           "steps": _INT, "batch": _INT, "num_samples": _INT, "guidance": _NUM, "nfe": _NUM, "ci_low": _NUM,
           "ci_high": _NUM, "extra": (lambda v: isinstance(v, dict), "a JSON object")}
 EXTRA_FIELDS = {"p90_ms": _NUM, "reps": _INT, "factor": _NUM, "compile": _BOOL, "samples_png": _STR,
-                "device_name": _STR, "mem_kind": _STR, "kind": _STR, "class_name": _STR}
+                "device_name": _STR, "mem_kind": _STR, "kind": _STR, "class_name": _STR,
+                "source": _STR}
 # Bounds of the numeric fields that have them: a size or count is never negative, a resolution or batch is
 # at least 1 (a row of resolution -8 is a fault, not a measurement).
 LOWER = {"resolution": 1, "batch": 1, "steps": 0, "nfe": 0, "num_samples": 0, "extra.reps": 1}

@@ -19,7 +19,7 @@ NAMES = {"fid": "FID ↓", "is": "IS ↑", "precision": "Prec. ↑", "recall": "
          "sfid": "sFID ↓", "kid": "KID ↓", "density": "Dens. ↑", "coverage": "Cov. ↑", "clip": "CLIP ↑",
          "cmmd": "CMMD ↓", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
          "params": "Params", "gflops_per_image": "GFLOPs/img", "peak_mem_mb": "Peak MB",
-         "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
+         "drift_rms": "Drift RMS ↓", "drift_psnr_db": "Drift PSNR dB ↑", "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
 METHOD_ORDER = ("pagoda", "pd", "dpmpp2m", "heun", "ddim", "samples")
 BATCH_FREE = ("nfe", "params", "gflops_per_image")  # cost metrics that do not depend on the batch
 TIMED_IMAGES = ("latency_ms", "img_per_s")  # timed rows whose num_samples = images timed = batch x reps
@@ -195,7 +195,7 @@ TRAIN_LINE = ("model", "method", "resolution", "factor", "batch")
 RATIO_LINE = ("model", "method", "kind", "device", "dtype")
 COLS = {"model": "Model", "method": "Method", "sampler": "Sampler", "steps": "Steps", "guidance": "w",
         "resolution": "Res.", "batch": "Batch", "factor": "Factor", "kind": "Kind", "device": "Device",
-        "dtype": "dtype"}
+        "dtype": "dtype", "source": "Grown from"}
 
 
 def pivot(rows: list[dict], line_of: tuple[str, ...], metrics: tuple[str, ...], title: str) -> Table:
@@ -285,8 +285,19 @@ def train_tables(rows: list[dict]) -> list[Table]:
     return tables + [t]
 
 
+def drift_table(rows: list[dict]) -> Table:
+    """Stage 3's drift between a grown G and its source (`pagoda drift`), one line per grown model."""
+    t = pivot([r for r in rows if r["metric"] in DRIFT_METRICS], DRIFT_LINE, DRIFT_METRICS,
+              "Growth: drift between resolutions")
+    t.notes = ["drift: area-downsample(G_grown(z)) against G_source(z) on the same seeds and labels (paper Fig. 3); "
+               "RMS in uint8 levels (0-255; unrelated images score ~60-90), PSNR in dB; n = seeds"]
+    return t
+
+
+DRIFT_METRICS = ("drift_rms", "drift_psnr_db")
+DRIFT_LINE = ("model", "method", "resolution", "source")
 # Every metric some table shows (plots also show fid_class).
-TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + COST_METRICS + TRAIN_METRICS
+TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + COST_METRICS + TRAIN_METRICS + DRIFT_METRICS
 
 
 def all_tables(rows: list[dict], paper: list[dict]) -> list[Table]:
@@ -296,6 +307,8 @@ def all_tables(rows: list[dict], paper: list[dict]) -> list[Table]:
               quality_table(rows, paper, ("fd_dinov2",), "FD-DINOv2")]
     if other:
         tables.append(quality_table(rows, paper, other, "Other quality metrics"))
+    if any(r["metric"] in DRIFT_METRICS for r in rows):
+        tables.append(drift_table(rows))
     return tables + cost_tables(rows) + train_tables(rows)
 
 

@@ -1,0 +1,228 @@
+"""`python -m pagoda demo` (step bookkeeping, bad input) and the CI gate on metrics (a planted regression fails it).
+
+The whole smoke pipeline and its gate run under the `slow` marker (and in CI through `tox -e gate`)."""
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagoda import demo
+from pagoda.checkpoint import load_model, save_model
+from pagoda.errors import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+GATE = ROOT / "tests" / "data" / "gate"
+
+
+def _demo(*argv) -> int:
+    return run_cli(demo.main, list(argv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bookkeeping: skip when up to date, start afresh when inputs change, resume when interrupted.
+
+class _Pipe:
+    """A two-step pipeline over real subprocesses (`python -m pagoda presets`) with files written after each."""
+
+    def __init__(self, out: Path):
+        self.out, self.results = out, out / "results"
+        self.src = out / "src.txt"
+        self.calls = []
+
+    def env(self):
+        import os
+        return dict(os.environ)
+
+    def steps(self):
+        a, b = self.out / "a.txt", self.out / "b.txt"
+
+        def make(path, text):
+            def f():
+                self.calls.append(path.name)
+                path.write_text(text)
+            return f
+        return [demo.Step("a", "first", ["pagoda", "presets"], [a], [self.src], fresh=[a],
+                          after=make(a, self.src.read_text())),
+                demo.Step("b", "second", [], [b], [a], fresh=[b], after=make(b, "b"))]
+
+
+def test_steps_skip_when_up_to_date_and_rerun_when_inputs_change(tmp_path, capsys):
+    pipe = _Pipe(tmp_path)
+    pipe.src.write_text("one")
+    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "ran"]
+    assert [s for _, s, _ in demo.run(pipe)] == ["up to date", "up to date"] and pipe.calls == ["a.txt", "b.txt"]
+    pipe.src.write_text("two")  # an input changed: a reruns, and so does b (its input a.txt changed)
+    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "ran"] and (tmp_path / "a.txt").read_text() == "two"
+    (tmp_path / "b.txt").unlink()  # an output lost: that step reruns
+    assert [s for _, s, _ in demo.run(pipe)] == ["up to date", "ran"]
+    (tmp_path / ".steps" / "a.json").unlink()  # interrupted before its stamp: it runs again (resumes)
+    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "up to date"]
+    assert "[ 1/2] a: first ... up to date" in capsys.readouterr().out
+
+
+def test_a_failing_step_names_its_log_and_leaves_no_stamp(tmp_path):
+    pipe = _Pipe(tmp_path)
+    pipe.src.write_text("x")
+    bad = demo.Step("bad", "fails", ["pagoda", "info", "--ckpt", str(tmp_path / "none.safetensors")],
+                    [tmp_path / "never"])
+    pipe.steps = lambda: [bad]
+    with pytest.raises(demo.StepFailed) as e:
+        demo.run(pipe)
+    assert e.value.code == 2 and "logs/bad.log" in str(e.value) and "none.safetensors" in str(e.value)
+    assert not (tmp_path / ".steps" / "bad.json").exists()
+
+
+def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
+    assert _demo("--preset", "photos", "--out", str(tmp_path / "d"), "--weights-dir", str(GATE), "--dry-run") == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines()]
+    for name in ("teacher", "ref16", "ref64", "pairs", "pairs-guided", "g", "g-cfg", "grow32", "grow64", "drift64",
+                 "pd", "eval-teacher0", "eval-onestep", "eval-guidance", "cost", "train-cost", "samples", "report"):
+        assert name in names, name
+    assert "domain" not in names  # the weights folder has one: it is used, not retrained
+    assert "python -m reports.build" in out and "python -m bench.compare" in out and "python -m eval.run" in out
+    assert not (tmp_path / "d").exists()
+
+
+def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
+    tree = ast.parse((ROOT / "pagoda" / "demo.py").read_text())
+    imported = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
+        {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not imported & {"eval", "bench", "reports"}
+
+
+@pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    argv = {"out_is_file": ["--out", str(f)], "weights_is_file": ["--out", str(tmp_path / "o"), "--weights-dir", str(f)],
+            "only_unknown": ["--out", str(tmp_path / "o"), "--only", "teacher,nope"],
+            "preset_unknown": ["--preset", "imagenet", "--out", str(tmp_path / "o")]}[case]
+    assert _demo(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert not (tmp_path / "o").exists() and f.read_text() == "x"
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate: the CI configuration (tools/gate.sh) passes an unchanged generator and fails a degraded one.
+
+def gate_config() -> tuple[str, str]:
+    """(metrics, tolerance) exactly as tools/gate.sh passes them to eval.gate."""
+    text = (ROOT / "tools" / "gate.sh").read_text()
+    metrics = re.search(r'^metrics="([^"]+)"', text, re.M).group(1)
+    tolerance = re.search(r'^tolerance="\$\{PAGODA_GATE_TOLERANCE:-([^}]+)\}"', text, re.M).group(1)
+    return metrics, tolerance
+
+
+@pytest.fixture(scope="module")
+def smoke_teacher(tmp_path_factory):
+    """The smoke preset's teacher trained briefly (fixed seed), and the gate's committed domain classifier."""
+    d = tmp_path_factory.mktemp("gate")
+    from pagoda.__main__ import main
+    assert run_cli(main, ["teacher", "--preset", "smoke", "--out", str(d / "t"), "--set", "train.steps=120"]) == 0
+    return d, d / "t" / "teacher.safetensors"
+
+
+def _measure(ckpt: Path, ref: Path, out: Path) -> None:
+    """eval.run in the checkpoint's folder, so rows name it by its file (as the demo runs it)."""
+    import os
+
+    from eval.run import main as eval_main
+    cwd = os.getcwd()
+    os.chdir(ckpt.parent)
+    try:
+        _eval(eval_main, ckpt.name, ref, out)
+    finally:
+        os.chdir(cwd)
+
+
+def _eval(eval_main, ckpt: str, ref: Path, out: Path) -> None:
+    assert run_cli(eval_main, ["--ckpt", ckpt, "--ref", str(ref), "--extractor", "domain", "--metrics",
+                               "fid,kid,is,pr", "--sampler", "euler", "--steps", "4", "--guidance", "1",
+                               "--num-samples", "500", "--estimator", "kid_subset=500", "--weights-dir", str(GATE),
+                               "--allow-small",
+                               "-o", str(out)]) == 0
+
+
+def test_gate_passes_the_unchanged_generator_and_fails_a_planted_regression(smoke_teacher, capsys):
+    from eval.gate import main as gate_main
+    from eval.ref import main as ref_main
+    d, teacher = smoke_teacher
+    metrics, tolerance = gate_config()
+    ref = d / "ref8.npz"
+    assert run_cli(ref_main, ["photos:heldout:8", "--extractor", "domain", "--weights-dir", str(GATE),
+                              "-o", str(ref)]) == 0
+    _measure(teacher, ref, d / "base-rows.jsonl")
+    base = d / "baseline.jsonl"
+    assert run_cli(gate_main, ["--results", str(d / "base-rows.jsonl"), "--metrics", "fid,kid,is,precision,recall",
+                               "--write-baseline", str(base)]) == 0
+    _measure(teacher, ref, d / "same.jsonl")  # the unchanged pipeline: the same seeds, the same numbers
+    capsys.readouterr()
+    quality = "fid,kid,is,precision,recall"
+    tol = ",".join(t for t in tolerance.split(",") if t.split("=")[0] in quality.split(","))  # CI's, quality part
+    args = ["--baseline", str(base), "--metrics", quality, "--tolerance", tol]
+    assert run_cli(gate_main, ["--results", str(d / "same.jsonl"), *args]) == 0
+    assert "gate: pass" in capsys.readouterr().out
+    # Planted regression: a colour-cast bug, the denoiser's output head biased by +0.25 red / -0.25 blue.
+    sd, meta = load_model(teacher)
+    sd["out.2.bias"] = sd["out.2.bias"] + torch.tensor([0.25, 0.0, -0.25])
+    bad = d / "bad" / "teacher.safetensors"  # same name: the rows name the same model
+    bad.parent.mkdir()
+    save_model(bad, sd, meta)
+    _measure(bad, ref, d / "bad.jsonl")
+    code = run_cli(gate_main, ["--results", str(d / "bad.jsonl"), *args])
+    out = capsys.readouterr().out
+    assert code == 1 and "gate: FAIL" in out
+    verdicts = {line.split()[6]: line.split()[-1] for line in out.splitlines()
+                if line.startswith("teacher.safetensors") and line.split()[-1] in ("ok", "REGRESSION")}
+    assert verdicts["fid"] == "REGRESSION", out
+    assert set(metrics.split(",")) >= {"fid", "precision", "recall", "nfe"}
+
+
+def test_committed_baseline_matches_the_smoke_pipeline():
+    """The committed baseline names the smoke demo's models and gated metrics, measured with the committed
+    domain classifier (the gate refuses rows measured with another instrument)."""
+    from pagoda.weights import sha256_file
+    metrics, _ = gate_config()
+    rows = [json.loads(line) for line in (GATE / "smoke-baseline.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["metric"] for r in rows} == set(metrics.split(","))
+    models = {Path(r["model"]).stem for r in rows}
+    assert {"teacher", "G8", "G16", "G8-cfg", "PD-1"} <= models
+    sha = sha256_file(GATE / "domain-photos.safetensors")
+    assert {r["extractor_sha256"] for r in rows if r.get("extractor") == "domain"} == {sha}
+
+
+@pytest.mark.slow
+def test_smoke_demo_end_to_end_passes_the_gate(tmp_path):
+    """tools/gate.sh from an empty folder: the smoke pipeline (< 6 min on 2 cores) and the gate pass."""
+    out = tmp_path / "gate"
+    env = {**__import__("os").environ, "PAGODA_GATE_OUT": str(out)}
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "gate.sh")], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gate: pass" in proc.stdout
+    assert (out / "report" / "index.html").is_file()
+    rerun = subprocess.run([sys.executable, "-m", "pagoda", "demo", "--preset", "smoke", "--out", str(out),
+                            "--weights-dir", str(GATE)], capture_output=True, text=True, cwd=ROOT)
+    assert rerun.returncode == 0 and rerun.stdout.count("up to date") >= 20, rerun.stdout
+    shutil.rmtree(out)
+
+
+def test_drift_rows_are_result_rows_the_report_and_gate_read():
+    from pagoda.__main__ import drift_rows
+    from reports.rows import check_row
+    row = {"drift_rms": 12.5, "drift_psnr_db": None, "num_samples": 300, "low": "G8", "high": "G16",
+           "low_resolution": 8, "high_resolution": 16}
+    rows = drift_rows(row, "G8.safetensors", "G16.safetensors")
+    assert [r["metric"] for r in rows] == ["drift_rms"]  # no PSNR when every pair was identical (inf)
+    r = check_row(rows[0], "drift")
+    assert (r["model"], r["resolution"], r["value"], r["extra"]["source"]) == ("G16.safetensors", 16, 12.5,
+                                                                             "G8.safetensors")
