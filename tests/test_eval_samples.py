@@ -185,7 +185,7 @@ def test_bad_files_and_options_are_one_line(case, ckpt, ref, samples, weights_di
     else:
         (tmp_path / "new.jsonl").write_text("")
         code = run_cli(gate_main, ["--results", str(tmp_path / "new.jsonl"), "--baseline", str(tmp_path / "b.jsonl")])
-        needles = ["--baseline file", "b.jsonl"]
+        needles = ["--baseline", "b.jsonl", "does not exist"]
     assert code == 2
     _one_error_line(capsys, *needles)
     assert not out.exists()
