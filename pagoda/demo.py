@@ -390,13 +390,17 @@ def run(pipeline: Pipeline, *, only: set[str] | None = None) -> list[tuple[str, 
     for i, step in enumerate(steps, 1):
         head = f"[{i:2d}/{len(steps)}] {step.name}: {step.title}"
         stamp_file = stamps / f"{step.name}.json"
-        if up_to_date(step, stamp_file) or (only is not None and step.name not in only):
+        if only is not None and step.name not in only:
+            print(f"{head} ... left as it is (--only)", flush=True)
+            done.append((step.name, "left", 0.0))
+            continue
+        if only is None and up_to_date(step, stamp_file):
             print(f"{head} ... up to date", flush=True)
             done.append((step.name, "up to date", 0.0))
             continue
         print(f"{head} ...", end="", flush=True)
         t0 = time.perf_counter()
-        if stamp_file.exists():  # it ran before with other inputs or a different command: start afresh
+        if stamp_file.exists():  # it ran before (other inputs, another command, or --only): start afresh
             for p in step.fresh:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         stamp_file.unlink(missing_ok=True)
@@ -480,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                    "$PAGODA_WEIGHTS, else ./weights; trained there if absent)")
     p.add_argument("--dry-run", action="store_true", help="print each step's command and whether it is up to "
                    "date, run nothing")
-    p.add_argument("--only", default=None, help="comma list of step names to run (others are left as they are)")
+    p.add_argument("--only", default=None, help="comma list of step names to run again, from scratch (the others "
+                   "are left as they are)")
     args = p.parse_args(argv)
     plan = PLANS[args.preset]
     out = Path(args.out or ("runs/demo" if args.preset == "photos" else f"runs/{args.preset}"))
@@ -495,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.only is not None:
         only = {s.strip() for s in args.only.split(",") if s.strip()}
         unknown = sorted(only - {s.name for s in steps})
-        if unknown or not only:
+        if not only:
+            raise UserError(f"--only {args.only!r} names no step: give step names, e.g. --only report")
+        if unknown:
             raise UserError(f"--only {args.only!r}: unknown step(s) {unknown}; steps: "
                             f"{', '.join(s.name for s in steps)}")
     if args.dry_run:
@@ -513,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     except StepFailed as e:
         print(" failed", flush=True)
         raise UserError(str(e)) if e.code == 2 else SystemExit(f"error: {e}") from None
+    report = out / "report" / "index.html"
     print(f"demo {plan.preset}: done in {(time.perf_counter() - t0) / 60:.1f} min; report: "
-          f"{out / 'report' / 'index.html'}")
+          f"{report if report.exists() else 'not built yet (run without --only)'}")
     for line in summary(pipeline):
         print(f"  {line}")
     return 0

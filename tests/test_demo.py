@@ -65,6 +65,7 @@ def test_steps_skip_when_up_to_date_and_rerun_when_inputs_change(tmp_path, capsy
     (tmp_path / ".steps" / "a.json").unlink()  # interrupted before its stamp: it runs again (resumes)
     assert [s for _, s, _ in demo.run(pipe)] == ["ran", "up to date"]
     assert "[ 1/2] a: first ... up to date" in capsys.readouterr().out
+    assert [s for _, s, _ in demo.run(pipe, only={"b"})] == ["left", "ran"]  # --only reruns b, leaves a
 
 
 def test_a_failing_step_names_its_log_and_leaves_no_stamp(tmp_path):
@@ -104,7 +105,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     f.write_text("x")
     argv = {"out_is_file": ["--out", str(f)], "weights_is_file": ["--out", str(tmp_path / "o"), "--weights-dir", str(f)],
             "only_unknown": ["--out", str(tmp_path / "o"), "--only", "teacher,nope"],
-            "preset_unknown": ["--preset", "imagenet", "--out", str(tmp_path / "o")]}[case]
+            "preset_unknown": ["--preset", "imagenet", "--out", str(tmp_path / "o")],
+            "only_empty": ["--out", str(tmp_path / "o"), "--only", " , "]}[case]
     assert _demo(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err

@@ -11,7 +11,7 @@ want="$(sed -n '1,/^\[tool\./p' "$root/pyproject.toml" | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[venv] building $venv (torch from the local wheel mirror; a few minutes once)" >&2
+echo "[venv] building $venv (torch and every dependency from the package index; a few minutes, once)" >&2
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e "$root[test]"
