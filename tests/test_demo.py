@@ -99,7 +99,8 @@ def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
     assert not imported & {"eval", "bench", "reports"}
 
 
-@pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown"])
+@pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown",
+                                  "only_empty"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
