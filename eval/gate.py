@@ -29,13 +29,16 @@ different estimator parameters.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from eval.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
-from pagoda.errors import ArgumentParser, UserError, run_cli
+from pagoda.checkpoint import write_atomic
+from pagoda.errors import ArgumentParser, UserError, check_output, run_cli
 
 # +1: lower is better (a rise is a regression); -1: higher is better.
 LOWER_IS_BETTER = ("fid", "sfid", "kid", "fd_", "cmmd", "latency", "memory", "nfe")
@@ -169,7 +172,6 @@ def format_diff(verdicts: list[dict]) -> str:
 
 def read_all(paths: list[str], what: str) -> list[dict]:
     """The rows of every file named, and of every *.jsonl in every folder named (sorted), in that order."""
-    from pathlib import Path
     rows = []
     for path in paths:
         files = sorted(Path(path).glob("*.jsonl")) if Path(path).is_dir() else [path]
@@ -181,16 +183,9 @@ def read_all(paths: list[str], what: str) -> list[dict]:
 
 
 def write_baseline(rows: list[dict], path: str) -> None:
-    """`rows` as a JSONL baseline at `path`, written to a temporary file then renamed (never half-written)."""
-    import json
-    import os
-    from pathlib import Path
-
-    from pagoda.errors import check_output
+    """`rows` as a JSONL baseline at `path`, written atomically (pagoda.checkpoint.write_atomic)."""
     check_output(Path(path), "--write-baseline")
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def main(argv: list[str] | None = None) -> int:

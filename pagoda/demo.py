@@ -72,7 +72,6 @@ class Plan:
     grid_seeds: int = 64
     metrics: str = "fid,kid,is,pr"
     eval_batch: int = 250
-    extra_env: dict = field(default_factory=dict)
 
 
 PLANS = {
@@ -153,14 +152,13 @@ class Pipeline:
     """The steps of one plan under `out`, and the files they share."""
 
     def __init__(self, plan: Plan, out: Path, weights: Path):
-        self.plan, self.out, self.weights = plan, out.resolve(), weights.resolve()
-        out = self.out
         from pagoda.config import get_preset
+        self.plan, self.out, self.weights = plan, out.resolve(), weights.resolve()
         preset = get_preset(plan.preset)
         self.base = preset.teacher.data.resolution
         self.resolutions = [self.base * 2 ** k for k in range(len(plan.grow_steps) + 1)]
         self.top = self.resolutions[-1]
-        o = out
+        o = self.out
         self.teacher = o / "teacher" / "teacher.safetensors"
         self.models = o / "models"
         self.results = o / "results"
@@ -313,44 +311,31 @@ class Pipeline:
         import contextlib
 
         from pagoda.__main__ import main as pagoda_main
-        from pagoda.checkpoint import read_meta
+        from pagoda.checkpoint import read_meta, write_atomic
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
         log = self.out / "logs" / "samples.log"
+        seeds = f"0-{self.plan.grid_seeds - 1}"
         for ckpt in models:
-            name = ckpt.stem
-            png = folder / f"{name}.png"
-            argv = ["sample", "--ckpt", str(ckpt), "--seeds", f"0-{self.plan.grid_seeds - 1}", "-o", str(png),
-                    "--device", "cpu"]
+            png = folder / f"{ckpt.stem}.png"
             meta = read_meta(ckpt)
-            if meta.get("kind") == "teacher":
-                argv += ["--sampler", "heun", "--steps", "8"]
+            teacher = meta.get("kind") == "teacher"  # sampled with Heun-8; a G or PD student with its own steps
+            argv = ["sample", "--ckpt", str(ckpt), "--seeds", seeds, "-o", str(png), "--device", "cpu"]
             with open(log, "a") as f, contextlib.redirect_stdout(f):
-                pagoda_main(argv)
-            rows.append({"model": ckpt.name, "method": "pagoda" if name.startswith("G") else
-                         ("pd" if name.startswith("PD") else "heun"), "resolution": _resolution(meta),
-                         "sampler": "heun" if meta.get("kind") == "teacher" else None,
-                         "steps": 8 if meta.get("kind") == "teacher" else None, "metric": "sample_grid",
-                         "value": self.plan.grid_seeds, "num_samples": self.plan.grid_seeds,
-                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "extra": {"samples_png": os.path.relpath(png, self.results), "seeds":
-                                   f"0-{self.plan.grid_seeds - 1}"}})
-        tmp = self.results / "samples.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.results / "samples.jsonl")
+                pagoda_main(argv + (["--sampler", "heun", "--steps", "8"] if teacher else []))
+            rows.append({"model": ckpt.name, "method": "heun" if teacher else meta.get("kind"),
+                         "resolution": meta.get("resolution"), "sampler": "heun" if teacher else None,
+                         "steps": 8 if teacher else None, "metric": "sample_grid", "value": self.plan.grid_seeds,
+                         "num_samples": self.plan.grid_seeds, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "extra": {"samples_png": os.path.relpath(png, self.results), "seeds": seeds}})
+        write_atomic(self.results / "samples.jsonl",
+                     lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def env(self) -> dict:
         """The steps' environment: the weights folder, and this checkout importable from any working folder."""
         root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        return {**os.environ, "PAGODA_WEIGHTS": str(self.weights), "PYTHONPATH": path, **self.plan.extra_env}
-
-
-def _resolution(meta: dict) -> int | None:
-    for key in ("resolution",):
-        if isinstance(meta.get(key), int):
-            return meta[key]
-    return None
+        return {**os.environ, "PAGODA_WEIGHTS": str(self.weights), "PYTHONPATH": path}
 
 
 def _halvings(n: int) -> list[int]:
