@@ -211,11 +211,20 @@ class LossConfig:
     backbone: str = "random"  # feature backbone of the distance d (pagoda.networks.features)
     augment: bool = True  # DiffAugment (colour, translation, cutout), one draw shared by both images
     dstl_steps: int = 18  # Heun steps of the teacher ODE that makes L_dstl's targets
+    # CFG distillation (DESIGN, METHOD §2 "Guidance"): on guided pairs, + w_cfg * d(G(z, y, w), ODE_w(z, y)) from
+    # fresh noise z, with the item's y and w and the w-guided teacher solved by cfg_sampler in cfg_steps steps.
+    w_cfg: float = 1.0  # its weight (0 = off; unguided pairs never use it)
+    cfg_sampler: str = "dpmpp2m"  # the teacher's solver for its targets (pagoda.samplers)
+    cfg_steps: int = 8  # and its steps (NFE per target = 2 x its NFE under guidance)
 
     def validate(self) -> None:
         _check(self.kind in ("rec", "dstl"), f"loss.kind={self.kind!r} must be rec or dstl")
         _check(self.w_adv >= 0, f"loss.w_adv={self.w_adv} must be >= 0")
         _check(self.dstl_steps >= 1, f"loss.dstl_steps={self.dstl_steps} must be >= 1")
+        _check(self.w_cfg >= 0, f"loss.w_cfg={self.w_cfg} must be >= 0")
+        _check(self.cfg_sampler in ("euler", "ddim", "heun", "dpmpp2m"),
+               f"loss.cfg_sampler={self.cfg_sampler!r} must be one of euler, ddim, heun, dpmpp2m")
+        _check(self.cfg_steps >= 1, f"loss.cfg_steps={self.cfg_steps} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -238,11 +247,15 @@ class DistillConfig:
     pairs: str = ""  # the Stage-2a inversion pairs of the teacher (python -m pagoda pairs)
     loss: LossConfig = field(default_factory=LossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
+    # On guided pairs G's w-embedding starts at zero, so it learns from scratch at this multiple of train.lr
+    # (the rest of G is fine-tuned from the teacher; DESIGN: at 1x it barely moves in a short run).
+    guidance_lr_mult: float = 200.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch=32, steps=600, lr=1e-4, lr_warmup=0,
                                                                  adam_betas=(0.9, 0.999), ema_rate=0.999,
                                                                  snapshot_every=100, log_every=10))
 
     def validate(self) -> None:
+        _check(self.guidance_lr_mult > 0, f"guidance_lr_mult={self.guidance_lr_mult} must be > 0")
         for f in fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "validate"):
@@ -407,8 +420,9 @@ def _in64to(resolution: int) -> Preset:
 def _photos() -> Preset:
     # Sized for a 2-core CPU: a ~1.3M-parameter UNet at 16 px trains at ~100 img/s.
     # Stage 3: 16 -> 32 -> 64, one `grow` run per 2x with this config (the target is twice the source).
+    # The guided G's CFG targets from DPM-Solver++(2M)-4: half the cost of 8 steps per G step (README, Stage 3).
     return Preset("photos", "bundled photographs at 16 px, ~1.3M-parameter UNet, minutes on a CPU; grown to 32, 64",
-                  TeacherConfig(), DistillConfig())
+                  TeacherConfig(), DistillConfig(loss=LossConfig(cfg_steps=4)))
 
 
 def _smoke() -> Preset:

@@ -339,8 +339,8 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
     loss_sum, stat_sums, window_steps, window_t0 = torch.zeros((), device=device), {}, 0, time.perf_counter()
     while step < cfg.steps:
         lr = learning_rate(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        for group in opt.param_groups:  # a group may train at a multiple of the schedule (its "lr_mult")
+            group["lr"] = lr * group.get("lr_mult", 1.0)
 
         # Accumulate gradients over this rank's micro-batches; DDP syncs on the last round only. A stage with
         # `phases` (e.g. Stage 3's ("rec", "adv")) makes one optimizer update per phase on the same micro-batches.

@@ -17,7 +17,15 @@ RAdam for both; EMA of G after G steps only. The deliverable G.safetensors loads
 Guidance (METHOD §2, "Guidance"; DESIGN): on guided pairs (`python -m pagoda pairs --guidance LO:HI`) G is the
 teacher's network with its w-embedding switched on (zero-initialised, so G_0 still equals the teacher at every w)
 and so is D; every reconstruction, fake and real is paired with the w_j of its item, so one G serves the range,
-which its checkpoint records (`guidance_range`) and its sampler enforces.
+which its checkpoint records (`guidance_range`) and its sampler enforces. Two things make G follow w (without them
+its FD / precision do not move with w): a CFG distillation term (the paper adds one for its text-to-image G)
+
+    + w_cfg * d(G(z, y, w), ODE_w(z, y)),   z = sigma_max * eps fresh per step, (y, w) of the batch's items,
+
+ODE_w the w-guided teacher solved by loss.cfg_sampler in loss.cfg_steps steps (the pairs hold the real image at every
+w, so only this term shows G what w does), and the fresh w-embedding trained at guidance_lr_mult x lr_G (G is
+fine-tuned from the teacher at a small lr; the embedding starts from zero, and RAdam's rectification damps the
+first hundreds of steps further).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from pagoda.errors import UserError
 from pagoda.losses import adaptive_weight, adaptive_weight_layer, d, hinge_d_loss, hinge_g_loss
 from pagoda.networks.discriminator import ProjectedDiscriminator, apply_augment, augment_params
 from pagoda.networks.features import build_backbone
-from pagoda.samplers import heun
+from pagoda.samplers import get_sampler, heun
 from pagoda.train import train
 from pagoda.weights import sha256_file
 
@@ -78,11 +86,19 @@ class OneStepStage:
     name = "G"
     kind = "pagoda"
     phases = None
+    w_cfg = 0.0  # the CFG distillation term's weight (DistillStage on guided pairs); needs `cfg_target`
+    fresh_params: tuple = ()  # G's parameters that start from zero (the w-embedding): trained at a higher lr
 
     def optimizer(self, params: list, which: str) -> torch.optim.Optimizer:
-        """RAdam (no weight decay, no schedule; METHOD §2): lr_G = train.lr, lr_D = disc.lr."""
+        """RAdam (no weight decay, no schedule; METHOD §2): lr_G = train.lr, lr_D = disc.lr; G's `fresh_params`
+        (a second group, when there are any) at guidance_lr_mult * lr_G."""
         lr = self.cfg.train.lr if which == "net" else self.cfg.disc.lr
-        return torch.optim.RAdam(params, lr=lr, betas=tuple(self.cfg.train.adam_betas))
+        fresh = {id(p) for p in self.fresh_params} if which == "net" else set()
+        groups = [dict(params=[p for p in params if id(p) not in fresh])]
+        if fresh:
+            groups.append(dict(params=[p for p in params if id(p) in fresh], lr_mult=self.cfg.guidance_lr_mult,
+                               lr=lr * self.cfg.guidance_lr_mult))
+        return torch.optim.RAdam(groups, lr=lr, betas=tuple(self.cfg.train.adam_betas))
 
     def G(self, net, z: torch.Tensor, labels, w=None) -> torch.Tensor:
         """G(z, y[, w]) in float32: the raw network output at sigma_max (the image, unclamped in training)."""
@@ -99,7 +115,9 @@ class OneStepStage:
         """One G micro-batch. phase None: L_rec + w_adv * lambda * L_adv (adaptive lambda if loss.adaptive);
         "rec": L_rec alone; "adv": w_adv * (L_adv + rec_disc_weight * L_adv_rec) with lambda = 1, L_adv_rec the
         hinge loss of the reconstructions' discriminator (when there is one). L_rec carries loss.w_rec where the
-        config has one (Stage 3; 0 drops it, and lambda is then 1). Logs l_rec, l_adv, lambda."""
+        config has one (Stage 3; 0 drops it, and lambda is then 1). With w_cfg > 0 (guided Stage 2b) the CFG
+        distillation term w_cfg * d(G(z', y, w), cfg_target(z', y, w)) on fresh noise z' joins L_rec (lambda still
+        weighs L_adv against L_rec alone). One G call serves every part. Logs l_rec, l_adv, lambda, l_cfg."""
         x, y, _, w = batch
         labels, n, loss_cfg = self._labels(y), len(x), self.cfg.loss
         w = w.float() if self.guided else None
@@ -110,16 +128,24 @@ class OneStepStage:
         rec_loss = phase in (None, "rec") and w_rec > 0
         use_rec = rec_loss or (phase == "adv" and disc_rec is not None)
         use_adv = disc is not None and phase in (None, "adv")
-        parts = ([z] if use_rec else []) + ([self.sigma_max * eps] if use_adv else [])
+        use_cfg = self.w_cfg > 0 and phase in (None, "rec")
+        if use_cfg:  # the CFG distillation term's fresh noise and its w-guided teacher target
+            z_cfg = self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device)
+            target_cfg = self.cfg_target(z_cfg, labels, w)
+        parts = ([z] if use_rec else []) + ([self.sigma_max * eps] if use_adv else []) + ([z_cfg] if use_cfg else [])
         reps = len(parts)
         out = self.G(net, torch.cat(parts), None if labels is None else labels.repeat(reps),
-                     None if w is None else w.repeat(reps))
-        rec, fake = (out[:n] if use_rec else None), (out[-n:] if use_adv else None)
+                     None if w is None else w.repeat(reps)).split(n)
+        rec, fake = (out[0] if use_rec else None), (out[int(use_rec)] if use_adv else None)
         stats, loss, l_rec = {}, 0, 0
         if rec_loss:
             draw = augment_params(n, generator) if loss_cfg.augment else None
             l_rec = w_rec * d(rec, target, [self.backbone], draw=draw).mean()
             stats["l_rec"], loss = l_rec.detach(), l_rec
+        if use_cfg:
+            draw = augment_params(n, generator) if loss_cfg.augment else None
+            l_cfg = d(out[-1], target_cfg, [self.backbone], draw=draw).mean()
+            stats["l_cfg"], loss = l_cfg.detach(), loss + self.w_cfg * l_cfg
         if not use_adv:
             return loss, stats
         self.disc.requires_grad_(False)  # D is fixed in the G step: gradients reach G only
@@ -183,6 +209,8 @@ class DistillStage(OneStepStage):
         self.teacher = EDMPrecond(teacher_net.eval().requires_grad_(False), sigma_data=self.sigma_data)
         self.num_classes, self.resolution = teacher_net.num_classes, teacher_net.resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
+        self.w_cfg = cfg.loss.w_cfg if guided else 0.0
+        self.fresh_params = tuple(self.net.guidance_emb.parameters()) if guided else ()
         self.disc = None
         if cfg.loss.w_adv > 0:
             self.disc = ProjectedDiscriminator(build_backbone(cfg.disc.backbone, weights_dir=weights_dir, seed=2),
@@ -203,6 +231,18 @@ class DistillStage(OneStepStage):
         sigmas = karras_sigmas(self.cfg.loss.dstl_steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max,
                                rho=d_.rho).to(z.device)
         return heun(self.teacher, z, sigmas, labels=labels, guidance=w).clamp(-1, 1)
+
+    @torch.no_grad()
+    def cfg_target(self, z: torch.Tensor, labels, w: torch.Tensor) -> torch.Tensor:
+        """The CFG distillation term's target (DESIGN): the teacher's PF-ODE solution from z [N, 3, base, base]
+        under classifier-free guidance at the per-item scales w [N] (METHOD §1: D_w = D_u + w (D_c - D_u)),
+        loss.cfg_sampler in loss.cfg_steps steps on the Karras grid, clamped to [-1, 1]; float32 [N, 3, base, base].
+        The pairs carry the real image at every w, so only this term shows G what w does to the teacher."""
+        d_ = self.diffusion
+        sigmas = karras_sigmas(self.cfg.loss.cfg_steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max,
+                               rho=d_.rho).to(z.device)
+        return get_sampler(self.cfg.loss.cfg_sampler)(self.teacher, z, sigmas, labels=labels,
+                                                      guidance=w).float().clamp(-1, 1)
 
     def target(self, batch, labels, generator):
         """(z, x): the pair's latent and image (L_rec), or for L_dstl a fresh sigma_max * eps and the teacher's
