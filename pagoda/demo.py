@@ -11,13 +11,14 @@ Steps (each one process; `--dry-run` prints their commands):
  4. Stage 2a: DDIM-inversion pairs of a subset of the training photos (kept at 4x the base resolution as an
     npz, so Stage 3 has the high-resolution crops of the same images), plain and CFG-guided (w in [1, 3]);
  5. Stage 2b: the one-step G, and the guidance-conditioned one-step G;
- 6. Stage 3: G grown 2x per stage (16 -> 32 -> 64; smoke 8 -> 16) and the drift between stages;
+ 6. Stage 3: G grown 2x per stage (16 -> 32 -> 64; smoke 8 -> 16) and the drift between stages; the first
+    growth again without L_rec (paper Fig. 3's ablation: it drifts further);
  7. the progressive-distillation baseline (16 -> 1 steps; smoke 4 -> 1);
  8. `eval.run`: every model against the held-out references (FD, KID, IS, precision / recall on the domain
     features): the teacher with Euler / Heun / DPM-Solver++ at few and more steps, G per resolution, PD-N,
     the guidance curves of the teacher (CFG) and of the guided G;
  9. `bench.compare` (NFE, latency, img/s, memory, FLOPs) and `bench.train_cost`; sample grids;
-10. `reports.build` -> OUT/report/index.html, then a five-line summary.
+10. `reports.build` -> OUT/report/index.html, then a six-line summary.
 
 pagoda never imports eval, bench or reports (ARCHITECTURE): those steps run as `python -m` subprocesses. A
 step is skipped when its stamp (OUT/.steps/NAME.json: the command and the SHA-256 of its inputs) matches and
@@ -76,7 +77,7 @@ class Plan:
 
 PLANS = {
     "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=250,
-                   guided_steps=100, grow_steps=(50, 16), pd_from=16, pd_steps=25, num_samples=500,
+                   guided_steps=200, grow_steps=(300, 16), pd_from=16, pd_steps=25, num_samples=500,
                    teacher_cells=(("euler,heun,dpmpp2m", "4,8"), ("euler", "1,2")), guidance="1,2,3",
                    guidance_cell=("euler", 4), drift_seeds=500, reps=30, train_cost_factors="1,2,4,8",
                    train_cost_time_up_to=32),
@@ -219,6 +220,16 @@ class Pipeline:
                               ["pagoda", "drift", "--low", m(src).name, "--high", m(f"G{r}").name, "--seeds",
                                f"0-{p.drift_seeds - 1}", "--out", str(drift)], [drift], [m(src), m(f"G{r}")],
                               fresh=[drift], cwd=self.models))
+            if k == 1:  # the ablation of paper Fig. 3: the same growth without L_rec drifts further
+                steps.append(self._train(f"grow{r}-norec", f"Stage 3 ablation: G grown to {r} px without L_rec",
+                                         "grow", ["--from", str(m(src)), "--pairs", str(pairs), "--set",
+                                                  "loss.w_rec=0"], n, o / f"g{r}-norec", "G", f"G{r}-norec",
+                                         [m(src), pairs]))
+                drift = res / f"drift-{r}-norec.jsonl"
+                steps.append(Step(f"drift{r}-norec", f"drift between G{r}-norec and G{r // 2}",
+                                  ["pagoda", "drift", "--low", m(src).name, "--high", m(f"G{r}-norec").name,
+                                   "--seeds", f"0-{p.drift_seeds - 1}", "--out", str(drift)], [drift],
+                                  [m(src), m(f"G{r}-norec")], fresh=[drift], cwd=self.models))
             src = f"G{r}"
         pd_names = [f"pd-{n}" for n in _halvings(p.pd_from)]
         steps.append(Step("pd", f"baseline: progressive distillation {p.pd_from} -> 1 steps",
@@ -240,7 +251,8 @@ class Pipeline:
         names = [f"quality-teacher{i or ''}" for i in range(len(self.plan.teacher_cells))] + \
             ["quality-onestep", "quality-guidance", "cost", "train-cost", "samples"]
         return [self.results / f"{n}.jsonl" for n in names] + \
-            [self.results / f"drift-{r}.jsonl" for r in self.resolutions[1:]]
+            [self.results / f"drift-{r}.jsonl" for r in self.resolutions[1:]] + \
+            [self.results / f"drift-{self.resolutions[1]}-norec.jsonl"]
 
     def _train(self, name, title, stage, inputs, steps, run_dir, made, link_as, reads) -> Step:
         made_path = run_dir / f"{made}.safetensors"
@@ -266,8 +278,9 @@ class Pipeline:
             steps.append(self._eval(f"eval-teacher{i}", f"quality: teacher, {samplers} x {nsteps} steps", [t],
                                     res / f"quality-teacher{i or ''}.jsonl",
                                     ["--sampler", samplers, "--steps", nsteps, "--guidance", "1"], [self.base]))
-        onestep = [m(g), *(m(f"G{r}") for r in self.resolutions[1:]), *pd_models]
-        steps.append(self._eval("eval-onestep", "quality: G per resolution, PD-N", onestep,
+        onestep = [m(g), *(m(f"G{r}") for r in self.resolutions[1:]), m(f"G{self.resolutions[1]}-norec"),
+                   *pd_models]
+        steps.append(self._eval("eval-onestep", "quality: G per resolution (and without L_rec), PD-N", onestep,
                                 res / "quality-onestep.jsonl", ["--guidance", "1"], self.resolutions))
         sampler, nsteps = p.guidance_cell
         steps.append(self._eval("eval-guidance", f"quality vs CFG scale w = {p.guidance}: teacher "
@@ -421,7 +434,8 @@ def _pick(rows, **want) -> dict | None:
 
 
 def summary(pipeline: Pipeline) -> list[str]:
-    """Five lines: one-step G vs the teacher at equal NFE and at its best, vs PD-1, growth, cost ratio."""
+    """Six lines: one-step G vs the teacher at equal NFE and at its best, vs PD-1, growth (with the drift, and
+    without L_rec), guidance curves of the guided G and the teacher's CFG, cost ratio."""
     rows = _rows(pipeline.results)
     base, g = pipeline.base, f"G{pipeline.base}"
     fid = [r for r in rows if r.get("metric") == "fid" and r.get("guidance") in (1, 1.0, None)]
@@ -441,10 +455,26 @@ def summary(pipeline: Pipeline) -> list[str]:
         lines.append(f"at NFE 1: PaGoDA G{base} FD {gq['value']:.2f} vs progressive distillation PD-1 FD "
                      f"{pd1['value']:.2f}")
     grown = [(r, _pick(fid, model=f"G{r}")) for r in pipeline.resolutions[1:]]
-    drift = {r: _pick(rows, metric="drift_rms", resolution=r) for r in pipeline.resolutions[1:]}
+    drift = {r: _pick(rows, metric="drift_rms", model=f"G{r}") for r in pipeline.resolutions[1:]}
+    r1 = pipeline.resolutions[1] if len(pipeline.resolutions) > 1 else None
+    norec = {r1: (_pick(fid, model=f"G{r1}-norec"), _pick(rows, metric="drift_rms", model=f"G{r1}-norec"))}
     if grown and all(q for _, q in grown):
         lines.append("grown: " + ", ".join(f"G{r} FD {q['value']:.2f}" + (
-            f" (drift {drift[r]['value']:.1f} levels)" if drift.get(r) else "") for r, q in grown))
+            f" (drift {drift[r]['value']:.1f} levels)" if drift.get(r) else "") + (
+            f"; without L_rec FD {norec[r][0]['value']:.2f} (drift {norec[r][1]['value']:.1f})"
+            if r in norec and all(norec[r]) else "") for r, q in grown))
+    sampler, nsteps = pipeline.plan.guidance_cell
+    ws = [float(w) for w in pipeline.plan.guidance.split(",")]
+    curve = {}
+    for r in rows:
+        if r.get("metric") == "fid" and r.get("guidance") in ws and (
+                r["model"] == f"{g}-cfg" or (r["model"] == "teacher" and (r.get("sampler"), r.get("steps"))
+                                              == (sampler, nsteps))):
+            curve[(r["model"], r["guidance"])] = r["value"]
+    if all((name, w) in curve for name in ("teacher", f"{g}-cfg") for w in ws):
+        fds = {name: " / ".join(f"{curve[(name, w)]:.2f}" for w in ws) for name in ("teacher", f"{g}-cfg")}
+        lines.append(f"guidance w = {' / '.join(f'{w:g}' for w in ws)}: guided {g}-cfg FD {fds[g + '-cfg']}; "
+                     f"teacher CFG ({sampler}-{nsteps}) FD {fds['teacher']}")
     lat = {(r["model"], r.get("sampler"), r.get("steps")): r["value"] for r in rows
            if r.get("metric") == "latency_ms" and r.get("batch") == 1}
     if gq and best and (g, None, None) in lat and ("teacher", best["sampler"], best["steps"]) in lat:

@@ -85,11 +85,36 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     names = [line.split()[0] for line in out.splitlines()]
     for name in ("teacher", "ref16", "ref64", "pairs", "pairs-guided", "g", "g-cfg", "grow32", "grow64", "drift64",
+                 "grow32-norec", "drift32-norec",
                  "pd", "eval-teacher0", "eval-onestep", "eval-guidance", "cost", "train-cost", "samples", "report"):
         assert name in names, name
     assert "domain" not in names  # the weights folder has one: it is used, not retrained
     assert "python -m reports.build" in out and "python -m bench.compare" in out and "python -m eval.run" in out
     assert not (tmp_path / "d").exists()
+
+
+def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_path):
+    """The summary's growth line names each grown G's FD and drift and the no-L_rec ablation's, and its guidance
+    line the guided G's FD at every w beside the teacher's CFG in the plan's cell (not in another cell)."""
+    pipe = demo.Pipeline(demo.PLANS["photos"], tmp_path, GATE)
+    pipe.results.mkdir(parents=True)
+
+    def row(model, metric, value, **kw):
+        return json.dumps({"model": f"{model}.safetensors", "metric": metric, "value": value, **kw}) + "\n"
+    rows = [row("G16", "fid", 18.0, guidance=1.0), row("G32", "fid", 30.0, guidance=1.0),
+            row("G64", "fid", 40.0, guidance=1.0), row("G32-norec", "fid", 33.0, guidance=1.0),
+            row("G32", "drift_rms", 20.0, resolution=32), row("G32-norec", "drift_rms", 31.0, resolution=32),
+            row("G64", "drift_rms", 25.0, resolution=64)]
+    rows += [row("G16-cfg", "fid", v, guidance=w) for w, v in ((1.0, 20.0), (2.0, 24.0), (3.0, 29.0))]
+    rows += [row("teacher", "fid", v, guidance=w, sampler="euler", steps=4, nfe=4 if w == 1 else 8)
+             for w, v in ((1.0, 17.0), (2.0, 30.0), (3.0, 35.0))]
+    rows += [row("teacher", "fid", 99.0, guidance=2.0, sampler="heun", steps=8, nfe=30)]  # another cell
+    (pipe.results / "rows.jsonl").write_text("".join(rows))
+    lines = demo.summary(pipe)
+    assert "grown: G32 FD 30.00 (drift 20.0 levels); without L_rec FD 33.00 (drift 31.0), G64 FD 40.00 (drift " \
+           "25.0 levels)" in lines, lines
+    assert "guidance w = 1 / 2 / 3: guided G16-cfg FD 20.00 / 24.00 / 29.00; teacher CFG (euler-4) FD 17.00 / " \
+           "30.00 / 35.00" in lines, lines
 
 
 def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
