@@ -233,6 +233,7 @@ def cmd_drift(args) -> int:
     row = drift(low, high, torch.tensor(args.seeds, dtype=torch.int64))
     print(json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)}))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in drift_rows(row, args.low, args.high)))
     return 0

@@ -480,6 +480,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool),
                f"{where} must be a number, got {value!r}")
+        _check(math.isfinite(value), f"{where} must be a finite number, got {value!r}")  # JSON 1e400 / Infinity
         return float(value)
     if tp is str:
         _check(isinstance(value, str), f"{where} must be a string, got {value!r}")

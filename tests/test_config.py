@@ -36,6 +36,8 @@ def test_override_types_and_nesting():
         (["data.resolution=32"], "differs from data.resolution"),
         (["train.batch=30", "train.micro_batch=8"], "multiple"),
         (["train.dtype=\"fp8\""], "train.dtype"),
+        (["train.lr=1e400"], "train.lr=1e400 must be a finite number"),  # JSON reads 1e400 and Infinity as inf
+        (["train.lr=-Infinity"], "must be a finite number, got -inf"),
     ],
 )
 def test_bad_overrides_are_one_line_user_errors(overrides, needle):

@@ -250,6 +250,10 @@ def test_grow_trains_freezes_and_loads_as_a_one_step_generator(files, tmp_path):
     x = g.sample(torch.arange(4))
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8
     assert torch.equal(x, torch.cat([g.sample(torch.arange(2)), g.sample(torch.arange(2, 4))]))
+    rows_out = tmp_path / "new" / "drift.jsonl"  # `drift --out` makes its folder, as every other writer does
+    assert run_cli(main, ["drift", "--low", str(files["g"]), "--high", str(out / "G.safetensors"), "--seeds", "0-3",
+                          "--out", str(rows_out)]) == 0
+    assert [json.loads(line)["metric"] for line in rows_out.read_text().splitlines()][0] == "drift_rms"
 
     # Stage 2 (k = 2): two G updates per step (L_rec, then L_adv); with the reconstructions' discriminator on.
     out32 = tmp_path / "g32"
