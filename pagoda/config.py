@@ -222,8 +222,8 @@ class LossConfig:
         _check(self.w_adv >= 0, f"loss.w_adv={self.w_adv} must be >= 0")
         _check(self.dstl_steps >= 1, f"loss.dstl_steps={self.dstl_steps} must be >= 1")
         _check(self.w_cfg >= 0, f"loss.w_cfg={self.w_cfg} must be >= 0")
-        _check(self.cfg_sampler in ("euler", "ddim", "heun", "dpmpp2m"),
-               f"loss.cfg_sampler={self.cfg_sampler!r} must be one of euler, ddim, heun, dpmpp2m")
+        _check(self.cfg_sampler in SAMPLER_NAMES,
+               f"loss.cfg_sampler={self.cfg_sampler!r} must be one of {', '.join(sorted(SAMPLER_NAMES))}")
         _check(self.cfg_steps >= 1, f"loss.cfg_steps={self.cfg_steps} must be >= 1")
 
 

@@ -215,21 +215,15 @@ class Pipeline:
             steps.append(self._train(f"grow{r}", f"Stage 3: G grown to {r} px", "grow",
                                      ["--from", str(m(src)), "--pairs", str(pairs)], n, o / f"g{r}", "G",
                                      f"G{r}", [m(src), pairs]))
-            drift = res / f"drift-{r}.jsonl"
-            steps.append(Step(f"drift{r}", f"drift between G{r} and G{r // 2} (paper Fig. 3)",
-                              ["pagoda", "drift", "--low", m(src).name, "--high", m(f"G{r}").name, "--seeds",
-                               f"0-{p.drift_seeds - 1}", "--out", str(drift)], [drift], [m(src), m(f"G{r}")],
-                              fresh=[drift], cwd=self.models))
+            steps.append(self._drift(f"drift{r}", f"drift between G{r} and G{r // 2} (paper Fig. 3)", src, f"G{r}",
+                                     res / f"drift-{r}.jsonl"))
             if k == 1:  # the ablation of paper Fig. 3: the same growth without L_rec drifts further
                 steps.append(self._train(f"grow{r}-norec", f"Stage 3 ablation: G grown to {r} px without L_rec",
                                          "grow", ["--from", str(m(src)), "--pairs", str(pairs), "--set",
                                                   "loss.w_rec=0"], n, o / f"g{r}-norec", "G", f"G{r}-norec",
                                          [m(src), pairs]))
-                drift = res / f"drift-{r}-norec.jsonl"
-                steps.append(Step(f"drift{r}-norec", f"drift between G{r}-norec and G{r // 2}",
-                                  ["pagoda", "drift", "--low", m(src).name, "--high", m(f"G{r}-norec").name,
-                                   "--seeds", f"0-{p.drift_seeds - 1}", "--out", str(drift)], [drift],
-                                  [m(src), m(f"G{r}-norec")], fresh=[drift], cwd=self.models))
+                steps.append(self._drift(f"drift{r}-norec", f"drift between G{r}-norec and G{r // 2}", src,
+                                         f"G{r}-norec", res / f"drift-{r}-norec.jsonl"))
             src = f"G{r}"
         pd_names = [f"pd-{n}" for n in _halvings(p.pd_from)]
         steps.append(Step("pd", f"baseline: progressive distillation {p.pd_from} -> 1 steps",
@@ -261,6 +255,13 @@ class Pipeline:
                      "--set", f"train.steps={steps}"],
                     [made_path, self.model(link_as)], reads, fresh=[run_dir],
                     after=lambda: _link(made_path, self.model(link_as)))
+
+    def _drift(self, name, title, low: str, high: str, out: Path) -> Step:
+        """`pagoda drift` of the model named `high` against `low` (both in models/) over the plan's seeds."""
+        m = self.model
+        return Step(name, title, ["pagoda", "drift", "--low", m(low).name, "--high", m(high).name, "--seeds",
+                                  f"0-{self.plan.drift_seeds - 1}", "--out", str(out)], [out], [m(low), m(high)],
+                    fresh=[out], cwd=self.models)
 
     def _eval(self, name, title, ckpts, out, extra, refs) -> Step:
         p = self.plan
@@ -455,14 +456,14 @@ def summary(pipeline: Pipeline) -> list[str]:
         lines.append(f"at NFE 1: PaGoDA G{base} FD {gq['value']:.2f} vs progressive distillation PD-1 FD "
                      f"{pd1['value']:.2f}")
     grown = [(r, _pick(fid, model=f"G{r}")) for r in pipeline.resolutions[1:]]
-    drift = {r: _pick(rows, metric="drift_rms", model=f"G{r}") for r in pipeline.resolutions[1:]}
-    r1 = pipeline.resolutions[1] if len(pipeline.resolutions) > 1 else None
-    norec = {r1: (_pick(fid, model=f"G{r1}-norec"), _pick(rows, metric="drift_rms", model=f"G{r1}-norec"))}
+
+    def grown_text(r: int, q: dict) -> str:  # FD and drift of G{r}, and of its no-L_rec ablation where there is one
+        drift = _pick(rows, metric="drift_rms", model=f"G{r}")
+        nq, nd = _pick(fid, model=f"G{r}-norec"), _pick(rows, metric="drift_rms", model=f"G{r}-norec")
+        return f"G{r} FD {q['value']:.2f}" + (f" (drift {drift['value']:.1f} levels)" if drift else "") + (
+            f"; without L_rec FD {nq['value']:.2f} (drift {nd['value']:.1f})" if nq and nd else "")
     if grown and all(q for _, q in grown):
-        lines.append("grown: " + ", ".join(f"G{r} FD {q['value']:.2f}" + (
-            f" (drift {drift[r]['value']:.1f} levels)" if drift.get(r) else "") + (
-            f"; without L_rec FD {norec[r][0]['value']:.2f} (drift {norec[r][1]['value']:.1f})"
-            if r in norec and all(norec[r]) else "") for r, q in grown))
+        lines.append("grown: " + ", ".join(grown_text(r, q) for r, q in grown))
     sampler, nsteps = pipeline.plan.guidance_cell
     ws = [float(w) for w in pipeline.plan.guidance.split(",")]
     curve = {}

@@ -1,7 +1,8 @@
-"""Stage 3 and the guided G end to end on `photos` (slow: the photos demo, about 13 minutes on 2 CPU cores).
+"""Stage 3 and the guided G end to end on `photos` (slow: the photos demo, about 17 minutes on 2 CPU cores).
 
-`python -m pagoda demo --preset photos` as a new user runs it (the domain classifier trained afresh): a 16 px teacher, pairs, G, grown
-16 -> 32 -> 64 (with the first growth repeated without L_rec), the guided G, eval at 500 samples. Checked on its
+`python -m pagoda demo --preset photos` as a new user runs it (the domain classifier trained afresh): a 16 px
+teacher, pairs, G, grown 16 -> 32 -> 64 (with the first growth repeated without L_rec), the guided G, eval at 500
+samples. Checked on its
 result rows: one FD per resolution, each against the reference of its own resolution; the drift of paper Fig. 3
 (RMS of area-downsample(G_2x(z)) - G(z), `pagoda drift`) is smaller with L_rec than without it; the guided G's
 samples move with w, the way the teacher's CFG moves the teacher's samples.

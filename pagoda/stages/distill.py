@@ -46,7 +46,7 @@ from pagoda.errors import UserError
 from pagoda.losses import adaptive_weight, adaptive_weight_layer, d, hinge_d_loss, hinge_g_loss
 from pagoda.networks.discriminator import ProjectedDiscriminator, apply_augment, augment_params
 from pagoda.networks.features import build_backbone
-from pagoda.samplers import get_sampler, heun
+from pagoda.samplers import get_sampler
 from pagoda.train import train
 from pagoda.weights import sha256_file
 
@@ -223,14 +223,18 @@ class DistillStage(OneStepStage):
         self.backbone.to(device)
         return self
 
+    def _solve(self, sampler: str, steps: int, z: torch.Tensor, labels, w) -> torch.Tensor:
+        """The teacher's PF-ODE solution from z: `sampler` (pagoda.samplers) in `steps` steps on the Karras grid of
+        the teacher's sigma range, guided at w (scalar or per item [N]; None = unguided), clamped to [-1, 1]."""
+        d_ = self.diffusion
+        sigmas = karras_sigmas(steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max, rho=d_.rho).to(z.device)
+        return get_sampler(sampler)(self.teacher, z, sigmas, labels=labels, guidance=w).clamp(-1, 1)
+
     @torch.no_grad()
     def ode_target(self, z: torch.Tensor, labels, w=None) -> torch.Tensor:
         """L_dstl's target: the teacher's Heun PF-ODE solution from z (loss.dstl_steps steps, Karras grid), guided
         at w when given."""
-        d_ = self.diffusion
-        sigmas = karras_sigmas(self.cfg.loss.dstl_steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max,
-                               rho=d_.rho).to(z.device)
-        return heun(self.teacher, z, sigmas, labels=labels, guidance=w).clamp(-1, 1)
+        return self._solve("heun", self.cfg.loss.dstl_steps, z, labels, w)
 
     @torch.no_grad()
     def cfg_target(self, z: torch.Tensor, labels, w: torch.Tensor) -> torch.Tensor:
@@ -238,11 +242,7 @@ class DistillStage(OneStepStage):
         under classifier-free guidance at the per-item scales w [N] (METHOD §1: D_w = D_u + w (D_c - D_u)),
         loss.cfg_sampler in loss.cfg_steps steps on the Karras grid, clamped to [-1, 1]; float32 [N, 3, base, base].
         The pairs carry the real image at every w, so only this term shows G what w does to the teacher."""
-        d_ = self.diffusion
-        sigmas = karras_sigmas(self.cfg.loss.cfg_steps, sigma_min=d_.sigma_min, sigma_max=d_.sigma_max,
-                               rho=d_.rho).to(z.device)
-        return get_sampler(self.cfg.loss.cfg_sampler)(self.teacher, z, sigmas, labels=labels,
-                                                      guidance=w).float().clamp(-1, 1)
+        return self._solve(self.cfg.loss.cfg_sampler, self.cfg.loss.cfg_steps, z, labels, w).float()
 
     def target(self, batch, labels, generator):
         """(z, x): the pair's latent and image (L_rec), or for L_dstl a fresh sigma_max * eps and the teacher's
