@@ -43,6 +43,7 @@ from eval.pipeline import Want, extract, init_distributed, is_main
 from eval.registry import (
     METRICS,
     PER_CLASS,
+    ROLE_OPTION,
     STORE_LIMIT,
     Estimators,
     check_extractor,
@@ -103,6 +104,20 @@ class References:
             if self.prov[p].get("resolution") is None and ref.image_size:
                 self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
+
+    def check_extractors(self, plan: "Plan") -> None:
+        """UserError, before any weights are loaded, when no --ref can serve a metric's extractor: every --ref
+        records another extractor (a domain ref with the default --extractor inception, say)."""
+        for m in plan.metrics:
+            name = plan.extractor_of(m)
+            if not self.paths or METRICS[m].ref is None or any(
+                    self.prov[p].get("extractor") in (None, name) for p in self.paths):
+                continue
+            built = sorted({self.prov[p]["extractor"] for p in self.paths})
+            option = ROLE_OPTION[METRICS[m].role]
+            raise UserError(f"{m} uses extractor {name} ({option}) but every --ref was built with "
+                            f"{' or '.join(built)}: pass {option} {built[0]}, or build a reference with "
+                            f"python -m eval.ref DATA -o REF.npz --extractor {name}")
 
     def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):
         """(path, Reference) holding what `metric` needs; labels=True (--per-class) also needs stored labels.
@@ -178,6 +193,13 @@ def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> lis
     """The sweep for one model, collapsed where an axis does not apply to it."""
     diffusion = gen.sweepable
     conditional = gen.num_classes > 0 and gen.supports_guidance
+    asked = [w for w in guidance if w is not None]
+    if not conditional and asked and 1.0 not in asked:  # its only scale is 1: no silent w = 1 row for a w = 2 ask
+        raise UserError(f"--guidance {','.join(f'{w:g}' for w in asked)}: {ckpt} has no classifier-free guidance "
+                        f"(unconditional, no label dropout, or a G trained without guided pairs), so its only scale "
+                        f"is 1: add 1 to --guidance or evaluate it in a separate run")
+    if not conditional and len(asked) > 1:
+        print(f"note: {ckpt} has no classifier-free guidance: measured at guidance 1 only", file=sys.stderr)
     return [Cell(ckpt, w, s, n) for w in (guidance if conditional else [None]) or [None]
             for s in (samplers if diffusion else [None]) or [None]
             for n in (steps if diffusion else [None]) or [None]]
@@ -410,8 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                 allow_small=args.allow_small)
     for m in plan.metrics:  # before loading any weights
         check_extractor(m, plan.extractor_of(m))
+    refs = References(args.ref)
+    refs.check_extractors(plan)
     device = init_distributed()
-    rows = run(plan, ckpts=args.ckpt, images=args.images, refs=References(args.ref),
+    rows = run(plan, ckpts=args.ckpt, images=args.images, refs=refs,
                extractors=make_extractors({plan.extractor_of(m) for m in plan.metrics}, weights_dir=args.weights_dir,
                                           device=device, resize=args.resize),
                num_samples=args.num_samples, seed=args.seed or 0, labels=args.labels or "seed",

@@ -32,7 +32,9 @@ STAGES = {"teacher": "pagoda.stages.teacher", "distill": "pagoda.stages.distill"
           "pd": "pagoda.baselines.progressive_distillation", "grow": "pagoda.stages.grow"}
 # inputs of a stage given as options (each is the config field of the same name): stage -> {option: help}
 STAGE_INPUTS = {"distill": {"teacher": "the Stage-1 teacher checkpoint (G starts as a copy of its network)",
-                            "pairs": "the teacher's inversion pairs (python -m pagoda pairs)"},
+                            "pairs": "the teacher's inversion pairs (python -m pagoda pairs)",
+                            "init": "a one-step G of this teacher to start from instead of its network (optional; "
+                                    "e.g. the plain G for the guided G)"},
                 "pd": {"teacher": "the Stage-1 teacher checkpoint (first round's teacher and student)",
                        "from_steps": "the teacher's steps in the first round (a power of two)",
                        "to_steps": "the last student's steps (from_steps / 2^k)",
@@ -196,6 +198,7 @@ def cmd_sample(args) -> int:
     if args.resolution is not None and gen.resolution != args.resolution:
         raise UserError(f"--ckpt {args.ckpt} is at resolution {gen.resolution}, not --resolution "
                         f"{args.resolution}: pass a {args.resolution} px checkpoint or drop --resolution")
+    gen.check_guidance(args.guidance)  # a G's own refusal names its trained range (or its lack of guided pairs)
     if args.guidance not in (None, 1.0) and not gen.supports_guidance:
         raise UserError(f"--guidance {args.guidance}: {args.ckpt} was not trained for classifier-free guidance "
                         f"(unconditional, or no label dropout): drop --guidance")

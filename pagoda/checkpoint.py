@@ -51,6 +51,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temp path beside `path`, fsync it, then os.replace it over `path` (over the file a
     symlink `path` points to, so that the link survives)."""
@@ -61,6 +68,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (some writers, e.g. safetensors, make it 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,10 +96,25 @@ def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a state dict's names, dtypes, shapes and raw bytes, in name order: the checksum a model
+    file carries (metadata key "sha256"), since safetensors itself stores none and a flipped byte in tensor data
+    would otherwise load silently."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write a model file: tensors + meta (JSON, under metadata key "pagoda"); atomic."""
+    """Write a model file: tensors + meta (JSON, under metadata key "pagoda") + the tensors' checksum
+    (tensors_sha256, key "sha256"); atomic."""
     tensors = _plain_tensors(state_dict)
-    metadata = {"format": FORMAT, "pagoda": json.dumps(meta, sort_keys=True)}
+    metadata = {"format": FORMAT, "pagoda": json.dumps(meta, sort_keys=True), "sha256": tensors_sha256(tensors)}
     return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -141,11 +164,16 @@ def load_model(path: str | os.PathLike, *, kind: str | None = None, resolution: 
     meta = read_meta(path)
     check_meta(path, meta, kind=kind, resolution=resolution)
     try:
-        state_dict = safetensors.torch.load_file(str(path), device=str(device))
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            want = (f.metadata() or {}).get("sha256")
+        state_dict = safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} cannot be read ({e}): copy it again or use an earlier snapshot") \
             from None
-    return state_dict, meta
+    if want is not None and tensors_sha256(state_dict) != want:  # files written before the checksum have none
+        raise UserError(f"checkpoint {path} is damaged: its tensor data does not match the checksum it was written "
+                        "with: copy it again or use an earlier snapshot")
+    return {k: v.to(device) for k, v in state_dict.items()}, meta
 
 
 def num_parameters(path: str | os.PathLike) -> int:

@@ -245,6 +245,9 @@ class DistillConfig:
 
     teacher: str = ""  # the Stage-1 teacher checkpoint (G starts as an exact copy of its network)
     pairs: str = ""  # the Stage-2a inversion pairs of the teacher (python -m pagoda pairs)
+    # A base-resolution one-step G of the same teacher to start from instead of the teacher's network (DESIGN:
+    # the guided G fine-tunes the plain G, so its steps go to what w does rather than to the one-step map).
+    init: str = ""
     loss: LossConfig = field(default_factory=LossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
     # On guided pairs G's w-embedding starts at zero, so it learns from scratch at this multiple of train.lr

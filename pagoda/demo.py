@@ -206,9 +206,10 @@ class Pipeline:
         steps.append(self._train("g", f"Stage 2b: the one-step G at {base} px", "distill",
                                  ["--teacher", str(self.teacher), "--pairs", str(pairs)], p.g_steps, o / "g",
                                  "G", g, [self.teacher, pairs]))
-        steps.append(self._train("g-cfg", "Stage 2b: the guidance-conditioned one-step G", "distill",
-                                 ["--teacher", str(self.teacher), "--pairs", str(gpairs)], p.guided_steps,
-                                 o / "g-cfg", "G", f"{g}-cfg", [self.teacher, gpairs]))
+        steps.append(self._train("g-cfg", f"Stage 2b: the guidance-conditioned one-step G, fine-tuned from {g}",
+                                 "distill", ["--teacher", str(self.teacher), "--pairs", str(gpairs), "--init",
+                                             str(self.model(g))], p.guided_steps,
+                                 o / "g-cfg", "G", f"{g}-cfg", [self.teacher, gpairs, self.model(g)]))
         src = g
         for k, n in enumerate(p.grow_steps, 1):
             r = base * 2 ** k

@@ -108,7 +108,11 @@ def load_mask(path: str, resolution: int) -> torch.Tensor:
                         f"{resolution}x{resolution}: give a mask of the base resolution (white = keep)")
     m = torch.from_numpy(np.asarray(img.convert("L")) > 127).float()
     if m.all():
-        raise UserError(f"--mask {path} keeps every pixel (all white, > 127): paint the hole black")
+        raise UserError(f"--mask {path} keeps every pixel (every value is > 127, which counts as white = keep): "
+                        "paint the hole black (<= 127)")
+    if not m.any():
+        raise UserError(f"--mask {path} keeps no pixel (every value is <= 127, which counts as black = fill): "
+                        "paint the pixels to keep white (> 127)")
     return m[None, None]
 
 

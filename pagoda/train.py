@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -196,6 +197,11 @@ def check_run_config(out_dir: Path, config_dict: dict, *, ignore: tuple[str, ...
             raise UserError(f"run directory {out_dir}: {folder} is a file, not a directory; pass --out to a "
                             "directory (it is created)")
     if not path.exists():
+        stray = sorted(out_dir.iterdir())[:3] if out_dir.is_dir() else []
+        if stray:  # config.json is a run's first file: a folder with other files and none is not a run of ours
+            raise UserError(f"run directory {out_dir} already holds files that are not a pagoda run (no config.json; "
+                            f"{', '.join(p.name for p in stray)}{', ...' if len(stray) == 3 else ''}): pass --out to "
+                            "a new or empty directory")
         return
     try:
         old = json.loads(path.read_text())
@@ -243,6 +249,17 @@ def _cpu(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_cpu(v) for v in tree)
     return tree
+
+
+def check_finite(out_dir: Path, step: int, values: dict[str, float]) -> None:
+    """UserError when a logged loss is NaN or infinite: training stops before it logs or snapshots the diverged
+    model, so the last snapshot (and a resume from it) stays usable."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise UserError(f"{out_dir}: training diverged at step {step} ({k} = {v}): nothing of it was saved (the last "
+                        "snapshot there is kept): train again into another --out with a lower learning rate "
+                        "(--set train.lr=...), or check the data for NaN / infinite values")
 
 
 def save_snapshot(out_dir: Path, stage: Stage, *, weights: dict[str, torch.Tensor], state: dict, meta: dict) -> None:
@@ -391,6 +408,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         if step % cfg.log_every == 0:
             names = sorted(stat_sums)
             means = dist.all_reduce_mean(torch.stack([loss_sum, *(stat_sums[k] for k in names)]) / window_steps)
+            check_finite(out_dir, step, dict(zip(["loss", *names], means.tolist())))
             elapsed = time.perf_counter() - window_t0
             row = dict(step=step, kimg=step * cfg.batch / 1000, loss=means[0].item(), lr=lr,
                        img_per_s=window_steps * cfg.batch / elapsed, sec_per_step=elapsed / window_steps,
@@ -403,6 +421,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
 
         # Snapshot: models first, state.pt last, so a state always has its model files.
         if step % cfg.snapshot_every == 0 or step == cfg.steps:
+            check_finite(out_dir, step, {"loss": dist.all_reduce_mean(loss_sum.reshape(1)).item()})
             if dist.is_main():
                 state = dict(step=step, net=net.state_dict(), ema=ema, optimizer=opt.state_dict(),
                              scaler=scaler.state_dict())

@@ -210,3 +210,34 @@ def test_version_matches_the_package_metadata():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
     assert git_commit() == git_commit() and git_commit()  # cached, never empty ("unknown" outside git)
+
+
+def test_a_flipped_byte_in_tensor_data_is_refused(saved, tmp_path):
+    path = saved[0]
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "flipped.safetensors"
+    data[-5] ^= 0x10  # inside the last tensor's bytes: the header still parses, the values are wrong
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UserError) as e:
+        load_model(bad)
+    _one_line(e, bad, "damaged", "checksum")
+    load_model(path)  # the intact file loads
+
+
+def test_tensors_sha256_covers_names_dtypes_shapes_and_values():
+    base = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(3.0, dtype=torch.bfloat16)}
+    h = checkpoint.tensors_sha256(base)
+    assert h == checkpoint.tensors_sha256(dict(reversed(list(base.items()))))  # name order, not insertion order
+    for other in ({**base, "a": base["a"].reshape(3, 2)}, {**base, "a": base["a"].double()},
+                  {"c": base["a"], "b": base["b"]}, {**base, "b": torch.tensor(3.5, dtype=torch.bfloat16)}):
+        assert checkpoint.tensors_sha256(other) != h
+
+
+def test_model_files_get_the_umask_mode_not_0600(saved):
+    old = os.umask(0o022)
+    try:
+        path = saved[0]
+        save_model(path, _net().state_dict(), saved[2])
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

@@ -96,7 +96,7 @@ def test_l_dstl_variant_runs(files, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["other_teacher", "generator_as_teacher", "teacher_as_generator_source",
-                                  "missing_pairs", "no_teacher"])
+                                  "missing_pairs", "no_teacher", "guidance_of_unguided_g"])
 def test_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "g"
     if case == "other_teacher":
@@ -122,6 +122,12 @@ def test_bad_inputs(case, files, tmp_path, capsys):
         code = run_cli(main, ["sample", "--ckpt", str(tmp_path / "g1" / "G.safetensors"), "--seeds", "0-1",
                               "--steps", "4", "-o", str(tmp_path / "t.png")])
         needle = "one-step generator"
+    elif case == "guidance_of_unguided_g":  # its own reason (no guided pairs), not "unconditional or no dropout"
+        assert _distill(files, tmp_path / "g1", "--set", "train.steps=1") == 0
+        capsys.readouterr()
+        code = run_cli(main, ["sample", "--ckpt", str(tmp_path / "g1" / "G.safetensors"), "--seeds", "0-1",
+                              "--guidance", "2", "-o", str(tmp_path / "t.png")])
+        needle = "trained without guidance"
     elif case == "missing_pairs":
         code = run_cli(main, ["distill", "--preset", "smoke", "--teacher", files["teacher"], "--pairs",
                               str(tmp_path / "nope"), "--out", str(out)])

@@ -374,3 +374,31 @@ def test_run_solvers_grids_and_a_pd_student(ckpt, ref, weights_dir, tmp_path):
         ("dpmpp2m", 4.0, "loguniform", "batched")
     heun = rows[(ckpt, "heun:karras-rho3", 1.0)]
     assert (heun["nfe"], heun["extra"]["grid"]) == (3.0, "karras rho=3") and "cfg_calls" not in heun["extra"]
+
+
+def test_run_guidance_on_a_model_without_cfg(ckpt, ref, weights_dir, tmp_path, capsys):
+    # A teacher trained without label dropout has no CFG: --guidance 2 alone is refused (no silent w = 1 row);
+    # in a list with 1 it is measured at 1 only, with a note.
+    cfg = PRESETS["smoke"].teacher
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, label_dropout=0.0),
+                  sample=replace(cfg.sample, sampler="euler", steps=1))
+    state, _ = load_model(ckpt)
+    plain = str(tmp_path / "no-cfg.safetensors")
+    save_model(plain, state, model_meta(kind="teacher", stage="teacher", config=cfg, step=0, ema_rate=0.999))
+    out = tmp_path / "rows.jsonl"
+    argv = _base(plain, ref, weights_dir, out, 20) + ["--allow-small", "--batch", "10"]
+    assert run_cli(run_main, argv + ["--guidance", "2,3"]) == 2
+    _one_error_line(capsys, "--guidance 2,3", plain, "add 1")
+    assert not out.exists()
+    assert run_cli(run_main, argv + ["--guidance", "1,2"]) == 0
+    assert "measured at guidance 1 only" in capsys.readouterr().err
+    assert [r["guidance"] for r in read_rows(out)] == [1.0]
+
+
+def test_run_names_the_refs_extractor_when_the_default_does_not_fit(ckpt, ref, tmp_path, capsys):
+    # The domain ref with the default --extractor inception: refused before any weights are asked for.
+    out = tmp_path / "rows.jsonl"
+    argv = ["--ckpt", ckpt, "--ref", ref, "--weights-dir", str(tmp_path / "empty"), "--out", str(out)]
+    assert run_cli(run_main, argv) == 2
+    _one_error_line(capsys, "inception", "--extractor domain")
+    assert not out.exists()

@@ -227,6 +227,49 @@ def test_cfg_target_is_the_guided_teacher_solution(files):
     assert (plain[1::2] - got[1::2]).abs().max() > 1e-2 and torch.allclose(plain[::2], got[::2], atol=1e-5)
 
 
+def test_guided_g_from_init_starts_as_the_plain_g_at_every_w(files, tmp_path):
+    """--init: the guided G starts from the plain G (its weights copied, the w-embedding fresh and zero), so
+    G_0(z, y, w) = G_plain(z, y) at every w; the run records the init file and its hash."""
+    from pagoda.pairs import load_pairs as load
+    from pagoda.stages.distill import DistillStage, load_init, load_teacher
+
+    net, diffusion, meta = load_teacher(files["teacher"])
+    init, network = load_init(files["g"], net, load(files["gpairs"]), True, meta["network"])
+    stage = DistillStage(PRESETS["smoke"].distill, net, diffusion, network=network, guided=True, init=init)
+    plain, _ = load_network(files["g"])
+    z, y = _z()
+    with torch.no_grad():
+        ref = one_step(plain, z, y, sigma_max=80.0)
+        for w in (1.0, 1.5, 2.0):
+            assert torch.equal(stage.G(stage.net, z, y, torch.full((4,), w)), ref.float())
+        assert not torch.equal(one_step(net, z, y, sigma_max=80.0), ref)  # control: the teacher's output differs
+    out = tmp_path / "gi"
+    assert run_cli(main, ["distill", "--preset", "smoke", "--teacher", files["teacher"], "--pairs", files["gpairs"],
+                          "--init", files["g"], "--out", str(out), "--set", "train.steps=1"]) == 0
+    g_meta = load_network(out / "G.safetensors")[1]
+    assert g_meta["init"] == files["g"] and len(g_meta["init_sha256"]) == 64 and g_meta["guidance_range"] == [1, 2]
+
+
+@pytest.mark.parametrize("case", ["other_teacher", "grown", "guided_for_plain_pairs"])
+def test_distill_init_bad_inputs(case, files, tmp_path, capsys):
+    if case == "other_teacher":
+        other = save_tiny_teacher(tmp_path / "other.safetensors", seed=9)
+        make_pairs(other, files["data"], tmp_path / "op", shard_size=8, batch=8, progress=False)
+        teacher, pairs, init, needle = other, tmp_path / "op", files["g"], "another teacher"
+    elif case == "grown":
+        assert _grow(files["g"], files["pairs"], tmp_path / "g16", "--set", "train.steps=1") == 0
+        teacher, pairs, init, needle = files["teacher"], files["gpairs"], tmp_path / "g16" / "G.safetensors", "grown"
+    else:
+        teacher, pairs, init, needle = files["teacher"], files["pairs"], files["gg"], "guidance-conditioned"
+    capsys.readouterr()
+    out = tmp_path / "gi"
+    assert run_cli(main, ["distill", "--preset", "smoke", "--teacher", str(teacher), "--pairs", str(pairs),
+                          "--init", str(init), "--out", str(out), "--set", "train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "--init" in err[0], err
+    assert not out.exists()
+
+
 def test_grow_trains_freezes_and_loads_as_a_one_step_generator(files, tmp_path):
     out = tmp_path / "g16"
     assert _grow(files["g"], files["pairs"], out, "--set", "train.steps=2") == 0
@@ -445,7 +488,8 @@ def test_edit_tasks_write_grids_and_numbers(files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["mask_size", "superres_base", "other_teacher", "to_class", "item_range",
-                                  "missing_teacher", "mask_no_hole", "no_to_class", "other_tasks_option"])
+                                  "missing_teacher", "mask_no_hole", "mask_grey", "mask_all_hole", "no_to_class",
+                                  "other_tasks_option"])
 def test_edit_bad_inputs(case, files, tmp_path, capsys):
     out = tmp_path / "e.png"
     if case == "mask_size":
@@ -473,6 +517,11 @@ def test_edit_bad_inputs(case, files, tmp_path, capsys):
         from PIL import Image
         Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
         code, needle = _edit("inpaint", files["g"], files, out, "--mask", tmp_path / "m.png"), "keeps every pixel"
+    elif case in ("mask_grey", "mask_all_hole"):  # mid-grey counts as white (keep); all black keeps nothing
+        from PIL import Image
+        Image.new("L", (8, 8), 128 if case == "mask_grey" else 0).save(tmp_path / "m.png")
+        code = _edit("inpaint", files["g"], files, out, "--mask", tmp_path / "m.png")
+        needle = "every value is > 127" if case == "mask_grey" else "keeps no pixel"
     else:
         code = run_cli(main, ["edit", "reconstruct", "--generator", files["g"], "--teacher", files["teacher"],
                               "--data", files["data"], "--items", "0,400", "-o", str(out)])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -295,3 +296,41 @@ def test_sigkill_and_rerun_is_bitwise_identical(tmp_path):
     assert [r["step"] for r in rows_b] == list(range(1, 25))  # killed rows past the snapshot were dropped
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_a]
     assert np.mean([r["loss"] for r in rows_a[-4:]]) < np.mean([r["loss"] for r in rows_a[:4]])
+
+
+def test_a_folder_of_other_files_is_not_trained_into(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError) as e:
+        run_toy(tmp_path)
+    msg = str(e.value)
+    assert "notes.txt" in msg and "not a pagoda run" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written into it
+    run_toy(tmp_path / "empty-or-new")  # a new folder is fine
+
+
+class NaNStage(ToyStage):
+    """The toy stage whose loss turns NaN from its third call (a diverged run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def step(self, net, batch, generator):
+        loss, stats = super().step(net, batch, generator)
+        self.calls += 1
+        return (loss * float("nan") if self.calls > 2 else loss), stats
+
+
+@pytest.mark.parametrize("log_every", [1, 4])
+def test_a_nan_loss_stops_training_before_anything_diverged_is_saved(tmp_path, log_every):
+    cfg = toy_cfg(log_every=log_every, snapshot_every=2, steps=6)
+    with pytest.raises(UserError) as e:
+        train(stage=NaNStage(), cfg=cfg, out_dir=tmp_path, config_dict={"train": to_dict(cfg)},
+              dataset=tiny_dataset())
+    msg = str(e.value)
+    assert "diverged at step" in msg and "nan" in msg and "\n" not in msg
+    rows = read_log(tmp_path) if (tmp_path / "log.jsonl").exists() else []  # log_every 4: none before step 4
+    assert len(rows) == (2 if log_every == 1 else 0) and all(math.isfinite(r["loss"]) for r in rows)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == ["toy-0000002.safetensors"]
+    state = checkpoint.load_training_state(tmp_path / "state.pt")
+    assert state["step"] == 2

@@ -198,13 +198,15 @@ class DistillStage(OneStepStage):
     """G (a copy of the teacher network), the frozen teacher, the distance's backbone and the discriminator."""
 
     def __init__(self, cfg: DistillConfig, teacher_net: nn.Module, diffusion: DiffusionConfig, *,
-                 weights_dir=None, network: dict | None = None, guided: bool = False):
+                 weights_dir=None, network: dict | None = None, guided: bool = False,
+                 init: nn.Module | None = None):
         self.cfg, self.diffusion, self.guided = cfg, diffusion, guided
         self.sigma_max, self.sigma_data = diffusion.sigma_max, diffusion.sigma_data
-        self.net = copy.deepcopy(teacher_net).train().requires_grad_(True)  # G_0 = F exactly
+        # G_0 = F exactly, or the given one-step G of the same teacher (`init`, e.g. the plain G for the guided G)
+        self.net = copy.deepcopy(teacher_net if init is None else init).train().requires_grad_(True)
         self.network = network
-        if guided:  # the w-embedding switched on (zero-initialised: G_0 = F at every w)
-            self.net, self.network = with_guidance_embedding(self.net, network or {})
+        if guided and getattr(self.net, "guidance_emb", None) is None:  # the w-embedding switched on
+            self.net, self.network = with_guidance_embedding(self.net, network or {})  # zero: G_0(w) = G_0
             self.net.train().requires_grad_(True)
         self.teacher = EDMPrecond(teacher_net.eval().requires_grad_(False), sigma_data=self.sigma_data)
         self.num_classes, self.resolution = teacher_net.num_classes, teacher_net.resolution
@@ -263,6 +265,25 @@ def load_teacher(path: str | os.PathLike) -> tuple[nn.Module, DiffusionConfig, d
     return net, diffusion_config(path, meta), meta
 
 
+def load_init(path: str, teacher_net: nn.Module, pairs, guided: bool, network: dict):
+    """(net, its network config) of `--init`, a base-resolution one-step G distilled from the pairs' teacher, or
+    (None, the teacher's network config) without one; UserError for a G of another teacher, a grown G, or a
+    guided G for unguided pairs."""
+    if not path:
+        return None, network
+    net, meta = load_network(path, kind="pagoda")
+    if meta.get("teacher_sha256") != pairs.teacher_sha256:
+        raise UserError(f"--init {path} was distilled from another teacher than the one of --pairs: pass a G "
+                        "trained on this teacher's pairs")
+    if meta.get("resolution") != teacher_net.resolution:
+        raise UserError(f"--init {path} makes {meta.get('resolution')} px images, not the base "
+                        f"{teacher_net.resolution} px: pass a Stage-2b G, not a grown one")
+    if meta.get("guidance_range") is not None and not guided:
+        raise UserError(f"--init {path} is a guidance-conditioned G but --pairs are unguided: pass a plain G, or "
+                        "guided pairs (pagoda pairs --guidance)")
+    return net, meta["network"]
+
+
 def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
     """Train (or resume, or find finished) G in out_dir; returns the path of G.safetensors."""
     from pagoda.pairs import load_pairs
@@ -274,12 +295,14 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
         pairs = load_pairs(cfg.pairs, teacher_sha256=sha256_file(cfg.teacher), resolution=teacher_net.resolution)
         torch.manual_seed(cfg.train.seed)  # the same discriminator init on every rank and every rerun
         guided = pairs.guidance_range is not None
-        stage = DistillStage(cfg, teacher_net, diffusion, weights_dir=weights_dir, network=meta["network"],
-                             guided=guided).to(dist.device())
+        init, network = load_init(cfg.init, teacher_net, pairs, guided, meta["network"])
+        stage = DistillStage(cfg, teacher_net, diffusion, weights_dir=weights_dir, network=network,
+                             guided=guided, init=init).to(dist.device())
         extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=teacher_net.resolution,
                      num_classes=teacher_net.num_classes, teacher=str(cfg.teacher),
                      teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda",
                      guidance_range=list(pairs.guidance_range) if guided else None,
-                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"])
+                     pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
+                     **(dict(init=str(cfg.init), init_sha256=sha256_file(cfg.init)) if cfg.init else {}))
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
                      meta_extra=extra)
