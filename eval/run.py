@@ -105,7 +105,7 @@ class References:
                 self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
-    def check_extractors(self, plan: "Plan") -> None:
+    def check_extractors(self, plan: Plan) -> None:
         """UserError, before any weights are loaded, when no --ref can serve a metric's extractor: every --ref
         records another extractor (a domain ref with the default --extractor inception, say)."""
         for m in plan.metrics:

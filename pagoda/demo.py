@@ -70,6 +70,9 @@ class Plan:
     reps: int  # timed calls per cost setting
     train_cost_factors: str
     train_cost_time_up_to: int
+    # --set overrides of the guided G, fine-tuned from G (--init): 4x G's lr for the trunk, the w-embedding's lr
+    # kept at 200 x 1e-4 (README "Stage 3": the ablation of the guided G)
+    guided_set: tuple[str, ...] = ("train.lr=4e-4", "guidance_lr_mult=50")
     grid_seeds: int = 64
     metrics: str = "fid,kid,is,pr"
     eval_batch: int = 250
@@ -208,7 +211,8 @@ class Pipeline:
                                  "G", g, [self.teacher, pairs]))
         steps.append(self._train("g-cfg", f"Stage 2b: the guidance-conditioned one-step G, fine-tuned from {g}",
                                  "distill", ["--teacher", str(self.teacher), "--pairs", str(gpairs), "--init",
-                                             str(self.model(g))], p.guided_steps,
+                                             str(self.model(g)), *sum((["--set", v] for v in p.guided_set), [])],
+                                 p.guided_steps,
                                  o / "g-cfg", "G", f"{g}-cfg", [self.teacher, gpairs, self.model(g)]))
         src = g
         for k, n in enumerate(p.grow_steps, 1):

@@ -51,8 +51,9 @@ def test_photos_demo_grows_with_less_drift_under_l_rec_and_its_guided_g_follows_
     assert 0 < value("G64", "drift_rms") < 60  # unrelated images: 60-90 levels
 
     # The guided G follows w: on the same seeds, G(w = 3) - G(w = 1) is large (a G blind to w, its embedding
-    # trained at 1x lr: 0.7 uint8 levels RMS) and points the way the teacher's CFG moves its own samples (cosine > 0;
-    # without the CFG term it points away: -0.2). README "Stage 3" gives the FD / precision / recall curves.
+    # trained at 1x lr: 0.7 uint8 levels RMS) and points the way the teacher's CFG moves its own samples (measured
+    # 0.39; started from the teacher's network instead of G16: 0.17; without the CFG term it points away: -0.2).
+    # README "Stage 3" gives the FD / precision / recall curves.
     seeds = torch.arange(256)
     g = load_generator(out / "models" / "G16-cfg.safetensors")
     t = load_generator(out / "models" / "teacher.safetensors", sampler="dpmpp2m", steps=4)
@@ -61,5 +62,5 @@ def test_photos_demo_grows_with_less_drift_under_l_rec_and_its_guided_g_follows_
         dt = t.sample(seeds, guidance=3.0).float() - t.sample(seeds, guidance=1.0).float()
     assert dg.pow(2).mean().sqrt() > 5, float(dg.pow(2).mean().sqrt())
     cos = float(torch.nn.functional.cosine_similarity(dg.flatten(), dt.flatten(), dim=0))
-    assert cos > 0.05, cos
+    assert cos > 0.25, cos
     assert "guidance w = 1 / 2 / 3" in proc.stdout and "without L_rec" in proc.stdout
