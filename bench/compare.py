@@ -70,9 +70,11 @@ def quality_setup(args, device):
                 roles={"main": args.extractor, "dinov2": "dinov2", "clip": "clip", "cmmd": "clip-vitl14-336"})
     for m in plan.metrics:
         check_extractor(m, plan.extractor_of(m))
+    refs = References(args.quality)
+    refs.check_extractors(plan)  # a ref of another extractor is named before any weights are asked for
     extractors = make_extractors({plan.extractor_of(m) for m in plan.metrics}, weights_dir=args.weights_dir,
                                  device=device, resize=None)
-    return plan, References(args.quality), extractors
+    return plan, refs, extractors
 
 
 def check_quality(quality, gen, cell, num_samples: int) -> None:

@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     device = init_distributed()
     plan = Plan(metrics=("fid",), roles={"main": args.extractor}, est=Estimators(bootstrap=args.bootstrap),
                 batch=args.batch, allow_small=args.allow_small)
-    extractors = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device, resize=args.resize)
     refs = References([args.ref])
+    refs.check_extractors(plan)  # a ref of another extractor is named before any weights are asked for
+    extractors = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device, resize=args.resize)
     spec, seed = args.ckpt or args.images, args.seed or 0
     num = (args.num_samples or DEFAULT_SAMPLES) if args.ckpt else args.num_samples
     source = open_source(spec, num_samples=num, seed=seed, labels=args.labels or "seed", guidance=args.guidance,

@@ -115,8 +115,9 @@ class References:
                 continue
             built = sorted({self.prov[p]["extractor"] for p in self.paths})
             option = ROLE_OPTION[METRICS[m].role]
-            raise UserError(f"{m} uses extractor {name} ({option}) but every --ref was built with "
-                            f"{' or '.join(built)}: pass {option} {built[0]}, or build a reference with "
+            given = ", ".join(f"{p} ({self.prov[p]['extractor']})" for p in self.paths)
+            raise UserError(f"{m} uses extractor {name} ({option}) but every --ref was built with another one "
+                            f"({given}): pass {option} {built[0]}, or build a reference with "
                             f"python -m eval.ref DATA -o REF.npz --extractor {name}")
 
     def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):

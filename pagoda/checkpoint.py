@@ -96,12 +96,12 @@ def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) of a state dict's names, dtypes, shapes and raw bytes, in name order: the checksum a model
-    file carries (metadata key "sha256"), since safetensors itself stores none and a flipped byte in tensor data
-    would otherwise load silently."""
+def tensors_sha256(tensors: dict[str, torch.Tensor], meta_json: str = "") -> str:
+    """SHA-256 (hex) of the JSON meta text and a state dict's names, dtypes, shapes and raw bytes, in name order:
+    the checksum a model file carries (metadata key "sha256"), since safetensors itself stores none and a
+    changed byte in the tensor data or in the meta (its network config, say) would otherwise load silently."""
     import hashlib
-    h = hashlib.sha256()
+    h = hashlib.sha256(meta_json.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -114,7 +114,8 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], met
     """Write a model file: tensors + meta (JSON, under metadata key "pagoda") + the tensors' checksum
     (tensors_sha256, key "sha256"); atomic."""
     tensors = _plain_tensors(state_dict)
-    metadata = {"format": FORMAT, "pagoda": json.dumps(meta, sort_keys=True), "sha256": tensors_sha256(tensors)}
+    meta_json = json.dumps(meta, sort_keys=True)
+    metadata = {"format": FORMAT, "pagoda": meta_json, "sha256": tensors_sha256(tensors, meta_json)}
     return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -165,14 +166,15 @@ def load_model(path: str | os.PathLike, *, kind: str | None = None, resolution: 
     check_meta(path, meta, kind=kind, resolution=resolution)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            want = (f.metadata() or {}).get("sha256")
+            header = f.metadata() or {}
+        want = header.get("sha256")
         state_dict = safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} cannot be read ({e}): copy it again or use an earlier snapshot") \
             from None
-    if want is not None and tensors_sha256(state_dict) != want:  # files written before the checksum have none
-        raise UserError(f"checkpoint {path} is damaged: its tensor data does not match the checksum it was written "
-                        "with: copy it again or use an earlier snapshot")
+    if want is not None and tensors_sha256(state_dict, header.get("pagoda", "")) != want:  # older files: none
+        raise UserError(f"checkpoint {path} is damaged: its tensors or metadata do not match the checksum it was "
+                        "written with: copy it again or use an earlier snapshot")
     return {k: v.to(device) for k, v in state_dict.items()}, meta
 
 
@@ -196,7 +198,11 @@ def build_network(meta: dict, *, where: str = "checkpoint"):
         raise UserError(f"{where} has no 'network' entry in its metadata, so its model cannot be rebuilt: "
                         f"{_IMPORT_HINT}")
     cfg = from_dict(UNetConfig, meta["network"], where=f"{where} network")
-    return UNet(**dataclasses.asdict(cfg))
+    try:
+        return UNet(**dataclasses.asdict(cfg))
+    except (ValueError, TypeError, RuntimeError) as e:  # a config the network cannot be built from (edited meta)
+        raise UserError(f"{where} has a network config the UNet cannot be built from ({e}): the file is damaged "
+                        "or was edited; use another snapshot") from None
 
 
 def rebuild_network(source, network: dict, *, new_prefixes, **changes):

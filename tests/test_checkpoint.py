@@ -241,3 +241,23 @@ def test_model_files_get_the_umask_mode_not_0600(saved):
         assert path.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(old)
+
+
+def test_an_edited_network_config_is_refused(saved, tmp_path):
+    # One changed digit in the meta (model_channels 32 -> 12 would make the UNet's own ValueError): the checksum
+    # covers the meta; without the checksum key, the UNet's refusal is still one line.
+    path = saved[0]
+    data = path.read_bytes()
+    needle = b'\\"model_channels\\": '
+    at = data.index(needle) + len(needle)
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(data[:at] + (b"7" if data[at:at + 1] != b"7" else b"5") + data[at + 1:])
+    with pytest.raises(UserError) as e:
+        load_model(edited)
+    _one_line(e, edited, "damaged")
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = json.loads(header["__metadata__"]["pagoda"])
+    meta["network"]["model_channels"] = 12  # GroupNorm(32) cannot split 12 channels
+    with pytest.raises(UserError) as e:
+        checkpoint.build_network(meta, where=f"checkpoint {edited}")
+    _one_line(e, edited, "cannot be built")

@@ -402,3 +402,5 @@ def test_run_names_the_refs_extractor_when_the_default_does_not_fit(ckpt, ref, t
     assert run_cli(run_main, argv) == 2
     _one_error_line(capsys, "inception", "--extractor domain")
     assert not out.exists()
+    assert run_cli(fid_main, argv) == 2  # eval.fid: the same check
+    _one_error_line(capsys, "inception", "--extractor domain")

@@ -6,6 +6,7 @@ refuses a w outside its range, and bad inputs end in one line with exit code 2."
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,6 +249,13 @@ def test_guided_g_from_init_starts_as_the_plain_g_at_every_w(files, tmp_path):
                           "--init", files["g"], "--out", str(out), "--set", "train.steps=1"]) == 0
     g_meta = load_network(out / "G.safetensors")[1]
     assert g_meta["init"] == files["g"] and len(g_meta["init_sha256"]) == 64 and g_meta["guidance_range"] == [1, 2]
+    changed = tmp_path / "init.safetensors"  # the same path with other contents: a different run, refused
+    changed.write_bytes(Path(files["g"]).read_bytes())
+    argv = ["distill", "--preset", "smoke", "--teacher", files["teacher"], "--pairs", files["gpairs"], "--init",
+            str(changed), "--out", str(tmp_path / "gc"), "--set", "train.steps=1"]
+    assert run_cli(main, argv) == 0
+    changed.write_bytes(Path(files["gg"]).read_bytes())
+    assert run_cli(main, argv) == 2
 
 
 @pytest.mark.parametrize("case", ["other_teacher", "grown", "guided_for_plain_pairs"])

@@ -295,3 +295,12 @@ def test_a_changed_schedule_is_refused_before_any_training(smoke_teacher, tmp_pa
     (tmp_path / "file").write_text("x")
     assert run_cli(main, base[:-1] + [str(tmp_path / "file" / "out")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_pd_refuses_a_folder_of_other_files(smoke_teacher, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run_cli(main, ["pd", "--preset", "smoke", "--teacher", str(smoke_teacher), "--out", str(tmp_path),
+                          "--from-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt" in err[0] and "not a pagoda PD run" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

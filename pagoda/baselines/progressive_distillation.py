@@ -204,7 +204,14 @@ def rounds(cfg: PDConfig) -> list[int]:
 
 def check_rounds(out_dir: Path, cfg: PDConfig, round_cfg: dict) -> None:
     """Before any training: every round already in out_dir must hold this run's config (its teacher's SHA-256,
-    known only once the previous round is trained, is checked by the loop when the round starts)."""
+    known only once the previous round is trained, is checked by the loop when the round starts). A folder that
+    holds anything but pd-<N> rounds is not a PD run of ours: refused, nothing written into it."""
+    stray = sorted(p for p in out_dir.iterdir() if not (p.is_dir() and p.name.startswith("pd-")))[:3] \
+        if out_dir.is_dir() else []
+    if stray:
+        raise UserError(f"run directory {out_dir} already holds files that are not a pagoda PD run ("
+                        f"{', '.join(p.name for p in stray)}{', ...' if len(stray) == 3 else ''}): pass --out to a "
+                        "new or empty directory")
     for n in rounds(cfg):
         check_run_config(out_dir / f"pd-{n}", {**round_cfg, "round": {"teacher_steps": 2 * n, "student_steps": n}},
                          ignore=("round.teacher_sha256",))

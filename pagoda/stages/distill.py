@@ -271,7 +271,10 @@ def load_init(path: str, teacher_net: nn.Module, pairs, guided: bool, network: d
     guided G for unguided pairs."""
     if not path:
         return None, network
-    net, meta = load_network(path, kind="pagoda")
+    try:
+        net, meta = load_network(path, kind="pagoda")
+    except UserError as e:
+        raise UserError(f"--init: {e}") from None
     if meta.get("teacher_sha256") != pairs.teacher_sha256:
         raise UserError(f"--init {path} was distilled from another teacher than the one of --pairs: pass a G "
                         "trained on this teacher's pairs")
@@ -304,5 +307,6 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
                      guidance_range=list(pairs.guidance_range) if guided else None,
                      pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
                      **(dict(init=str(cfg.init), init_sha256=sha256_file(cfg.init)) if cfg.init else {}))
-        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
-                     meta_extra=extra)
+        config_dict = {**to_dict(cfg), **({"init_sha256": extra["init_sha256"]} if cfg.init else {})}
+        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=config_dict, dataset=pairs,
+                     meta_extra=extra)  # a changed --init file (same path) is a different run: refused on resume

@@ -173,7 +173,8 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
                         "swap them (--high is the grown one)")
     if low.noise_shape != high.noise_shape or high.resolution <= low.resolution or high.resolution % low.resolution:
         raise UserError(f"drift compares a G with one grown from it: {low.name} ({low.resolution} px, noise "
-                        f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) are not")
+                        f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) are not such a pair: "
+                        "pass --high a G grown from --low")
     rms, ps = [], []
     seeds = as_seeds(seeds)
     for i in range(0, len(seeds), batch):
