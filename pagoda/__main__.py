@@ -131,10 +131,8 @@ def cmd_presets(args) -> int:
 
 def cmd_info(args) -> int:
     """The checkpoint's meta: kind, resolution, parameter count, step, provenance and its config."""
-    from pagoda.checkpoint import check_meta, load_model, num_parameters, read_meta
-    meta = read_meta(args.ckpt)
-    check_meta(args.ckpt, meta, kind=args.kind)
-    load_model(args.ckpt)  # the checksum of its tensors and meta: a damaged file is an error, not a listing
+    from pagoda.checkpoint import load_model, num_parameters
+    meta = load_model(args.ckpt, kind=args.kind)[1]  # checks its checksum: a damaged file is an error, not a listing
     print(f"{'file:':<18}{args.ckpt}")
     for key in ("kind", "stage", "resolution", "noise_resolution", "grow_stage", "guidance_range", "num_classes",
                 "step", "ema_rate", "git_commit", "pagoda_version", "time", "source"):

@@ -121,6 +121,11 @@ def save_model(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], met
 
 def read_meta(path: str | os.PathLike) -> dict:
     """The JSON meta of a pagoda model file, reading only its header; UserError for anything else."""
+    return _meta_of(path, _read_header(path))
+
+
+def _read_header(path: str | os.PathLike) -> dict:
+    """The safetensors metadata (str -> str) of a file; UserError when it is missing or not safetensors."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -132,6 +137,11 @@ def read_meta(path: str | os.PathLike) -> dict:
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} is not a readable safetensors file ({e}): it is truncated or of "
                         f"another format; copy it again or use an earlier snapshot") from None
+    return metadata
+
+
+def _meta_of(path: str | os.PathLike, metadata: dict) -> dict:
+    """The pagoda meta parsed from a file's safetensors metadata; UserError for a file pagoda did not write."""
     if "pagoda" not in metadata:
         raise UserError(f"{path} is a safetensors file without pagoda metadata, not a pagoda checkpoint: "
                         f"{_IMPORT_HINT}")
@@ -162,12 +172,11 @@ def check_meta(path: str | os.PathLike, meta: dict, *, kind: str | None = None,
 def load_model(path: str | os.PathLike, *, kind: str | None = None, resolution: int | None = None,
                device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, meta) of a pagoda model file, checked for kind and resolution."""
-    meta = read_meta(path)
+    header = _read_header(path)
+    meta = _meta_of(path, header)
     check_meta(path, meta, kind=kind, resolution=resolution)
+    want = header.get("sha256")
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        want = header.get("sha256")
         state_dict = safetensors.torch.load_file(str(path), device="cpu")
     except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} cannot be read ({e}): copy it again or use an earlier snapshot") \

@@ -188,6 +188,16 @@ def _drop(tree, dotted: str):
     return {**tree, head: _drop(tree[head], rest)}
 
 
+def refuse_foreign_files(out_dir: Path, ours=lambda entry: False, what: str = "a pagoda run") -> None:
+    """UserError when out_dir holds an entry that `ours` does not accept (by default: any entry), so that a run
+    never writes into a folder of someone else's files; names up to three of them."""
+    stray = sorted(p for p in out_dir.iterdir() if not ours(p))[:3] if out_dir.is_dir() else []
+    if stray:
+        raise UserError(f"run directory {out_dir} already holds files that are not {what} ("
+                        f"{', '.join(p.name for p in stray)}{', ...' if len(stray) == 3 else ''}): pass --out to a "
+                        "new or empty directory")
+
+
 def check_run_config(out_dir: Path, config_dict: dict, *, ignore: tuple[str, ...] = ()) -> None:
     """UserError unless out_dir is (or can become) a run directory whose config.json, if any, equals config_dict
     (the dotted keys in `ignore` left out on both sides)."""
@@ -197,11 +207,7 @@ def check_run_config(out_dir: Path, config_dict: dict, *, ignore: tuple[str, ...
             raise UserError(f"run directory {out_dir}: {folder} is a file, not a directory; pass --out to a "
                             "directory (it is created)")
     if not path.exists():
-        stray = sorted(out_dir.iterdir())[:3] if out_dir.is_dir() else []
-        if stray:  # config.json is a run's first file: a folder with other files and none is not a run of ours
-            raise UserError(f"run directory {out_dir} already holds files that are not a pagoda run (no config.json; "
-                            f"{', '.join(p.name for p in stray)}{', ...' if len(stray) == 3 else ''}): pass --out to "
-                            "a new or empty directory")
+        refuse_foreign_files(out_dir)  # config.json is a run's first file: other files and none are not ours
         return
     try:
         old = json.loads(path.read_text())

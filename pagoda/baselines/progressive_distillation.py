@@ -46,7 +46,7 @@ from pagoda.config import DiffusionConfig, PDConfig, to_dict
 from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas
 from pagoda.errors import UserError
-from pagoda.train import check_run_config, train
+from pagoda.train import check_run_config, refuse_foreign_files, train
 from pagoda.weights import sha256_file
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +206,7 @@ def check_rounds(out_dir: Path, cfg: PDConfig, round_cfg: dict) -> None:
     """Before any training: every round already in out_dir must hold this run's config (its teacher's SHA-256,
     known only once the previous round is trained, is checked by the loop when the round starts). A folder that
     holds anything but pd-<N> rounds is not a PD run of ours: refused, nothing written into it."""
-    stray = sorted(p for p in out_dir.iterdir() if not (p.is_dir() and p.name.startswith("pd-")))[:3] \
-        if out_dir.is_dir() else []
-    if stray:
-        raise UserError(f"run directory {out_dir} already holds files that are not a pagoda PD run ("
-                        f"{', '.join(p.name for p in stray)}{', ...' if len(stray) == 3 else ''}): pass --out to a "
-                        "new or empty directory")
+    refuse_foreign_files(out_dir, ours=lambda p: p.is_dir() and p.name.startswith("pd-"), what="a pagoda PD run")
     for n in rounds(cfg):
         check_run_config(out_dir / f"pd-{n}", {**round_cfg, "round": {"teacher_steps": 2 * n, "student_steps": n}},
                          ignore=("round.teacher_sha256",))
