@@ -200,13 +200,17 @@ def num_parameters(path: str | os.PathLike) -> int:
 
 
 def build_network(meta: dict, *, where: str = "checkpoint"):
-    """A freshly initialised UNet of the architecture in meta["network"] (unknown keys are UserErrors)."""
-    from pagoda.networks.unet import UNet  # the network module is heavy and optional for reading meta
+    """A freshly initialised UNet of the architecture in meta["network"] (unknown keys are UserErrors; a guided
+    network without `guidance_emb_scale` was written before the key and embeds LEGACY_W_EMB_SCALE * w)."""
+    from pagoda.networks.unet import LEGACY_W_EMB_SCALE, UNet  # heavy, and optional for reading meta
 
     if not isinstance(meta.get("network"), dict):
         raise UserError(f"{where} has no 'network' entry in its metadata, so its model cannot be rebuilt: "
                         f"{_IMPORT_HINT}")
-    cfg = from_dict(UNetConfig, meta["network"], where=f"{where} network")
+    network = meta["network"]
+    if network.get("guidance_embed") and "guidance_emb_scale" not in network:  # written before the key: 1000 * w
+        network = {**network, "guidance_emb_scale": LEGACY_W_EMB_SCALE}
+    cfg = from_dict(UNetConfig, network, where=f"{where} network")
     try:
         return UNet(**dataclasses.asdict(cfg))
     except (ValueError, TypeError, RuntimeError) as e:  # a config the network cannot be built from (edited meta)

@@ -61,11 +61,15 @@ class UNetConfig:
     resblock_updown: bool = True
     emb_noise_scale: float = 1000.0  # the UNet embeds emb_noise_scale * c_noise (ADM / EDM-IN64 import)
     guidance_embed: bool = False  # embed the CFG scale w (one-step generators with guidance)
+    # the sinusoids' argument is guidance_emb_scale * w (DESIGN: 10 keeps every frequency smooth over w in [0, 10];
+    # guided files written before this key embedded 1000 * w and load as such, pagoda.checkpoint.build_network)
+    guidance_emb_scale: float = 10.0
     grow_stages: int = 0  # Stage 3: 2x growth stages before the head (output = resolution * 2^grow_stages)
 
     def validate(self) -> None:
         levels = len(self.channel_mult)
         _check(levels >= 1, "network.channel_mult must have at least one level, e.g. [1, 2, 2]")
+        _check(self.guidance_emb_scale > 0, f"network.guidance_emb_scale={self.guidance_emb_scale} must be > 0")
         _check(self.resolution % 2 ** (levels - 1) == 0,
                f"network.resolution={self.resolution} is not divisible by 2^(levels-1)="
                f"{2 ** (levels - 1)}: use fewer channel_mult levels or a larger resolution")

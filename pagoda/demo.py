@@ -70,9 +70,9 @@ class Plan:
     reps: int  # timed calls per cost setting
     train_cost_factors: str
     train_cost_time_up_to: int
-    # --set overrides of the guided G, fine-tuned from G (--init): 4x G's lr for the trunk, the w-embedding's lr
+    # --set overrides of the guided G, fine-tuned from G (--init): 10x G's lr for the trunk, the w-embedding's lr
     # kept at 200 x 1e-4 (README "Stage 3": the ablation of the guided G)
-    guided_set: tuple[str, ...] = ("train.lr=4e-4", "guidance_lr_mult=50")
+    guided_set: tuple[str, ...] = ("train.lr=1e-3", "guidance_lr_mult=20")
     grid_seeds: int = 64
     metrics: str = "fid,kid,is,pr"
     eval_batch: int = 250
@@ -80,7 +80,7 @@ class Plan:
 
 PLANS = {
     "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=250,
-                   guided_steps=200, grow_steps=(300, 16), pd_from=16, pd_steps=25, num_samples=500,
+                   guided_steps=400, grow_steps=(300, 16), pd_from=16, pd_steps=25, num_samples=500,
                    teacher_cells=(("euler,heun,dpmpp2m", "4,8"), ("euler", "1,2")), guidance="1,2,3",
                    guidance_cell=("euler", 4), drift_seeds=500, reps=30, train_cost_factors="1,2,4,8",
                    train_cost_time_up_to=32),

@@ -17,8 +17,12 @@ from torch import nn
 
 # CFG scale meaning "no guidance" (D_w = D_u + w (D_c - D_u), METHOD §1); what guidance=None embeds.
 NO_GUIDANCE = 1.0
-# The guidance scale w is embedded like a timestep: sinusoids of W_EMB_SCALE * w (w in [0, ~10] spans them).
-W_EMB_SCALE = 1000.0
+# The guidance scale w is embedded like a timestep, as sinusoids of W_EMB_SCALE * w (DESIGN). With the timestep's
+# 1000 (LCM's choice) most of the sinusoids wrap many times over w in [1, 3], so nearby scales get unrelated features
+# and a short run learns a weak w-dependence; at 10 the frequencies span 1e-3 .. 10 rad per unit of w: smooth in w,
+# still resolving 0.1 steps. Guided files written with 1000 record no scale and load with LEGACY_W_EMB_SCALE.
+W_EMB_SCALE = 10.0
+LEGACY_W_EMB_SCALE = 1000.0
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -161,7 +165,8 @@ class UNet(nn.Module):
     - labels [N] int64 in [0, num_classes]; num_classes is the null class, labels=None means all null.
       num_classes=0 builds no label embedding at all and labels must be None.
     - guidance [N] float CFG scale w, only with guidance_embed=True; None means w = NO_GUIDANCE (1.0).
-      The w-MLP's last layer starts at zero, so a fresh w-conditioned copy of a teacher equals the teacher.
+      The w-MLP's last layer starts at zero, so a fresh w-conditioned copy of a teacher equals the teacher;
+      it embeds sinusoids of guidance_emb_scale * w (default W_EMB_SCALE).
     - grow_stages: Stage 3's 2x growth stages appended before the head (`output_resolution` =
       resolution * 2^grow_stages); the input x stays at `resolution` (3 x base x base at every stage).
     """
@@ -171,11 +176,11 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (32, 16, 8), num_head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, use_scale_shift_norm: bool = True,
                  resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False,
-                 grow_stages: int = 0):
+                 guidance_emb_scale: float = W_EMB_SCALE, grow_stages: int = 0):
         super().__init__()
         self.resolution, self.model_channels, self.num_classes = resolution, model_channels, num_classes
         self.grow_stages, self.output_resolution = grow_stages, resolution * 2 ** grow_stages
-        self.emb_noise_scale = emb_noise_scale
+        self.emb_noise_scale, self.guidance_emb_scale = emb_noise_scale, guidance_emb_scale
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
@@ -239,7 +244,7 @@ class UNet(nn.Module):
             raise ValueError("this UNet is unconditional (num_classes=0) but labels were given")
         if self.guidance_emb is not None:
             w = torch.full((N,), NO_GUIDANCE, device=emb.device) if guidance is None else guidance.float().reshape(-1).expand(N)
-            emb = emb + self.guidance_emb(timestep_embedding(W_EMB_SCALE * w, self.model_channels))
+            emb = emb + self.guidance_emb(timestep_embedding(self.guidance_emb_scale * w, self.model_channels))
         elif guidance is not None:
             raise ValueError("this UNet has no guidance embedding (guidance_embed=False) but guidance was given")
         return emb
