@@ -197,10 +197,7 @@ def cmd_sample(args) -> int:
     if args.resolution is not None and gen.resolution != args.resolution:
         raise UserError(f"--ckpt {args.ckpt} is at resolution {gen.resolution}, not --resolution "
                         f"{args.resolution}: pass a {args.resolution} px checkpoint or drop --resolution")
-    gen.check_guidance(args.guidance)  # a G's own refusal names its trained range (or its lack of guided pairs)
-    if args.guidance not in (None, 1.0) and not gen.supports_guidance:
-        raise UserError(f"--guidance {args.guidance}: {args.ckpt} was not trained for classifier-free guidance "
-                        f"(unconditional, or no label dropout): drop --guidance")
+    gen.check_guidance(args.guidance)  # names a G's trained range, or why the model takes no guidance
     seeds = torch.tensor(args.seeds, dtype=torch.int64)
     labels = _sample_labels(gen, seeds, args.labels)
     images = torch.cat([x.cpu() for x in gen.sample_batches(seeds, labels, args.guidance, batch=args.batch)])

@@ -89,8 +89,13 @@ class Generator(abc.ABC):
         return self.nfe
 
     def check_guidance(self, guidance: float | None) -> float:
-        """The CFG scale a sample() call uses (None = the default); UserError where the model cannot use it."""
-        return self.guidance if guidance is None else float(guidance)
+        """The CFG scale a sample() call uses (None = the default); UserError for w != 1 on a model that cannot
+        use it (supports_guidance False: unconditional, or trained without label dropout)."""
+        w = self.guidance if guidance is None else float(guidance)
+        if w != 1.0 and not self.supports_guidance:
+            raise UserError(f"guidance {w:g}: {self.name} was not trained for classifier-free guidance "
+                            "(unconditional, or no label dropout): sample it with guidance 1")
+        return w
 
     def seed_labels(self, seeds) -> torch.Tensor | None:
         """The labels sample() draws from the seeds when given none (None for unconditional models)."""

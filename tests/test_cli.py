@@ -187,7 +187,8 @@ def test_guidance_needs_a_model_trained_for_it(tmp_path, capsys):
     path = tmp_path / "no-cfg.safetensors"
     save_model(path, UNet(**dataclasses.asdict(NET)).state_dict(),
                model_meta(kind="teacher", stage="teacher", config=cfg, step=0, ema_rate=0.0))
-    _fails_in_process(capsys, ["sample", "--ckpt", path, "--guidance", "2", "-o", tmp_path / "s.npz"], "--guidance 2")
+    _fails_in_process(capsys, ["sample", "--ckpt", path, "--guidance", "2", "-o", tmp_path / "s.npz"],
+                      "guidance 2: no-cfg was not trained for classifier-free guidance")
     assert not (tmp_path / "s.npz").exists()
 
 
