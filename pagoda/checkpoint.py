@@ -212,6 +212,8 @@ def build_network(meta: dict, *, where: str = "checkpoint"):
         network = {**network, "guidance_emb_scale": LEGACY_W_EMB_SCALE}
     cfg = from_dict(UNetConfig, network, where=f"{where} network")
     try:
+        if not cfg.guidance_emb_scale > 0:  # the UNet itself would take any value
+            raise ValueError(f"network.guidance_emb_scale={cfg.guidance_emb_scale} must be > 0")
         return UNet(**dataclasses.asdict(cfg))
     except (ValueError, TypeError, RuntimeError) as e:  # a config the network cannot be built from (edited meta)
         raise UserError(f"{where} has a network config the UNet cannot be built from ({e}): the file is damaged "
@@ -235,7 +237,13 @@ def rebuild_network(source, network: dict, *, new_prefixes, **changes):
 def diffusion_config(path: str | os.PathLike, meta: dict) -> DiffusionConfig:
     """The EDM constants (sigma range, sigma_data, rho) in a model file's meta; the imported EDM teacher has no
     'diffusion' entry, so EDM's defaults apply to it. Unknown or mistyped keys are UserErrors."""
-    return from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    cfg = from_dict(DiffusionConfig, meta.get("diffusion", {}), where=f"checkpoint {path} diffusion")
+    try:
+        cfg.validate()
+    except UserError as e:
+        raise UserError(f"checkpoint {path} has diffusion constants no model was trained with ({e}): the file is "
+                        "damaged or was edited; use another snapshot") from None
+    return cfg
 
 
 def load_network(path: str | os.PathLike, *, kind: str | None = None, resolution: int | None = None,

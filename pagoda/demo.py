@@ -515,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{what} {folder} is a file: give a folder")
         check_output(folder / "x", what)
+    if out.is_dir() and not (out / ".steps").is_dir():  # not a demo run's folder (run() makes .steps first)
+        from pagoda.train import refuse_foreign_files
+
+        refuse_foreign_files(out, what="a demo run")
     pipeline = Pipeline(plan, out, weights)
     steps = pipeline.steps()
     only = None

@@ -27,6 +27,22 @@ from pagoda.diffusion import EDMPrecond, one_step, sigma_grid
 from pagoda.errors import UserError
 from pagoda.samplers import SAMPLER_NFE, get_sampler
 
+# The largest CFG scale a model with classifier-free guidance accepts (pagoda pairs --guidance has the same bound);
+# far beyond it D_u + w (D_c - D_u) overflows.
+MAX_GUIDANCE = 100.0
+
+
+def finite_images(x: torch.Tensor, name: str, seeds: torch.Tensor | None, w: float) -> torch.Tensor:
+    """x (float [N, ...], the model's output in [-1, 1] units) unchanged, or a UserError naming the first sample
+    with NaN/inf (its seed when given) and w: NaN would become black pixels in the uint8 images."""
+    bad = (~torch.isfinite(x.detach()).reshape(len(x), -1).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        at = f"seed {int(seeds[i])}" if seeds is not None else f"item {i}"
+        raise UserError(f"{name}: the model produced NaN/inf at {at} (guidance {w:.10g}): the checkpoint is broken "
+                        "(diverged training?) or w is too large; use an earlier snapshot or a smaller w")
+    return x
+
 
 # Per-seed draws on the CPU (EDM generate.py's convention): eps_i ~ N(0, I) of `shape` from
 # torch.Generator(seed_i), then, when num_classes > 0, label_i = randint(num_classes) from the same
@@ -93,8 +109,10 @@ class Generator(abc.ABC):
         use it (supports_guidance False: unconditional, or trained without label dropout)."""
         w = self.guidance if guidance is None else float(guidance)
         if w != 1.0 and not self.supports_guidance:
-            raise UserError(f"guidance {w:g}: {self.name} was not trained for classifier-free guidance "
+            raise UserError(f"guidance {w:.10g}: {self.name} was not trained for classifier-free guidance "
                             "(unconditional, or no label dropout): sample it with guidance 1")
+        if not 0 <= w <= MAX_GUIDANCE:  # NaN too
+            raise UserError(f"guidance {w:.10g} for {self.name}: pick a CFG scale w in [0, {MAX_GUIDANCE:g}]")
         return w
 
     def seed_labels(self, seeds) -> torch.Tensor | None:
@@ -209,7 +227,7 @@ class DiffusionGenerator(Generator):
         with self._autocast():
             x = self.sampler_fn(self.denoiser, eps * self.sigmas[0].item(), self.sigmas,
                                 labels=labels, guidance=None if w == 1 else w)
-        return to_uint8(x)
+        return to_uint8(finite_images(x, self.name, seeds, w))
 
 
 class OneStepGenerator(Generator):
@@ -248,12 +266,12 @@ class OneStepGenerator(Generator):
         w = self.guidance if guidance is None else float(guidance)
         if self.guidance_range is None:
             if w != 1.0:
-                raise UserError(f"guidance {w:g}: {self.name} was trained without guidance (its range is 1 only): "
+                raise UserError(f"guidance {w:.10g}: {self.name} was trained without guidance (its range is 1 only): "
                                 "sample it with guidance 1, or train a G on guided pairs (pagoda pairs --guidance)")
             return w
         lo, hi = self.guidance_range
         if not lo <= w <= hi:
-            raise UserError(f"guidance {w:g} is outside the range [{lo:g}, {hi:g}] {self.name} was trained on: pick "
+            raise UserError(f"guidance {w:.10g} is outside the range [{lo:g}, {hi:g}] {self.name} was trained on: pick "
                             "w in it")
         return w
 
@@ -271,18 +289,20 @@ class OneStepGenerator(Generator):
         labels = self.check_labels(labels, len(seeds))
         w = self.check_guidance(guidance)
         eps, drawn = seeded_draws(seeds, self.noise_shape, self.device, self.num_classes if labels is None else 0)
-        return self.decode(eps * self.sigma_max, drawn if labels is None else labels.to(self.device), w)
+        return self.decode(eps * self.sigma_max, drawn if labels is None else labels.to(self.device), w, seeds=seeds)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, labels: torch.Tensor | None, w: float = 1.0) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None, w: float = 1.0,
+               seeds: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [N, 3, R, R] of latents z float [N, *noise_shape] (sigma_max * eps, or an inversion's) and labels
-        int64 [N] (None for an unconditional G) at a checked CFG scale w: one network call, clamped."""
+        int64 [N] (None for an unconditional G) at a checked CFG scale w: one network call, clamped; a UserError
+        for NaN/inf output (naming seeds[i] when given)."""
         ctx = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device.type, dtype=self.dtype)
         with ctx:
             w = torch.full((len(z),), w, device=self.device) if self.guidance_range else None
             x = one_step(self.net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data, guidance=w)
-        return to_uint8(x.float().clamp(-1, 1))
+        return to_uint8(finite_images(x.float(), self.name, seeds, w).clamp(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +334,16 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
                         "drop --sampler / --steps for it")
     net, meta = load_network(path, device=device)
     diffusion = diffusion_config(path, meta)
-    return OneStepGenerator(net, resolution=meta.get("resolution", net.resolution), num_classes=net.num_classes,
+    g = meta.get("guidance_range")
+    if g is not None and not (isinstance(g, list) and len(g) == 2 and all(isinstance(v, (int, float)) for v in g)
+                              and 0 <= g[0] <= g[1] <= MAX_GUIDANCE):
+        raise UserError(f"{path}: its guidance_range {g!r} is not [lo, hi] with 0 <= lo <= hi <= {MAX_GUIDANCE:g}: "
+                        "the file was edited or is damaged; use the G.safetensors a distill run wrote")
+    res = meta.get("resolution", net.resolution)
+    if not isinstance(res, int) or res != net.output_resolution:
+        raise UserError(f"{path}: its resolution {res!r} is not its network's output size {net.output_resolution}: "
+                        "the file was edited or is damaged; use the G.safetensors a distill or grow run wrote")
+    return OneStepGenerator(net, resolution=res, num_classes=net.num_classes,
                             sigma_max=diffusion.sigma_max, sigma_data=diffusion.sigma_data,
                             noise_resolution=meta.get("noise_resolution"), name=Path(path).stem,
                             guidance_range=meta.get("guidance_range"), device=device, dtype=dtype)

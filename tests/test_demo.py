@@ -125,11 +125,15 @@ def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
 
 
 @pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown",
-                                  "only_empty"])
+                                  "only_empty", "out_of_other_files"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
     argv = {"out_is_file": ["--out", str(f)], "weights_is_file": ["--out", str(tmp_path / "o"), "--weights-dir", str(f)],
+            "out_of_other_files": ["--out", str(other), "--weights-dir", str(tmp_path / "o")],
             "only_unknown": ["--out", str(tmp_path / "o"), "--only", "teacher,nope"],
             "preset_unknown": ["--preset", "imagenet", "--out", str(tmp_path / "o")],
             "only_empty": ["--out", str(tmp_path / "o"), "--only", " , "]}[case]
@@ -137,6 +141,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert not (tmp_path / "o").exists() and f.read_text() == "x"
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "keep"
 
 
 # ---------------------------------------------------------------------------------------------

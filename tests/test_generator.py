@@ -1,6 +1,7 @@
 """The Generator interface: per-seed determinism, declared == counted NFE, labels, loading by kind."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -192,3 +193,40 @@ def test_sampler_labels_are_canonical():
     assert label("dpmpp2m:loguniform") == "dpmpp2m:loguniform" and label("heun:karras-rho3") == "heun:karras-rho3"
     gen = DiffusionGenerator(den, resolution=8, num_classes=16, sampler="ddim", steps=3)
     assert gen.method == "ddim"
+
+
+def test_guidance_scale_bounded_and_non_finite_samples_refused(net):
+    gen = _gen(net)  # class-conditional: CFG-capable
+    assert gen.check_guidance(2.5) == 2.5 and gen.check_guidance(None) == 1.0
+    for w in (-1.0, float("nan"), 1e30):
+        with pytest.raises(UserError, match=r"pick a CFG scale w in \[0, 100\]"):
+            gen.check_guidance(w)
+    # A w that overflows D_u + w (D_c - D_u) gives NaN: refused naming the seed and w, not black pixels.
+    with pytest.raises(UserError, match=r"NaN/inf at seed 4 \(guidance 1e\+38\)"):
+        gen.sample(torch.tensor([4, 5]), guidance=1e38)
+    # Control: a sane w samples.
+    assert gen.sample(torch.tensor([4, 5]), guidance=3.0).dtype == torch.uint8
+
+
+def test_edited_one_step_meta_refused_in_one_line(tmp_path):
+    # Files without a checksum (written before it existed) still load, so their meta values are checked.
+    cfg = PRESETS["smoke"].teacher
+    gcfg = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, guidance_embed=True))
+    state = UNet(**dataclasses.asdict(gcfg.network)).state_dict()
+
+    def write(name, config=gcfg, **extra):
+        path = tmp_path / f"{name}.safetensors"
+        save_model(path, state, model_meta(kind="pagoda", stage="distill", config=config, step=0, ema_rate=0.0,
+                                           extra={"guidance_range": [1.0, 3.0], **extra}))
+        return path
+
+    assert load_generator(write("ok")).guidance_range == (1.0, 3.0)  # control
+    cases = {"range": (dict(guidance_range="abc"), "guidance_range 'abc'"),
+             "res": (dict(resolution=-3), "resolution -3 is not its network's output size 8"),
+             "scale": (dict(config=dataclasses.replace(gcfg, network=dataclasses.replace(
+                 gcfg.network, guidance_emb_scale=-5.0))), "guidance_emb_scale=-5.0 must be > 0"),
+             "sigma": (dict(config=dataclasses.replace(gcfg, diffusion=dataclasses.replace(
+                 gcfg.diffusion, sigma_max=-1.0))), "diffusion constants no model was trained with")}
+    for name, (kw, needle) in cases.items():
+        with pytest.raises(UserError, match=re.escape(needle)):
+            load_generator(write(name, **kw))
