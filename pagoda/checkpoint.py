@@ -212,8 +212,6 @@ def build_network(meta: dict, *, where: str = "checkpoint"):
         network = {**network, "guidance_emb_scale": LEGACY_W_EMB_SCALE}
     cfg = from_dict(UNetConfig, network, where=f"{where} network")
     try:
-        if not cfg.guidance_emb_scale > 0:  # the UNet itself would take any value
-            raise ValueError(f"network.guidance_emb_scale={cfg.guidance_emb_scale} must be > 0")
         return UNet(**dataclasses.asdict(cfg))
     except (ValueError, TypeError, RuntimeError) as e:  # a config the network cannot be built from (edited meta)
         raise UserError(f"{where} has a network config the UNet cannot be built from ({e}): the file is damaged "

@@ -25,11 +25,7 @@ from pagoda.config import SampleConfig, from_dict, split_sampler_spec
 from pagoda.data import to_uint8
 from pagoda.diffusion import EDMPrecond, one_step, sigma_grid
 from pagoda.errors import UserError
-from pagoda.samplers import SAMPLER_NFE, get_sampler
-
-# The largest CFG scale a model with classifier-free guidance accepts (pagoda pairs --guidance has the same bound);
-# far beyond it D_u + w (D_c - D_u) overflows.
-MAX_GUIDANCE = 100.0
+from pagoda.samplers import MAX_GUIDANCE, SAMPLER_NFE, get_sampler
 
 
 def finite_images(x: torch.Tensor, name: str, seeds: torch.Tensor | None, w: float) -> torch.Tensor:
@@ -300,8 +296,8 @@ class OneStepGenerator(Generator):
         ctx = contextlib.nullcontext() if self.dtype == torch.float32 else \
             torch.autocast(self.device.type, dtype=self.dtype)
         with ctx:
-            w = torch.full((len(z),), w, device=self.device) if self.guidance_range else None
-            x = one_step(self.net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data, guidance=w)
+            w_in = torch.full((len(z),), w, device=self.device) if self.guidance_range else None
+            x = one_step(self.net, z, labels, sigma_max=self.sigma_max, sigma_data=self.sigma_data, guidance=w_in)
         return to_uint8(finite_images(x.float(), self.name, seeds, w).clamp(-1, 1))
 
 

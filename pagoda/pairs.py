@@ -63,7 +63,7 @@ from pagoda.checkpoint import check_meta, diffusion_config, load_network, read_m
 from pagoda.data import build_dataset, check_native_resolution, to_model
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import UserError
-from pagoda.samplers import ddim_invert, inversion_sigmas
+from pagoda.samplers import MAX_GUIDANCE, ddim_invert, inversion_sigmas
 from pagoda.weights import sha256_file
 
 FORMAT = "pagoda-pairs-1"  # bump when the folder layout changes incompatibly
@@ -154,8 +154,9 @@ def check_guidance_range(guidance, teacher, meta: dict) -> tuple[float, float] |
     if guidance is None:
         return None
     lo, hi = (float(v) for v in guidance)
-    if not (0 <= lo <= hi <= 100):
-        raise UserError(f"--guidance {lo:g}:{hi:g} must be a range LO:HI with 0 <= LO <= HI <= 100 (e.g. 1:3)")
+    if not (0 <= lo <= hi <= MAX_GUIDANCE):
+        raise UserError(f"--guidance {lo:g}:{hi:g} must be a range LO:HI with 0 <= LO <= HI <= {MAX_GUIDANCE:g} "
+                        "(e.g. 1:3)")
     if int(meta.get("num_classes", 0)) < 1 or meta.get("diffusion", {}).get("label_dropout", 0.0) <= 0:
         raise UserError(f"--guidance: teacher {teacher} was not trained for classifier-free guidance "
                         "(unconditional, or no label dropout): drop --guidance")

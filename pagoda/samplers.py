@@ -15,6 +15,9 @@ import torch
 from pagoda.diffusion import karras_sigmas
 from pagoda.errors import UserError
 
+# The largest CFG scale accepted anywhere (guided pairs, sampling, eval): far beyond it D_u + w (D_c - D_u) overflows.
+MAX_GUIDANCE = 100.0
+
 
 class NFECounter:
     """Wraps a denoiser; `nfe` = network rows evaluated / samples in the sampling call.

@@ -230,3 +230,17 @@ def test_edited_one_step_meta_refused_in_one_line(tmp_path):
     for name, (kw, needle) in cases.items():
         with pytest.raises(UserError, match=re.escape(needle)):
             load_generator(write(name, **kw))
+
+
+def test_one_step_nan_names_the_seed_and_w(tmp_path):
+    # decode's NaN refusal formats the scalar w (the network gets a per-item tensor of it).
+    cfg = PRESETS["smoke"].teacher
+    gcfg = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, guidance_embed=True))
+    net = UNet(**dataclasses.asdict(gcfg.network))
+    with torch.no_grad():
+        net.out[-1].bias.fill_(float("nan"))
+    path = tmp_path / "nan.safetensors"
+    save_model(path, net.state_dict(), model_meta(kind="pagoda", stage="distill", config=gcfg, step=0, ema_rate=0.0,
+                                                  extra={"guidance_range": [1.0, 3.0]}))
+    with pytest.raises(UserError, match=r"NaN/inf at seed 9 \(guidance 2\)"):
+        load_generator(path).sample(torch.tensor([9]), guidance=2.0)

@@ -178,6 +178,8 @@ class UNet(nn.Module):
                  resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False,
                  guidance_emb_scale: float = W_EMB_SCALE, grow_stages: int = 0):
         super().__init__()
+        if not guidance_emb_scale > 0:
+            raise ValueError(f"network.guidance_emb_scale={guidance_emb_scale} must be > 0")
         self.resolution, self.model_channels, self.num_classes = resolution, model_channels, num_classes
         self.grow_stages, self.output_resolution = grow_stages, resolution * 2 ** grow_stages
         self.emb_noise_scale, self.guidance_emb_scale = emb_noise_scale, guidance_emb_scale
