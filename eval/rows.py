@@ -8,16 +8,13 @@ IS style, the class of a per-class FID, the bootstrap size) goes into `extra`, a
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from pagoda.checkpoint import write_atomic
-from pagoda.errors import UserError, check_output
+from pagoda.rows import REQUIRED, append_rows, check_rows_output, read_rows  # noqa: F401 (the rows API is here)
 from pagoda.version import git_commit
 
 # The fixed schema, in the order a table shows it.
@@ -41,7 +38,6 @@ COUNT_METRICS = ("nfe", "params", "gflops_per_image")
 # them measured the same thing differently, and eval.gate refuses to compare them.
 ESTIMATOR_EXTRA = ("subset_size", "subsets", "kid_seed", "splits", "style", "k", "bootstrap", "resize", "labels",
                    "sigma", "scale", "layer")
-REQUIRED = ("model", "metric", "value")
 
 
 def run_id() -> str:
@@ -74,59 +70,9 @@ def row_key(row: dict) -> tuple:
     return tuple(row.get(k) for k in MATCH_KEYS) + (extra,) + cost
 
 
-def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Append rows atomically: the old content plus the new lines go to a temp file that replaces `path`."""
-    path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    new = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows).encode()
-    write_atomic(path, lambda tmp: tmp.write_bytes(old + new))
-
-
 def estimator_params(row: dict) -> dict:
     """The estimator parameters recorded in a row's `extra` (ESTIMATOR_EXTRA entries present)."""
     return {k: v for k, v in (row.get("extra") or {}).items() if k in ESTIMATOR_EXTRA}
-
-
-def check_rows_output(path: str | os.PathLike, what: str = "-o") -> None:
-    """UserError unless rows can be appended to `path`: a writable new file, or a JSONL file of rows (anything
-    else there, an npz say, would be damaged by the append)."""
-    check_output(path, what)
-    if Path(path).exists() and Path(path).stat().st_size:
-        try:
-            read_rows(path, f"{what} file")
-        except UserError as e:
-            raise UserError(f"{e} -- {what} appends rows to an existing file only if it holds rows: choose "
-                            "another file") from None
-
-
-def read_rows(path: str | os.PathLike, what: str = "results file") -> list[dict]:
-    """All rows of a JSONL file; a malformed line is a UserError naming `what`, the file and line number."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"{what} {path} does not exist or is not a file: check the path") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text: give a .jsonl file of result rows") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}): fix or delete that line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}: fix that line")
-        missing = [k for k in REQUIRED if k not in row]
-        if missing:
-            raise UserError(f"{path}:{n}: row lacks key(s) {missing}: fix that line or regenerate the file")
-        if not isinstance(row["value"], (int, float)) or isinstance(row["value"], bool):
-            raise UserError(f"{path}:{n}: 'value' must be a number, got {row['value']!r}: fix that line")
-        rows.append(row)
-    return rows
 
 
 def _cell(v: Any) -> str:

@@ -223,18 +223,17 @@ def cmd_drift(args) -> int:
     import torch
 
     from pagoda.generator import load_generator
+    from pagoda.rows import append_rows, check_rows_output
     from pagoda.stages.grow import check_lineage, drift
     if args.out:
-        check_output(Path(args.out))
+        check_rows_output(args.out, "--out")  # a model file or malformed rows there: refused, not appended to
     low, high = (load_generator(p, device=args.device) for p in (args.low, args.high))
     if low.resolution < high.resolution:  # a swapped pair gets drift()'s own message
         check_lineage(args.low, args.high)
     row = drift(low, high, torch.tensor(args.seeds, dtype=torch.int64))
     print(json.dumps({"metric": "drift", **row, "low_path": str(args.low), "high_path": str(args.high)}))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in drift_rows(row, args.low, args.high)))
+        append_rows(args.out, drift_rows(row, args.low, args.high))
     return 0
 
 

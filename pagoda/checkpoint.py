@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,55 +26,11 @@ import safetensors.torch
 import torch
 
 from pagoda.config import DiffusionConfig, UNetConfig, from_dict, to_dict
-from pagoda.errors import UserError
+from pagoda.errors import UserError, write_atomic
 from pagoda.version import __version__, git_commit
 
 FORMAT = "pagoda-1"  # bump when the meta layout changes incompatibly
 _IMPORT_HINT = "for the public EDM ImageNet-64 teacher run `python -m pagoda import-edm SRC.pt -o OUT.safetensors`"
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes.
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on a temp path beside `path`, fsync it, then os.replace it over `path` (over the file a
-    symlink `path` points to, so that the link survives)."""
-    path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (some writers, e.g. safetensors, make it 0600)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

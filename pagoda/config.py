@@ -65,6 +65,9 @@ class UNetConfig:
     # guided files written before this key embedded 1000 * w and load as such, pagoda.checkpoint.build_network)
     guidance_emb_scale: float = 10.0
     grow_stages: int = 0  # Stage 3: 2x growth stages before the head (output = resolution * 2^grow_stages)
+    # Stage 3's blocks (set by `grow` from GrowConfig; these defaults are what files written before the keys hold):
+    grow_scale_shift_norm: bool = True  # embedding as scale-shift of the norm (True) or a bias (False, official)
+    grow_skip: bool = False  # image_k = up(image_{k-1}) + a zero-initialised head of its own (exact growth start)
 
     def validate(self) -> None:
         levels = len(self.channel_mult)
@@ -289,7 +292,7 @@ class GrowLossConfig:
     adaptive: bool = True  # the adaptive lambda in the joint update (stages before split_from)
     split_from: int = 2  # from this stage (256 for ImageNet) two G updates per step: L_rec, then w_adv * L_adv (lambda 1)
     rec_disc_from: int = 3  # from this stage (512) a second discriminator judges reconstructions G(z_x) against x
-    rec_disc_weight: float = 0.5  # its weight in the generator's adversarial loss
+    rec_disc_weight: float = 0.5  # its weight (x an adaptive lambda_rec against L_rec) in the reconstruction update
     backbone: str = "random"  # feature backbone of the distance d (pagoda.networks.features)
     augment: bool = True  # DiffAugment, one draw shared by both images
 
@@ -300,6 +303,9 @@ class GrowLossConfig:
         _check(self.split_from >= 1 and self.rec_disc_from >= 1, "loss.split_from and loss.rec_disc_from must be >= 1")
 
 
+GROW_STARTS = ("kept-head", "skip")
+
+
 @dataclass(frozen=True)
 class GrowConfig:
     """Stage 3: grow a one-step G 2x (METHOD §2): an up-ResBlock and two ResBlocks before the kept head, the trunk
@@ -308,6 +314,12 @@ class GrowConfig:
     source: str = ""  # the G to grow (--from): Stage 2b's G or a grown one
     pairs: str = ""  # the Stage-2a pairs the source was trained on (same teacher, base resolution)
     resolution: int = 0  # the output resolution; 0 = twice the source's (anything else is refused)
+    # The grown blocks' embedding: scale-shift of the norm (True) or a bias (False: the official growth scripts pass
+    # --use_scale_shift_norm_high=False). A source grown before keeps its setting: another one is refused.
+    scale_shift_norm: bool = False
+    # How a grown G starts (README "Design"): "kept-head" (the paper's: the source's head reads the new blocks, so
+    # G_2x(z) is only near up(G(z))) or "skip" (ProGAN's skip: up(G's image) + a new zero-initialised head, exact).
+    start: str = "kept-head"
     freeze: tuple[str, ...] = default_freeze(UNetConfig())  # modules of the UNet frozen (no optimiser / EMA state)
     loss: GrowLossConfig = field(default_factory=GrowLossConfig)
     disc: DiscConfig = field(default_factory=DiscConfig)
@@ -321,6 +333,7 @@ class GrowConfig:
         _check(self.resolution == 0 or (self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0),
                f"resolution={self.resolution} must be 0 (twice the source's) or a power of two >= 8")
         _check(all(isinstance(n, str) and n for n in self.freeze), "freeze must be a list of module names")
+        _check(self.start in GROW_STARTS, f"start={self.start!r} must be one of {', '.join(GROW_STARTS)}")
 
 
 PD_FORMULATIONS = ("edm", "vp-cosine")
@@ -382,6 +395,9 @@ STAGES = ("teacher", "distill", "pd", "grow")
 # ---------------------------------------------------------------------------------------------
 # Presets.
 
+PAPER_RANKS = 8  # the ImageNet presets' micro-batches are their global batches over 8 GPUs (one node)
+
+
 def _imagenet64() -> Preset:
     # The paper's teacher = the public EDM ImageNet-64 checkpoint architecture (~296M params);
     # optimiser settings follow the consistency-models EDM run (Adam 1e-4, batch 4096, EMA 0.9999).
@@ -411,11 +427,15 @@ def _in64_grow(resolution: int) -> GrowConfig:
     # 128 / 256 / 512; w_adv 1.0; the paper's DeiT + EfficientNet features for d and D.
     net = UNetConfig(resolution=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      attention_resolutions=(32, 16, 8), num_head_channels=64, num_classes=1000)
+    # micro_batch = the official per-GPU batch on 8 ranks (global batch / world size, no accumulation; sony/pagoda
+    # `commands/res64to*.sh` set microbatch = global batch): the discriminator's BatchNorm and the per-micro-batch
+    # lambda see 32 / 45 / 64 images, the same on fewer GPUs (which accumulate).
     batch = {128: 256, 256: 360, 512: 512}[resolution]
     return GrowConfig(resolution=resolution, freeze=default_freeze(net),
                       loss=GrowLossConfig(w_adv=1.0, backbone="paper"), disc=DiscConfig(backbone="paper", lr=2e-3),
-                      train=TrainConfig(batch=batch, micro_batch=8, steps=50_000, lr=8e-6, lr_warmup=0,
-                                        ema_rate=0.999, snapshot_every=2000, log_every=100, dtype="float16"))
+                      train=TrainConfig(batch=batch, micro_batch=batch // PAPER_RANKS, steps=50_000, lr=8e-6,
+                                        lr_warmup=0, ema_rate=0.999, snapshot_every=2000, log_every=100,
+                                        dtype="float16"))
 
 
 def _in64to(resolution: int) -> Preset:

@@ -451,6 +451,13 @@ class Pairs(torch.utils.data.Dataset):
         return x, f.get_slice("label")[k:k + 1][0], f.get_slice("z")[k:k + 1][0].to(torch.float32), w
 
 
+def pairs_sha256(folder: str | os.PathLike) -> str | None:
+    """SHA-256 of a pairs folder's index.json (it records every shard's SHA-256, so it names the pairs' content),
+    or None when there is none (load_pairs then says what is wrong)."""
+    path = Path(folder) / INDEX
+    return sha256_file(path) if path.is_file() else None
+
+
 def load_pairs(folder: str | os.PathLike, *, teacher_sha256: str | None = None, resolution: int | None = None,
                data: str | None = None, image_resolution: int | None = None) -> Pairs:
     """The pairs in `folder`, verified: index complete, every shard's SHA-256 as recorded, data unchanged.

@@ -217,7 +217,15 @@ def check_run_config(out_dir: Path, config_dict: dict, *, ignore: tuple[str, ...
     new = json.loads(json.dumps(config_dict))  # tuples -> lists, as stored
     for key in ignore:
         old, new = _drop(old, key), _drop(new, key)
-    diff = first_difference(old, new)
+    # the settings first; then `inputs` (the SHA-256 of input files, so a file replaced at the same path differs)
+    diff = first_difference(_drop(old, "inputs"), _drop(new, "inputs"))
+    inputs = first_difference(old.get("inputs", "<missing>") if isinstance(old, dict) else "<missing>",
+                              new.get("inputs", "<missing>"), "inputs.")
+    if diff is None and inputs is not None:
+        raise UserError(f"run directory {out_dir} holds a run made from other inputs ({inputs[0]}: "
+                        f"{str(inputs[1])[:16]} there, {str(inputs[2])[:16]} now; an input file was replaced at the "
+                        f"same path, or the run predates input hashes): pass --out to another directory or delete "
+                        f"{out_dir} to start over")
     if diff is not None:
         raise UserError(f"run directory {out_dir} holds a run with a different config (first difference: "
                         f"{diff[0]} = {diff[1]!r} there, {diff[2]!r} now): pass --out to another directory "

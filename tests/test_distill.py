@@ -48,8 +48,8 @@ def _distill(files, out, *more):
 
 
 def test_g_starts_as_the_teacher_raw_output_at_sigma_max(files):
-    net, diffusion, _ = load_teacher(files["teacher"])
-    stage = DistillStage(PRESETS["smoke"].distill, net, diffusion)
+    net, diffusion, meta = load_teacher(files["teacher"])
+    stage = DistillStage(PRESETS["smoke"].distill, net, diffusion, network=meta["network"])
     z = 80 * torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 3, 5, 15])
     sigma = torch.full((4,), 80.0)

@@ -226,6 +226,7 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
                             f"{teacher_net.num_classes}: pass the teacher's training data with --data")
         teacher_sha = sha256_file(cfg.teacher)
         round_cfg = {k: v for k, v in to_dict(cfg).items() if k != "to_steps"}  # a round does not depend on it
+        round_cfg["inputs"] = {"data_fingerprint": dataset.fingerprint()}  # the images' content, not their path
         check_rounds(Path(out_dir), cfg, round_cfg)
         path, teacher_path, round_sha = None, Path(cfg.teacher), teacher_sha
         for n in rounds(cfg):

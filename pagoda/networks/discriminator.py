@@ -24,6 +24,10 @@ from pagoda.networks.unet import NO_GUIDANCE, W_EMB_SCALE, timestep_embedding
 # StyleGAN-XL's channels after down-sampling to each (nominal) size ("nfc_midas").
 NFC = {4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 END_SIZE = 8  # down-blocks run until the nominal size reaches 8; the 4x4 conv then gives ~4x4-5x5 patches
+# The heads' depth is sized for the maps of a 256 px input at most: the official projector hard-codes `im_res = 256`
+# (sony/pagoda `pg_modules/projector.py`), so at 512 px each head keeps the 4/3/2/1 down-blocks of 256 px and judges
+# 13 x 13 patches instead of 5 x 5.
+HEAD_SIZING_RESOLUTION = 256
 
 
 def sn_conv(c_in: int, c_out: int, k: int, stride: int = 1, padding: int = 0, bias: bool = True) -> nn.Conv2d:
@@ -41,15 +45,16 @@ class DownBlock(nn.Sequential):
 class MiniDiscriminator(nn.Module):
     """Patch logits [N, P] of one feature map [N, c_in, H, W] (StyleGAN-XL `SingleDiscCond`).
 
-    The number of down-blocks follows the nominal size (the tabulated size nearest min(H, W)): 4 for 112 px
-    maps, 0 at <= 8 px. Widths: NFC by nominal output size, or `width` for all. Unconditional heads end in one
+    The number of down-blocks follows the nominal size (the tabulated size nearest min(sizing), sizing = the map's
+    size at the head-sizing resolution, `size` by default): 4 for 112 px maps, 0 at <= 8 px; P follows the map's
+    actual `size`. Widths: NFC by nominal output size, or `width` for all. Unconditional heads end in one
     channel; conditional ones in cond_dim channels projected on c = e(y) [+ g(w)], divided by sqrt(cond_dim).
     """
 
     def __init__(self, c_in: int, size: tuple[int, int], *, num_classes: int, cond_dim: int, guidance: bool,
-                 width: int | None = None):
+                 width: int | None = None, sizing: tuple[int, int] | None = None):
         super().__init__()
-        nominal = min(NFC, key=lambda s: abs(s - min(size)))
+        nominal = min(NFC, key=lambda s: abs(s - min(sizing or size)))
         (h, w), c, blocks = size, c_in, []
         while nominal > END_SIZE:
             nominal //= 2
@@ -82,7 +87,8 @@ class ProjectedDiscriminator(nn.Module):
 
     backbone: a frozen `pagoda.networks.features.Backbone` (all of its maps are judged, e.g. 8 for `paper`);
     it gets no gradient, but x does (the generator's adversarial loss passes through). resolution: the image
-    size D will see (the backbone is probed once to size the heads). num_classes: 0 = unconditional, else y [N]
+    size D will see (the backbone is probed to size the heads: their depth as at min(resolution, 256) px, the
+    official projector's `im_res`, their patch count at resolution). num_classes: 0 = unconditional, else y [N]
     int64 in [0, num_classes) selects a trainable embedding -> cond_dim (METHOD: 1000 -> 64).
     guidance_embedding: condition on the CFG scale w too ([N] float; None means w = 1). width: None = StyleGAN-XL's
     channels per size, an int = that width everywhere (cheap CPU presets).
@@ -102,9 +108,12 @@ class ProjectedDiscriminator(nn.Module):
         device = next(iter([*backbone.parameters(), *backbone.buffers()]), torch.empty(0)).device
         with torch.no_grad():
             maps = backbone(torch.zeros(1, 3, resolution, resolution, device=device))
+            r = min(resolution, HEAD_SIZING_RESOLUTION)
+            sizing = maps if r == resolution else backbone(torch.zeros(1, 3, r, r, device=device))
         self.heads = nn.ModuleList(
             MiniDiscriminator(m.shape[1], tuple(m.shape[-2:]), num_classes=num_classes, cond_dim=cond_dim,
-                              guidance=guidance_embedding, width=width) for m in maps).to(device)
+                              guidance=guidance_embedding, width=width, sizing=tuple(ms.shape[-2:]))
+            for m, ms in zip(maps, sizing)).to(device)
         self.num_patches = sum(h.num_patches for h in self.heads)
         self.register_state_dict_post_hook(_drop_backbone)
         self.register_load_state_dict_pre_hook(_keep_backbone)

@@ -169,6 +169,10 @@ class UNet(nn.Module):
       it embeds sinusoids of guidance_emb_scale * w (default W_EMB_SCALE).
     - grow_stages: Stage 3's 2x growth stages appended before the head (`output_resolution` =
       resolution * 2^grow_stages); the input x stays at `resolution` (3 x base x base at every stage).
+      grow_scale_shift_norm: their ResBlocks take the embedding as scale-shift of the norm (True, files written
+      before the key) or as a bias (False, the official growth scripts). grow_skip: each stage adds its own
+      zero-initialised head to the upsampled image of the stage before (exact growth start) instead of the one
+      kept head reading the last block.
     """
 
     def __init__(self, *, resolution: int, in_channels: int = 3, out_channels: int = 3, model_channels: int = 192,
@@ -176,7 +180,8 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (32, 16, 8), num_head_channels: int = 64,
                  dropout: float = 0.0, num_classes: int = 0, use_scale_shift_norm: bool = True,
                  resblock_updown: bool = True, emb_noise_scale: float = 1000.0, guidance_embed: bool = False,
-                 guidance_emb_scale: float = W_EMB_SCALE, grow_stages: int = 0):
+                 guidance_emb_scale: float = W_EMB_SCALE, grow_stages: int = 0, grow_scale_shift_norm: bool = True,
+                 grow_skip: bool = False):
         super().__init__()
         if not guidance_emb_scale > 0:
             raise ValueError(f"network.guidance_emb_scale={guidance_emb_scale} must be > 0")
@@ -226,12 +231,24 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         # Stage 3 (METHOD §2): per 2x, an up-ResBlock (nearest) and two ResBlocks at the head's width, no attention,
-        # no skips, output convs zero-initialised (ResBlock's default), so a fresh stage passes h on upsampled.
+        # no skips, output convs zero-initialised (ResBlock's default), so a fresh stage passes h on upsampled. Their
+        # embedding is a scale-shift of the norm or, as the official growth scripts (`use_scale_shift_norm_high`
+        # False), a bias added before it.
         self.base_output_blocks = len(self.output_blocks)
         for _ in range(grow_stages):
-            self.output_blocks.extend(TimestepEmbedSequential(res(ch, ch, up=up)) for up in (True, False, False))
+            self.output_blocks.extend(
+                TimestepEmbedSequential(ResBlock(ch, emb_dim, dropout, ch, use_scale_shift_norm=grow_scale_shift_norm,
+                                                 up=up)) for up in (True, False, False))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        def head():  # GroupNorm, SiLU, a zero-initialised 3x3 conv to the image (ADM `out`)
+            return nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+        self.out = head()
+        # grow_skip (DESIGN, ProGAN's skip generator, Karras et al. 2018 / StyleGAN2's "skip" G): the image of each 2x
+        # stage is up(the previous stage's image) + a head of its own on the new features, that head's conv zero, so
+        # a freshly grown G is exactly up(G). Without it the kept head `out` reads the last grown block (the paper's).
+        self.grow_skip = grow_skip and grow_stages > 0
+        self.grow_out = nn.ModuleList(head() for _ in range(grow_stages)) if self.grow_skip else None
 
     def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
               N: int) -> torch.Tensor:
@@ -259,8 +276,16 @@ class UNet(nn.Module):
             h = block(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            # Blocks appended by Stage 3 come after the last skip and take h alone.
-            h = block(torch.cat([h, hs.pop()], dim=1) if hs else h, emb)
+        for block in self.output_blocks[:self.base_output_blocks]:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        if self.grow_skip:  # image_k = up(image_{k-1}) + grow_out[k](h_k), image_0 = out(h_0)
+            image = self.out(h)
+            for k, head in enumerate(self.grow_out):
+                for block in self.output_blocks[self.base_output_blocks + 3 * k:self.base_output_blocks + 3 * k + 3]:
+                    h = block(h, emb)
+                image = F.interpolate(image, scale_factor=2, mode="nearest") + head(h)
+            return image.to(x.dtype)  # [N, out_channels, output_resolution, output_resolution]
+        for block in self.output_blocks[self.base_output_blocks:]:  # Stage 3's blocks take h alone (no skips)
+            h = block(h, emb)
         return self.out(h).to(x.dtype)  # [N, out_channels, output_resolution, output_resolution]
 

@@ -74,6 +74,17 @@ def with_guidance_embedding(net: nn.Module, network: dict) -> tuple[nn.Module, d
     return rebuild_network(net, network, new_prefixes=("guidance_emb.",), guidance_embed=True)
 
 
+def generator_network(net: nn.Module, network: dict, *, guided: bool) -> tuple[nn.Module, dict]:
+    """(G's network: a copy of `net` (the teacher's, or a one-step G's) with dropout 0 and, when guided, the
+    w-embedding switched on; its network config). The official G is built with dropout 0 (sony/pagoda
+    `cm/script_util.py`), whatever the teacher trained with (EDM ImageNet-64: 0.1): dropout inside G would act on
+    L_rec, L_adv, the D step's fakes and lambda. A network that already has both is copied as it is."""
+    changes = {"dropout": 0.0, **({"guidance_embed": True} if guided and net.guidance_emb is None else {})}
+    if all(network.get(k) == v for k, v in changes.items()):
+        return copy.deepcopy(net), dict(network)
+    return rebuild_network(net, network, new_prefixes=("guidance_emb.",), **changes)
+
+
 class OneStepStage:
     """What Stage 2b and Stage 3 share: G's reconstruction + adversarial step, the discriminator step, RAdam.
 
@@ -113,11 +124,13 @@ class OneStepStage:
 
     def step(self, net, batch: list[torch.Tensor], generator: torch.Generator, phase: str | None = None):
         """One G micro-batch. phase None: L_rec + w_adv * lambda * L_adv (adaptive lambda if loss.adaptive);
-        "rec": L_rec alone; "adv": w_adv * (L_adv + rec_disc_weight * L_adv_rec) with lambda = 1, L_adv_rec the
-        hinge loss of the reconstructions' discriminator (when there is one). L_rec carries loss.w_rec where the
-        config has one (Stage 3; 0 drops it, and lambda is then 1). With w_cfg > 0 (guided Stage 2b) the CFG
+        "rec": L_rec, plus rec_disc_weight * lambda_rec * L_adv_rec when there is a reconstructions' discriminator
+        (L_adv_rec its hinge loss on G(z_x), lambda_rec adaptive against L_rec; sony/pagoda `train_util.py`
+        adds it to the reconstruction update); "adv": w_adv * L_adv with lambda = 1. L_rec carries loss.w_rec where
+        the config has one (Stage 3; 0 drops it, and lambda is then 1). With w_cfg > 0 (guided Stage 2b) the CFG
         distillation term w_cfg * d(G(z', y, w), cfg_target(z', y, w)) on fresh noise z' joins L_rec (lambda still
-        weighs L_adv against L_rec alone). One G call serves every part. Logs l_rec, l_adv, lambda, l_cfg."""
+        weighs L_adv against L_rec alone). One G call serves every part. Logs l_rec, l_adv, lambda, l_cfg,
+        l_adv_rec, lambda_rec."""
         x, y, _, w = batch
         labels, n, loss_cfg = self._labels(y), len(x), self.cfg.loss
         w = w.float() if self.guided else None
@@ -125,8 +138,7 @@ class OneStepStage:
         disc, disc_rec = self._discs(self.disc)
         eps = torch.randn(z.shape, generator=generator, device=z.device)  # the adversarial fake's noise
         w_rec = getattr(loss_cfg, "w_rec", 1.0)  # Stage 3's weight of L_rec (Stage 2b: 1)
-        rec_loss = phase in (None, "rec") and w_rec > 0
-        use_rec = rec_loss or (phase == "adv" and disc_rec is not None)
+        use_rec = phase in (None, "rec") and w_rec > 0
         use_adv = disc is not None and phase in (None, "adv")
         use_cfg = self.w_cfg > 0 and phase in (None, "rec")
         if use_cfg:  # the CFG distillation term's fresh noise and its w-guided teacher target
@@ -138,7 +150,7 @@ class OneStepStage:
                      None if w is None else w.repeat(reps)).split(n)
         rec, fake = (out[0] if use_rec else None), (out[int(use_rec)] if use_adv else None)
         stats, loss, l_rec = {}, 0, 0
-        if rec_loss:
+        if use_rec:
             draw = augment_params(n, generator) if loss_cfg.augment else None
             l_rec = w_rec * d(rec, target, [self.backbone], draw=draw).mean()
             stats["l_rec"], loss = l_rec.detach(), l_rec
@@ -146,22 +158,29 @@ class OneStepStage:
             draw = augment_params(n, generator) if loss_cfg.augment else None
             l_cfg = d(out[-1], target_cfg, [self.backbone], draw=draw).mean()
             stats["l_cfg"], loss = l_cfg.detach(), loss + self.w_cfg * l_cfg
+        if use_rec and disc_rec is not None:  # + rec_disc_weight * lambda_rec * L_adv_rec, in the same update
+            l_adv_rec = self._g_adv(disc_rec, rec, labels, w, generator)
+            lam_rec = adaptive_weight(l_rec, l_adv_rec, adaptive_weight_layer(net))
+            stats.update(l_adv_rec=l_adv_rec.detach(), lambda_rec=lam_rec)
+            loss = loss + loss_cfg.rec_disc_weight * lam_rec * l_adv_rec
         if not use_adv:
             return loss, stats
-        self.disc.requires_grad_(False)  # D is fixed in the G step: gradients reach G only
-        fake = apply_augment(fake, augment_params(n, generator)) if loss_cfg.augment else fake
-        l_adv = hinge_g_loss(disc(fake, labels, w)).mean()
-        if disc_rec is not None:
-            rec_in = apply_augment(rec, augment_params(n, generator)) if loss_cfg.augment else rec
-            l_adv_rec = hinge_g_loss(disc_rec(rec_in, labels, w)).mean()
-            stats["l_adv_rec"] = l_adv_rec.detach()
-            l_adv = l_adv + loss_cfg.rec_disc_weight * l_adv_rec
-        self.disc.requires_grad_(True)
+        l_adv = self._g_adv(disc, fake, labels, w, generator)
         lam = torch.ones((), device=z.device)
         if phase is None and loss_cfg.adaptive:
             lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net))
         stats.update(l_adv=l_adv.detach(), **({"lambda": lam} if phase is None else {}))
         return loss + loss_cfg.w_adv * lam * l_adv, stats
+
+    def _g_adv(self, disc, images, labels, w, generator) -> torch.Tensor:
+        """The generator's hinge loss L_adv = -mean D(aug(images), y[, w]) with D held fixed (gradients reach G
+        only); a fresh DiffAugment draw when loss.augment."""
+        images = apply_augment(images, augment_params(len(images), generator)) if self.cfg.loss.augment else images
+        disc.requires_grad_(False)
+        try:
+            return hinge_g_loss(disc(images, labels, w)).mean()
+        finally:
+            disc.requires_grad_(True)
 
     def after_step(self, step: int) -> None:
         """Once per optimizer step, on every rank alike: advance the discriminators' spectral norms."""
@@ -197,17 +216,14 @@ class OneStepStage:
 class DistillStage(OneStepStage):
     """G (a copy of the teacher network), the frozen teacher, the distance's backbone and the discriminator."""
 
-    def __init__(self, cfg: DistillConfig, teacher_net: nn.Module, diffusion: DiffusionConfig, *,
-                 weights_dir=None, network: dict | None = None, guided: bool = False,
-                 init: nn.Module | None = None):
+    def __init__(self, cfg: DistillConfig, teacher_net: nn.Module, diffusion: DiffusionConfig, *, network: dict,
+                 weights_dir=None, guided: bool = False, init: nn.Module | None = None):
         self.cfg, self.diffusion, self.guided = cfg, diffusion, guided
         self.sigma_max, self.sigma_data = diffusion.sigma_max, diffusion.sigma_data
-        # G_0 = F exactly, or the given one-step G of the same teacher (`init`, e.g. the plain G for the guided G)
-        self.net = copy.deepcopy(teacher_net if init is None else init).train().requires_grad_(True)
-        self.network = network
-        if guided and getattr(self.net, "guidance_emb", None) is None:  # the w-embedding switched on
-            self.net, self.network = with_guidance_embedding(self.net, network or {})  # zero: G_0(w) = G_0
-            self.net.train().requires_grad_(True)
+        # G_0 = F exactly, or the given one-step G of the same teacher (`init`, e.g. the plain G for the guided G),
+        # with dropout 0 and on guided pairs a zero w-embedding (G_0(w) = G_0)
+        self.net, self.network = generator_network(teacher_net if init is None else init, network, guided=guided)
+        self.net.train().requires_grad_(True)
         self.teacher = EDMPrecond(teacher_net.eval().requires_grad_(False), sigma_data=self.sigma_data)
         self.num_classes, self.resolution = teacher_net.num_classes, teacher_net.resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
@@ -289,7 +305,7 @@ def load_init(path: str, teacher_net: nn.Module, pairs, guided: bool, network: d
 
 def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
     """Train (or resume, or find finished) G in out_dir; returns the path of G.safetensors."""
-    from pagoda.pairs import load_pairs
+    from pagoda.pairs import load_pairs, pairs_sha256
 
     if not cfg.pairs:
         raise UserError("no pairs given: pass --pairs DIR (made by `python -m pagoda pairs --teacher T ...`)")
@@ -307,6 +323,9 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
                      guidance_range=list(pairs.guidance_range) if guided else None,
                      pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
                      **(dict(init=str(cfg.init), init_sha256=sha256_file(cfg.init)) if cfg.init else {}))
-        config_dict = {**to_dict(cfg), **({"init_sha256": extra["init_sha256"]} if cfg.init else {})}
-        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=config_dict, dataset=pairs,
-                     meta_extra=extra)  # a changed --init file (same path) is a different run: refused on resume
+        # a run is its inputs' content, not their paths: a teacher retrained at the same path, pairs remade or a
+        # changed --init is another run (refused on resume or when finished, never taken as this one)
+        inputs = dict(teacher_sha256=pairs.teacher_sha256, pairs_sha256=pairs_sha256(cfg.pairs),
+                      **({"init_sha256": extra["init_sha256"]} if cfg.init else {}))
+        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict={**to_dict(cfg), "inputs": inputs},
+                     dataset=pairs, meta_extra=extra)

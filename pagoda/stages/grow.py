@@ -7,7 +7,10 @@ structure: the grown UNet has the source's modules under the same paths plus the
 state dict is loaded into it (anything other than "exactly the new blocks are missing" is an error).
 Before any training the grown G is the source's trunk followed by h -> up(h) and the head; the head's
 GroupNorm and SiLU commute with nearest upsampling, its 3x3 conv does not (`upsampling_gap_bound`), so G_2x(z)
-is close to, not equal to, up(G(z)).
+is close to, not equal to, up(G(z)) (start "kept-head", the paper's). With start "skip" (ProGAN's skip
+generator) the stage adds a head of its own, zero-initialised, to the upsampled image of the source: G_2x = up(G)
+exactly at step 0. The grown blocks take the embedding as a bias (official `use_scale_shift_norm_high=False`)
+unless scale_shift_norm is set; the grown G has dropout 0 (the official G is built with dropout 0).
 
 Frozen (`GrowConfig.freeze`, data shown by `--dry-run`): the embeddings, the input conv and encoder, the middle
 block and the early decoder; frozen parameters have requires_grad = False, so the loop gives them no optimiser
@@ -16,8 +19,9 @@ with the crops of the same source images at the new resolution. A fresh discrimi
 stage k (output = base * 2^k; ImageNet: 128, 256, 512 for k = 1, 2, 3):
 - k < loss.split_from (128): L_rec + w_adv * lambda * L_adv with the adaptive lambda (as Stage 2b);
 - k >= loss.split_from (256, 512): two G updates per step, on L_rec, then on w_adv * L_adv with lambda = 1;
-- k >= loss.rec_disc_from (512): a second discriminator judges reconstructions G(z_x) against x, weight
-  loss.rec_disc_weight (0.5) in G's adversarial loss.
+- k >= loss.rec_disc_from (512): a second discriminator judges reconstructions G(z_x) against x; its generator
+  loss joins the L_rec update as rec_disc_weight (0.5) * lambda_rec * L_adv_rec, lambda_rec adaptive against L_rec
+  (sony/pagoda `cm/train_util.py` with `--recon_discriminator_weight=0.5`; none without L_rec).
 The deliverable G.safetensors is a OneStepGenerator: nfe 1, resolution = its output, noise_shape = the base.
 """
 
@@ -43,15 +47,28 @@ from pagoda.train import check_run_config, train
 from pagoda.weights import sha256_file
 
 
-def grow_network(source: nn.Module, network: dict) -> tuple[nn.Module, dict]:
+def grow_network(source: nn.Module, network: dict, *, scale_shift_norm: bool = False,
+                 start: str = "kept-head") -> tuple[nn.Module, dict]:
     """(the source UNet grown by one 2x stage with every source weight copied, its network config).
 
     network: the source's UNetConfig fields (its checkpoint's meta["network"]). The new blocks are initialised
-    from the global RNG (seed it for a reproducible run); their output convs are zero.
+    from the global RNG (seed it for a reproducible run); their output convs are zero. scale_shift_norm and start:
+    GrowConfig's (the grown blocks' embedding; "skip" adds a zero-initialised head per stage, so the grown G is
+    exactly up(G) before training). Dropout is 0 in the grown G (the official G is built with dropout 0), whatever
+    the source recorded. UserError when the source was grown with other settings (one G, one layout).
     """
-    stages = from_dict(UNetConfig, network, where="source network").grow_stages + 1
+    src = from_dict(UNetConfig, network, where="source network")
+    skip = start == "skip"
+    if src.grow_stages and (src.grow_scale_shift_norm, src.grow_skip) != (scale_shift_norm, skip):
+        raise UserError(f"the source G was grown with scale_shift_norm={str(src.grow_scale_shift_norm).lower()}, "
+                        f"start={'skip' if src.grow_skip else 'kept-head'}: grow it with the same settings "
+                        f"(--set scale_shift_norm=... --set start=...)")
+    stages = src.grow_stages + 1
     new = [f"output_blocks.{len(source.output_blocks) + i}." for i in range(3)]  # the 3 blocks of one 2x stage
-    return rebuild_network(source, network, new_prefixes=new, grow_stages=stages)
+    if skip:
+        new.append(f"grow_out.{stages - 1}.")  # and its head
+    return rebuild_network(source, network, new_prefixes=new, grow_stages=stages, dropout=0.0,
+                           grow_scale_shift_norm=scale_shift_norm, grow_skip=skip)
 
 
 def freeze(net: nn.Module, names) -> list[str]:
@@ -101,16 +118,19 @@ class GrowStage(OneStepStage):
                  stage_index: int, guided: bool, weights_dir=None):
         self.cfg, self.stage_index, self.guided = cfg, stage_index, guided
         self.sigma_max, self.sigma_data = sigma_max, sigma_data
-        self.net, self.network = grow_network(source_net, network)
+        self.net, self.network = grow_network(source_net, network, scale_shift_norm=cfg.scale_shift_norm,
+                                              start=cfg.start)
         self.net.train()
         self.frozen = freeze(self.net, cfg.freeze)
         if not any(p.requires_grad for p in self.net.parameters()):
             raise UserError(f"freeze {list(cfg.freeze)} leaves nothing to train: keep at least the grown blocks "
                             f"(output_blocks.{source_net.base_output_blocks} ...) and the head `out` trainable")
         grown = range(len(source_net.output_blocks), len(self.net.output_blocks))
-        if any(not p.requires_grad for i in grown for p in self.net.output_blocks[i].parameters()):
+        new_modules = [self.net.output_blocks[i] for i in grown] + ([self.net.grow_out[-1]] if self.net.grow_skip else [])
+        if any(not p.requires_grad for m in new_modules for p in m.parameters()):
             raise UserError(f"freeze {list(cfg.freeze)} freezes blocks this stage adds (output_blocks."
-                            f"{grown.start}-{grown.stop - 1}): they start at zero and must be trained; drop them")
+                            f"{grown.start}-{grown.stop - 1}{', grow_out' if self.net.grow_skip else ''}): they start "
+                            "at zero and must be trained; drop them")
         self.num_classes, self.resolution = self.net.num_classes, self.net.output_resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
         self.phases = None
@@ -123,7 +143,7 @@ class GrowStage(OneStepStage):
                                               num_classes=self.num_classes, resolution=self.resolution,
                                               cond_dim=cfg.disc.cond_dim, guidance_embedding=guided)
             self.disc = make(2)
-            if stage_index >= cfg.loss.rec_disc_from:
+            if stage_index >= cfg.loss.rec_disc_from and cfg.loss.w_rec > 0:  # it joins the L_rec update
                 self.disc = DiscPair(self.disc, make(3))
 
     def to(self, device) -> GrowStage:
@@ -208,13 +228,18 @@ def check_target(source: str, source_resolution: int, target: int) -> int:
 
 def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
     """Grow (or resume, or find finished) G 2x in out_dir; returns the path of G.safetensors."""
-    from pagoda.pairs import load_pairs
+    from pagoda.pairs import load_pairs, pairs_sha256
 
     if not cfg.source:
         raise UserError("no generator given: pass --from G.safetensors (Stage 2b's G, or a grown one)")
     if not cfg.pairs:
         raise UserError("no pairs given: pass --pairs DIR (the Stage-2a pairs the source G was trained on)")
-    check_run_config(Path(out_dir), to_dict(cfg))  # a clash with the run there: one line before any work
+    # a run is its inputs' content, not their paths (a G retrained at the same path is another run); a clash with
+    # the run there: one line before any work
+    inputs = dict(source_sha256=sha256_file(cfg.source) if Path(cfg.source).is_file() else None,
+                  pairs_sha256=pairs_sha256(cfg.pairs))
+    config_dict = {**to_dict(cfg), "inputs": inputs}
+    check_run_config(Path(out_dir), config_dict)
     with dist.session():
         source, meta = load_network(cfg.source, kind="pagoda")
         diffusion = diffusion_config(cfg.source, meta)
@@ -247,6 +272,6 @@ def run(cfg: GrowConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Pat
                      teacher_sha256=meta.get("teacher_sha256"), pairs=str(cfg.pairs), source=str(cfg.source),
                      method="pagoda", guidance_range=trained, grow_stage=k, frozen=stage.frozen,
                      pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
-                     lineage=[*meta.get("lineage", []), sha256_file(cfg.source)])
-        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=pairs,
+                     lineage=[*meta.get("lineage", []), inputs["source_sha256"]])
+        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=config_dict, dataset=pairs,
                      meta_extra=extra)

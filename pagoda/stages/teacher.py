@@ -58,5 +58,8 @@ def run(cfg: TeacherConfig, *, out_dir: str | os.PathLike) -> Path:
         check_classes(cfg, dataset.num_classes)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every rerun
         stage = TeacherStage(cfg)
-        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict=to_dict(cfg), dataset=dataset,
+        # the data's content (pagoda.data fingerprints), not its path: other images at the same path are another run
+        inputs = {"data_fingerprint": dataset.fingerprint()}
+        return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict={**to_dict(cfg), "inputs": inputs},
+                     dataset=dataset,
                      num_workers=cfg.data.num_workers)
