@@ -155,6 +155,7 @@ class GeneratorSource(Source):
             extra["cfg_calls"] = "batched"  # cond + uncond rows in one call of 2N rows: nfe counts both
         if getattr(g, "guidance_range", None):
             extra["guidance_range"] = list(g.guidance_range)  # w is an input of the network (one call, nfe 1)
+        extra.update(g.training)  # its budget: steps, images seen, displacement in lr units
         return extra
 
     def _watch(self, module, inputs, output) -> None:

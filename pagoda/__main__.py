@@ -251,7 +251,8 @@ def drift_rows(row: dict, low_path, high_path) -> list[dict]:
               "time": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "torch": torch.__version__, "commit": git_commit(), "pagoda_version": __version__,
               "extra": {"source": str(low_path), "source_resolution": row["low_resolution"]}}
-    return [{**common, "metric": m, "value": row[m]} for m in ("drift_rms", "drift_psnr_db") if row[m] is not None]
+    return [{**common, "metric": m, "value": row[m]} for m in ("drift_rms", "drift_psnr_db", "frame_rms")
+            if row.get(m) is not None]
 
 
 # ---------------------------------------------------------------------------------------------

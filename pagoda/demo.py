@@ -60,8 +60,7 @@ class Plan:
     g_steps: int  # Stage 2b steps of the one-step G
     guided_steps: int  # Stage 2b steps of the guidance-conditioned G
     grow_steps: tuple[int, ...]  # Stage 3 steps per 2x stage (its length = the number of stages)
-    pd_from: int  # the teacher's steps in the first PD round (halved down to 1)
-    pd_steps: int  # PD updates per round
+    pd_from: int  # the teacher's steps in the first PD round (halved down to 1); each round gets g_steps / rounds
     num_samples: int  # images per quality measurement
     teacher_cells: tuple[tuple[str, str], ...]  # (samplers, steps) sweeps of the teacher, comma lists
     guidance: str  # the CFG scales of the guidance curves (comma list)
@@ -77,15 +76,21 @@ class Plan:
     metrics: str = "fid,kid,is,pr"
     eval_batch: int = 250
 
+    @property
+    def pd_steps(self) -> int:
+        """PD updates per round: G's updates spread over the rounds, so that PD-1 and G compare at one budget (the
+        same total updates of the same batch; PD and G train with the preset's batch, 32 on photos)."""
+        return self.g_steps // len(_halvings(self.pd_from))
+
 
 PLANS = {
-    "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=250,
-                   guided_steps=400, grow_steps=(300, 16), pd_from=16, pd_steps=25, num_samples=500,
+    "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=256,
+                   guided_steps=400, grow_steps=(300, 16), pd_from=16, num_samples=500,
                    teacher_cells=(("euler,heun,dpmpp2m", "4,8"), ("euler", "1,2")), guidance="1,2,3",
                    guidance_cell=("euler", 4), drift_seeds=500, reps=30, train_cost_factors="1,2,4,8",
                    train_cost_time_up_to=32),
     "smoke": Plan("smoke", 6, 1, ("train.steps=200",), pairs_images=64, guided_images=32, guidance_range="1:3",
-                  g_steps=40, guided_steps=20, grow_steps=(10,), pd_from=4, pd_steps=10, num_samples=500,
+                  g_steps=40, guided_steps=20, grow_steps=(10,), pd_from=4, num_samples=500,
                   teacher_cells=(("euler,heun,dpmpp2m", "4"), ("euler", "1")), guidance="1,2",
                   guidance_cell=("euler", 4), drift_seeds=200, reps=30, train_cost_factors="1,2",
                   train_cost_time_up_to=8, grid_seeds=16),
@@ -440,9 +445,12 @@ def _pick(rows, **want) -> dict | None:
 
 
 def summary(pipeline: Pipeline) -> list[str]:
-    """Six lines: one-step G vs the teacher at equal NFE and at its best, vs PD-1, growth (with the drift, and
-    without L_rec), guidance curves of the guided G and the teacher's CFG, cost ratio."""
-    rows = _rows(pipeline.results)
+    """Seven lines, each a like-for-like comparison or saying what differs: one-step G vs the teacher at NFE 1 and
+    at its best, vs PD-1 at an equal training budget, growth (with the drift, and without L_rec), guidance curves
+    of the guided G and the teacher's CFG, how far each model's training moved it (lr units), cost ratio."""
+    from pagoda.config import get_preset
+
+    rows, plan = _rows(pipeline.results), pipeline.plan
     base, g = pipeline.base, f"G{pipeline.base}"
     fid = [r for r in rows if r.get("metric") == "fid" and r.get("guidance") in (1, 1.0, None)]
     lines = []
@@ -458,8 +466,11 @@ def summary(pipeline: Pipeline) -> list[str]:
         lines.append(f"teacher's best FD {best['value']:.2f} ({best['sampler']}-{best['steps']}, NFE "
                      f"{best.get('nfe'):g}); G{base} is {gq['value'] - best['value']:+.2f} from it at NFE 1")
     if gq and pd1:
-        lines.append(f"at NFE 1: PaGoDA G{base} FD {gq['value']:.2f} vs progressive distillation PD-1 FD "
-                     f"{pd1['value']:.2f}")
+        preset, rounds = get_preset(plan.preset), len(_halvings(plan.pd_from))
+        lines.append(f"at NFE 1 and an equal budget ({plan.g_steps} updates of {preset.distill.train.batch} images "
+                     f"for G, {rounds} rounds x {plan.pd_steps} of {preset.pd.train.batch} for PD; G also needs "
+                     f"the inversion of its {2 * plan.pairs_images} items): PaGoDA G{base} FD {gq['value']:.2f} vs "
+                     f"progressive distillation PD-1 FD {pd1['value']:.2f}")
     grown = [(r, _pick(fid, model=f"G{r}")) for r in pipeline.resolutions[1:]]
 
     def grown_text(r: int, q: dict) -> str:  # FD and drift of G{r}, and of its no-L_rec ablation where there is one
@@ -468,19 +479,31 @@ def summary(pipeline: Pipeline) -> list[str]:
         return f"G{r} FD {q['value']:.2f}" + (f" (drift {drift['value']:.1f} levels)" if drift else "") + (
             f"; without L_rec FD {nq['value']:.2f} (drift {nd['value']:.1f})" if nq and nd else "")
     if grown and all(q for _, q in grown):
-        lines.append("grown: " + ", ".join(grown_text(r, q) for r, q in grown))
-    sampler, nsteps = pipeline.plan.guidance_cell
-    ws = [float(w) for w in pipeline.plan.guidance.split(",")]
+        scored = grown[0][1].get("extractor")
+        lines.append("grown: " + ", ".join(grown_text(r, q) for r, q in grown) + (
+            f" (each FD against held-out photos of its own size; the {scored} features see every size at "
+            f"{DOMAIN_INPUT} px)" if scored == "domain" else ""))
+    sampler, nsteps = plan.guidance_cell
+    ws = [float(w) for w in plan.guidance.split(",")]
     curve = {}
     for r in rows:
         if r.get("metric") == "fid" and r.get("guidance") in ws and (
                 r["model"] == f"{g}-cfg" or (r["model"] == "teacher" and (r.get("sampler"), r.get("steps"))
                                               == (sampler, nsteps))):
-            curve[(r["model"], r["guidance"])] = r["value"]
+            curve[(r["model"], r["guidance"])] = r
     if all((name, w) in curve for name in ("teacher", f"{g}-cfg") for w in ws):
-        fds = {name: " / ".join(f"{curve[(name, w)]:.2f}" for w in ws) for name in ("teacher", f"{g}-cfg")}
-        lines.append(f"guidance w = {' / '.join(f'{w:g}' for w in ws)}: guided {g}-cfg FD {fds[g + '-cfg']}; "
-                     f"teacher CFG ({sampler}-{nsteps}) FD {fds['teacher']}")
+        fds = {name: " / ".join(f"{curve[(name, w)]['value']:.2f}" for w in ws) for name in ("teacher", f"{g}-cfg")}
+        nfe = curve[("teacher", ws[-1])].get("nfe")
+        lines.append(f"guidance w = {' / '.join(f'{w:g}' for w in ws)}: guided {g}-cfg (NFE 1, {plan.guided_steps} "
+                     f"updates from {g}) FD {fds[g + '-cfg']}; teacher CFG ({sampler}-{nsteps}, NFE "
+                     f"{nfe:g} at w != 1) FD {fds['teacher']}")
+    moved = [(r["model"], r["extra"]["displacement_lr"], r["extra"].get("train_step")) for r in fid
+             if r["model"] != "teacher" and isinstance((r.get("extra") or {}).get("displacement_lr"), (int, float))]
+    if moved:
+        seen = dict.fromkeys(m for m, _, _ in moved)
+        text = {m: f"{m} {d:.1f} ({n} steps)" for m, d, n in moved}
+        lines.append("trained (RMS weight change from the start, in lr units; <~5: barely trained): "
+                     + ", ".join(text[m] for m in seen))
     lat = {(r["model"], r.get("sampler"), r.get("steps")): r["value"] for r in rows
            if r.get("metric") == "latency_ms" and r.get("batch") == 1}
     if gq and best and (g, None, None) in lat and ("teacher", best["sampler"], best["steps"]) in lat:
@@ -488,6 +511,9 @@ def summary(pipeline: Pipeline) -> list[str]:
         lines.append(f"cost: G{base} {lat[(g, None, None)]:.1f} ms per image at batch 1, {ratio:.1f}x faster than "
                      f"the teacher's best cell ({best['sampler']}-{best['steps']})")
     return lines
+
+
+DOMAIN_INPUT = 32  # the domain classifier's input size (pagoda.networks.domain): every metric resizes to it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class Generator(abc.ABC):
     supports_guidance: bool = False  # whether a CFG scale w != 1 means anything to this model
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    # The training budget its file records (train_step, train_images, displacement_lr: TRAINING_KEYS), for rows
+    training: dict = {}
 
     @abc.abstractmethod
     def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
@@ -381,4 +383,16 @@ def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps
     if kind not in LOADERS:
         raise UserError(f"checkpoint {path} holds kind={kind!r}, which is not an image generator: pass a "
                         f"checkpoint of kind {' or '.join(repr(k) for k in sorted(LOADERS))}")
-    return LOADERS[kind](str(path), meta, sampler=sampler, steps=steps, device=device, dtype=dtype)
+    gen = LOADERS[kind](str(path), meta, sampler=sampler, steps=steps, device=device, dtype=dtype)
+    gen.training = training_budget(meta)
+    return gen
+
+
+# What a model file says of its training, as row `extra` keys: optimizer steps, images seen, and how far the
+# trainable weights moved from their start in learning-rate units (pagoda.train.displacement_lr).
+TRAINING_KEYS = {"step": "train_step", "train_images": "train_images", "displacement_lr": "displacement_lr"}
+
+
+def training_budget(meta: dict) -> dict:
+    """The TRAINING_KEYS a model file's meta holds, under their row names (an imported model holds none)."""
+    return {row: meta[key] for key, row in TRAINING_KEYS.items() if isinstance(meta.get(key), (int, float))}

@@ -143,6 +143,28 @@ def update_ema(ema: dict[str, torch.Tensor], net: nn.Module, beta: float) -> Non
             ema[name].lerp_(p.detach(), 1 - beta)
 
 
+def peak_learning_rates(net: nn.Module, opt: torch.optim.Optimizer, lr: float) -> dict[str, float]:
+    """name -> the peak learning rate of each trainable parameter: `lr` times its optimizer group's "lr_mult"."""
+    mult = {id(p): group.get("lr_mult", 1.0) for group in opt.param_groups for p in group["params"]}
+    return {name: lr * mult[id(p)] for name, p in net.named_parameters() if id(p) in mult}
+
+
+@torch.no_grad()
+def displacement_lr(weights: dict[str, torch.Tensor], init: dict[str, torch.Tensor], lr: dict[str, float]) -> float:
+    """How far training moved the trainable weights, in learning-rate units: the RMS over every trainable element
+    of (theta - theta_0) / lr_p, lr_p its group's peak learning rate (DESIGN).
+
+    Adam-type optimisers move each weight by about lr per step at most, so this is the number of full steps
+    the run amounts to: RAdam with beta2 = 0.999 has made ~0.6 of them after 16 steps and ~56 after 250 (its
+    rectification), and a stage that scores a few has not trained, whatever its step count."""
+    total, count = 0.0, 0
+    for name, theta0 in init.items():
+        delta = (weights[name].detach().float() - theta0.to(weights[name].device).float()) / lr[name]
+        total += delta.square().sum().item()
+        count += delta.numel()
+    return math.sqrt(total / count) if count else 0.0
+
+
 def ema_weights(ema: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
     """The deliverable's state dict: the net's (frozen parameters and buffers as they are) with the EMA of the
     trainable parameters in place of their raw values."""
@@ -333,6 +355,9 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
         opt_d = make_optimizer(stage, params_d, cfg, "disc")
     autocast = dict(device_type=device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
 
+    # The trainable weights at step 0, so that every log row and model file says how far the run took them.
+    init, peak_lr = ema_init(net), peak_learning_rates(net, opt, cfg.lr)
+
     # Resume from state.pt when there is one.
     step = 0
     if state_path.exists():
@@ -345,6 +370,7 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
             disc.load_state_dict(state["disc"])
             opt_d.load_state_dict(state["optimizer_disc"])
         step = int(state["step"])
+        init = state.get("init")  # None in states written before it was kept: no displacement then
     if step >= cfg.steps:
         dist.print0(f"{out_dir}: finished ({step} of {cfg.steps} steps), nothing to do; model: {model_path}")
         return model_path
@@ -427,6 +453,8 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
             row = dict(step=step, kimg=step * cfg.batch / 1000, loss=means[0].item(), lr=lr,
                        img_per_s=window_steps * cfg.batch / elapsed, sec_per_step=elapsed / window_steps,
                        time=time.time(), world_size=world, **{k: means[i + 1].item() for i, k in enumerate(names)})
+            if init is not None:
+                row["disp_lr"] = displacement_lr(dict(net.named_parameters()), init, peak_lr)
             if dist.is_main():
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -438,12 +466,14 @@ def train(*, stage: Stage, cfg: TrainConfig, out_dir: str | os.PathLike, config_
             check_finite(out_dir, step, {"loss": dist.all_reduce_mean(loss_sum.reshape(1)).item()})
             if dist.is_main():
                 state = dict(step=step, net=net.state_dict(), ema=ema, optimizer=opt.state_dict(),
-                             scaler=scaler.state_dict())
+                             scaler=scaler.state_dict(), **({"init": init} if init is not None else {}))
                 if disc is not None:
                     state.update(disc=disc.state_dict(), optimizer_disc=opt_d.state_dict())
                 state = _cpu(state)
+                budget = dict(train_images=step * cfg.batch, **(
+                    {"displacement_lr": displacement_lr(ema, init, peak_lr)} if init is not None else {}))
                 meta = checkpoint.model_meta(kind=stage.kind, stage=stage.name, config=config_dict, step=step,
-                                             ema_rate=cfg.ema_rate, extra=meta_extra)
+                                             ema_rate=cfg.ema_rate, extra={**(meta_extra or {}), **budget})
                 save_snapshot(out_dir, stage, weights=ema_weights(ema, net), state=state, meta=meta)
             dist.barrier()
     bar.close()

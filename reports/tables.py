@@ -19,7 +19,8 @@ NAMES = {"fid": "FID ↓", "is": "IS ↑", "precision": "Prec. ↑", "recall": "
          "sfid": "sFID ↓", "kid": "KID ↓", "density": "Dens. ↑", "coverage": "Cov. ↑", "clip": "CLIP ↑",
          "cmmd": "CMMD ↓", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
          "params": "Params", "gflops_per_image": "GFLOPs/img", "peak_mem_mb": "Peak MB",
-         "drift_rms": "Drift RMS ↓", "drift_psnr_db": "Drift PSNR dB ↑", "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
+         "drift_rms": "Drift RMS ↓", "drift_psnr_db": "Drift PSNR dB ↑", "frame_rms": "Frame RMS ↓",
+         "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
 METHOD_ORDER = ("pagoda", "pd", "dpmpp2m", "heun", "ddim", "samples")
 BATCH_FREE = ("nfe", "params", "gflops_per_image")  # cost metrics that do not depend on the batch
 TIMED_IMAGES = ("latency_ms", "img_per_s")  # timed rows whose num_samples = images timed = batch x reps
@@ -128,7 +129,17 @@ def res_text(r) -> str:
 # Quality tables: one line per (model, method, sampler, steps, guidance), metric columns per resolution.
 
 LINE = ("model", "method", "sampler", "steps", "guidance")
-LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "n"]
+LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "Trained", "n"]
+
+
+def trained(row: dict) -> str:
+    """What training a row's model had, from its `extra`: optimizer steps and the RMS weight change from the start
+    in lr units (pagoda.train.displacement_lr), e.g. "256 / 29.6"; "" where the row does not say."""
+    extra = row.get("extra") or {}
+    step, disp = extra.get("train_step"), extra.get("displacement_lr")
+    if step is None:
+        return ""
+    return f"{step:g}" + (f" / {disp:.1f}" if isinstance(disp, (int, float)) else "")
 
 
 def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...], title: str) -> Table:
@@ -155,7 +166,7 @@ def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...],
         n = count(next(iter(ns))) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
         body = [cell(at.get((R, m)), with_n=not n) if R in has else "" for R in res for m in metrics]
         sections["with CFG" if with_cfg(lr[0]) else "without CFG"].append(
-            [src] + [label(v) for v in line[1:]] + [label(nfe), n] + body)
+            [src] + [label(v) for v in line[1:]] + [label(nfe), trained(lr[0]), n] + body)
     table = Table(title, LINE_COLS + [NAMES.get(m, m) for m in metrics] * len(res),
                   [(k, v) for k, v in sections.items() if v], groups=[("", len(LINE_COLS))] +
                   [(res_text(R), len(metrics)) for R in res], label_cols=len(LINE_COLS), published=len(pub))
@@ -177,10 +188,17 @@ def _quality_notes(table: Table, ours: list[dict], pub: list[dict], sources: lis
         notes.append(NOTE_MISSING)
     if "" in cells:
         notes.append("blank: the model has no rows at that resolution")
+    if any(trained(r) for r in ours):
+        notes.append("Trained: the checkpoint's optimizer steps (a PD student's: its last round's) / how far training "
+                     "moved its weights, RMS of (theta - theta_0) / lr in lr units (a model near 0 is barely trained)")
     for what in ("extractor", "reference"):
         seen = sorted({r[what] for r in ours if r.get(what)})
         if seen:
             notes.append(f"ours: {what} {', '.join(seen)}")
+    if any(r.get("extractor") == "domain" for r in ours) and len({r.get("resolution") for r in ours}) > 1:
+        notes.append("the domain extractor resizes every image to its own input size (32 px for the bundled "
+                     "classifier) before featurising: each resolution is scored against held-out photos of its "
+                     "own size, but all of them at that one scoring size")
     if pub:
         notes.append("published: ImageNet, 50k samples, ADM evaluator; shown at the resolutions measured "
                      "here; ≈ approximate")
@@ -290,11 +308,12 @@ def drift_table(rows: list[dict]) -> Table:
     t = pivot([r for r in rows if r["metric"] in DRIFT_METRICS], DRIFT_LINE, DRIFT_METRICS,
               "Growth: drift between resolutions")
     t.notes = ["drift: area-downsample(G_grown(z)) against G_source(z) on the same seeds and labels (paper Fig. 3); "
-               "RMS in uint8 levels (0-255; unrelated images score ~60-90), PSNR in dB; n = seeds"]
+               "RMS in uint8 levels (0-255; unrelated images score ~60-90), PSNR in dB; frame: RMS of G_grown(z) - "
+               "nearest-up(G_source(z)) over the outermost pixel ring (a one-pixel frame shows there); n = seeds"]
     return t
 
 
-DRIFT_METRICS = ("drift_rms", "drift_psnr_db")
+DRIFT_METRICS = ("drift_rms", "drift_psnr_db", "frame_rms")
 DRIFT_LINE = ("model", "method", "resolution", "source")
 # Every metric some table shows (plots also show fid_class).
 TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + COST_METRICS + TRAIN_METRICS + DRIFT_METRICS

@@ -101,7 +101,8 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
 
     def row(model, metric, value, **kw):
         return json.dumps({"model": f"{model}.safetensors", "metric": metric, "value": value, **kw}) + "\n"
-    rows = [row("G16", "fid", 18.0, guidance=1.0), row("G32", "fid", 30.0, guidance=1.0),
+    rows = [row("G16", "fid", 18.0, guidance=1.0, extra={"train_step": 256, "displacement_lr": 29.61}),
+            row("G32", "fid", 30.0, guidance=1.0, extractor="domain"), row("PD-1", "fid", 25.0, guidance=1.0),
             row("G64", "fid", 40.0, guidance=1.0), row("G32-norec", "fid", 33.0, guidance=1.0),
             row("G32", "drift_rms", 20.0, resolution=32), row("G32-norec", "drift_rms", 31.0, resolution=32),
             row("G64", "drift_rms", 25.0, resolution=64)]
@@ -112,9 +113,17 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
     (pipe.results / "rows.jsonl").write_text("".join(rows))
     lines = demo.summary(pipe)
     assert "grown: G32 FD 30.00 (drift 20.0 levels); without L_rec FD 33.00 (drift 31.0), G64 FD 40.00 (drift " \
-           "25.0 levels)" in lines, lines
-    assert "guidance w = 1 / 2 / 3: guided G16-cfg FD 20.00 / 24.00 / 29.00; teacher CFG (euler-4) FD 17.00 / " \
-           "30.00 / 35.00" in lines, lines
+           "25.0 levels) (each FD against held-out photos of its own size; the domain features see every size at " \
+           "32 px)" in lines, lines
+    assert "guidance w = 1 / 2 / 3: guided G16-cfg (NFE 1, 400 updates from G16) FD 20.00 / 24.00 / 29.00; teacher " \
+           "CFG (euler-4, NFE 8 at w != 1) FD 17.00 / 30.00 / 35.00" in lines, lines
+    # PD-1 against G at one budget: the same updates of the same batch, said in the line
+    plan = demo.PLANS["photos"]
+    assert plan.pd_steps * 4 == plan.g_steps  # 16 -> 8 -> 4 -> 2 -> 1: four rounds share G's updates
+    assert f"at NFE 1 and an equal budget ({plan.g_steps} updates of 32 images for G, 4 rounds x {plan.pd_steps} of 32 " \
+           "for PD; G also needs the inversion of its 384 items): PaGoDA G16 FD 18.00 vs progressive distillation " \
+           "PD-1 FD 25.00" in lines, lines
+    assert any(line.startswith("trained (") and "G16 29.6 (256 steps)" in line for line in lines), lines
 
 
 def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():

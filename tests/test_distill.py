@@ -88,6 +88,9 @@ def test_eval_measures_the_one_step_generator(files, tmp_path):
                               "--num-samples", "16", "--out", str(out), *common]) == 0
     row = json.loads(out.read_text())
     assert row["method"] == "pagoda" and row["nfe"] == 1 and row["sampler"] is None and row["value"] > 0
+    # the row says what training the model had: steps, images seen, displacement in lr units (RAdam, 2 steps: ~0)
+    assert row["extra"]["train_step"] == 2 and row["extra"]["train_images"] == 2 * PRESETS["smoke"].distill.train.batch
+    assert 0 <= row["extra"]["displacement_lr"] < 2
 
 
 def test_l_dstl_variant_runs(files, tmp_path):

@@ -375,7 +375,7 @@ def test_bad_inputs(case, files, tmp_path, capsys):
     elif case == "other_guidance_pairs":
         code, needle = _grow(files["g"], files["gpairs"], out), "are guided pairs (w in [1, 2])"
     elif case == "all_frozen":
-        names = '["time_embed","label_emb","input_blocks","middle_block","output_blocks","out"]'
+        names = '["time_embed","label_emb","input_blocks","middle_block","output_blocks","out","grow_out"]'
         code, needle = _grow(files["g"], files["pairs"], out, "--set", f"freeze={names}"), "nothing to train"
         assert not out.exists()
     elif case == "new_frozen":
@@ -414,10 +414,10 @@ def test_grow_stage_phases_and_discriminators_by_stage():
     src, cfg = _net()
     smoke = PRESETS["smoke"].grow
     assert GrowStage(smoke, src, cfg, sigma_max=80.0, sigma_data=0.5, stage_index=1, guided=False).phases is None
-    g1, cfg1 = grow_network(src, cfg)
+    g1, cfg1 = grow_network(src, cfg, start=smoke.start)
     s2 = GrowStage(smoke, g1, cfg1, sigma_max=80.0, sigma_data=0.5, stage_index=2, guided=False)
     assert s2.phases == ("rec", "adv") and not hasattr(s2.disc, "rec")
-    g2, cfg2 = grow_network(g1, cfg1)
+    g2, cfg2 = grow_network(g1, cfg1, start=smoke.start)
     s3 = GrowStage(smoke, g2, cfg2, sigma_max=80.0, sigma_data=0.5, stage_index=3, guided=False)
     assert s3.disc.rec is not None and s3.net.output_resolution == 64
     no_rec = dataclasses.replace(smoke, loss=dataclasses.replace(smoke.loss, w_rec=0.0))
@@ -552,5 +552,36 @@ def test_drift_is_small_for_a_fresh_grown_g_and_large_for_an_unrelated_one():
     near = drift(low, gen(grown, 16, "g16"), range(32))
     far = drift(low, gen(other_grown, 16, "other16"), range(32))
     assert near["drift_rms"] * 3 < far["drift_rms"] and near["drift_psnr_db"] > far["drift_psnr_db"]
+    # the border profile: an exact (skip) start differs from up(G) nowhere; the kept head's 3x3 conv differs
+    # most in the outermost ring, where it reads the zero padding
+    exact, _ = grow_network(src, cfg, start="skip")
+    assert drift(low, gen(exact, 16, "s16"), range(32))["ring_rms"] == [0.0] * 5
+    rings = near["ring_rms"]
+    assert len(rings) == 5 and near["frame_rms"] == rings[0] > 0
     with pytest.raises(UserError, match="grown from it"):
         drift(low, gen(grown, 16, "g16").__class__(grown, resolution=16, num_classes=16, noise_resolution=16), [0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The guided G's pulls (bench.pulls): each term's gradient and D's view at one w.
+
+def test_pulls_of_a_guided_run_and_its_bad_inputs(files, tmp_path, capsys):
+    from bench.pulls import main as pulls_main
+
+    run = str(Path(files["gg"]).parent)
+    out = tmp_path / "pulls.jsonl"
+    assert run_cli(pulls_main, [run, "--w", "2", "--band", "0.3", "--batch", "4", "--batches", "2", "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    norms = {r["extra"]["term"]: r["value"] for r in rows if r["metric"] == "grad_norm"}
+    cos = {r["extra"]["pair"]: r["value"] for r in rows if r["metric"] == "grad_cosine"}
+    logits = {r["extra"]["images"]: r["value"] for r in rows if r["metric"] == "d_logit"}
+    assert set(norms) == {"rec", "cfg", "adv"} and all(0 < v < math.inf for v in norms.values()), norms
+    assert set(cos) == {"rec/cfg", "rec/adv", "cfg/adv"} and all(-1 <= v <= 1 for v in cos.values()), cos
+    assert set(logits) == {"real", "teacher", "generator"} and all(math.isfinite(v) for v in logits.values())
+    assert all(r["guidance"] == 2.0 and r["num_samples"] == 8 for r in rows)
+    capsys.readouterr()
+    for argv, needle in (([str(Path(files["g"]).parent)], "unguided pairs"), ([run, "--w", "5"], "no pair item"),
+                         ([str(tmp_path)], "no readable config.json")):
+        assert run_cli(pulls_main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

@@ -130,10 +130,11 @@ def test_512_heads_have_the_official_depth_and_patch_count(paper_dir):  # noqa: 
 
 def _stage3(net_cfg_seed: int = 0):
     src, cfg = _net(net_cfg_seed)
-    g1, cfg1 = grow_network(src, cfg)
+    g1, cfg1 = grow_network(src, cfg)  # the paper's layout (kept head), on the smoke net
     g2, cfg2 = grow_network(g1, cfg1)
     smoke = PRESETS["smoke"].grow
-    gcfg = dataclasses.replace(smoke, loss=dataclasses.replace(smoke.loss, augment=False, w_rec=0.7, w_adv=0.9))
+    gcfg = dataclasses.replace(smoke, start="kept-head",
+                               loss=dataclasses.replace(smoke.loss, augment=False, w_rec=0.7, w_adv=0.9))
     torch.manual_seed(0)
     stage = GrowStage(gcfg, g2, cfg2, sigma_max=80.0, sigma_data=0.5, stage_index=3, guided=False)
     stage.disc.train()  # as the loop puts it: BatchNorm on batch statistics, spectral norms fixed within a step
@@ -262,4 +263,4 @@ def test_drift_out_refuses_a_file_that_does_not_hold_rows(case, data, tmp_path, 
     assert run_cli(main, ["drift", "--low", str(g), "--high", str(tmp_path / "g16" / "G.safetensors"),
                           "--seeds", "0-3", "--out", str(good)]) == 0
     assert [json.loads(line)["metric"] for line in good.read_text().splitlines()] == ["fid", "drift_rms",
-                                                                                      "drift_psnr_db"]
+                                                                                      "drift_psnr_db", "frame_rms"]

@@ -29,7 +29,17 @@ from reports.html import page
 from reports.paper import paper_rows
 from reports.plots import PLOTS, Unavailable, fid_vs_latency, fid_vs_nfe, pareto, sample_grids
 from reports.rows import ReportError, latest, load
-from reports.tables import MISSING, QUALITY, all_tables, cell, cost_tables, quality_table, tex, train_tables
+from reports.tables import (
+    MISSING,
+    QUALITY,
+    all_tables,
+    cell,
+    cost_tables,
+    quality_table,
+    tex,
+    train_tables,
+    trained,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "reports"
@@ -423,3 +433,12 @@ def test_rebuild_refuses_a_folder_holding_files_it_did_not_write(report, tmp_pat
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ReportError, match="holds notes.txt"):
         write_report(out, _report_like)
+
+
+def test_trained_column_says_steps_and_displacement():
+    assert trained({"extra": {"train_step": 256, "displacement_lr": 29.61}}) == "256 / 29.6"
+    assert trained({"extra": {"train_step": 40}}) == "40" and trained({"extra": {}}) == "" and trained({}) == ""
+    row = {"model": "G16", "method": "pagoda", "metric": "fid", "value": 15.0, "resolution": 16, "guidance": 1.0,
+           "nfe": 1, "num_samples": 500, "extra": {"train_step": 256, "displacement_lr": 29.61}}
+    table = quality_table([row], [], ("fid",), "t")
+    assert "256 / 29.6" in table.cells() and any(n.startswith("Trained:") for n in table.notes)

@@ -24,6 +24,7 @@ from pagoda.errors import UserError
 from pagoda.stages.teacher import TeacherStage
 from pagoda.train import (
     StepSampler,
+    displacement_lr,
     ema_beta,
     first_difference,
     learning_rate,
@@ -161,6 +162,28 @@ def test_run_directory_contents(tmp_path):
     assert set(state["ema"]) == {k for k, _ in ToyStage().net.named_parameters()}  # parameters only
     assert any(not torch.equal(state["ema"][k], state["net"][k]) for k in weights)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+
+
+def test_displacement_counts_full_adam_steps_and_every_run_records_it(tmp_path):
+    # Adam on a constant gradient moves each weight by lr per step: k steps are a displacement of k lr units
+    w = nn.Parameter(torch.zeros(3, 4))
+    init, opt = {"w": w.detach().clone()}, torch.optim.Adam([w], lr=1e-3)
+    for _ in range(7):
+        opt.zero_grad()
+        (w * torch.linspace(-2, 3, 12).view(3, 4)).sum().backward()
+        opt.step()
+    assert displacement_lr({"w": w}, init, {"w": 1e-3}) == pytest.approx(7, rel=1e-4)
+    assert displacement_lr({"w": w}, init, {"w": 2e-3}) == pytest.approx(3.5, rel=1e-4)  # per the peak lr given
+    # the loop: every log row and the model file, measured from the weights at step 0 (kept in state.pt)
+    model = run_toy(tmp_path, steps=4, snapshot_every=2, log_every=2)
+    rows, state = read_log(tmp_path), final_state(tmp_path)
+    start = {k: v for k, v in ToyStage().net.state_dict().items()}
+    assert all(torch.equal(state["init"][k], start[k]) for k in start)
+    assert 0 < rows[0]["disp_lr"] < rows[1]["disp_lr"] <= 4 + 1e-6  # Adam: at most ~1 lr unit per step
+    _, meta = checkpoint.load_model(model)
+    lr = toy_cfg(steps=4).lr
+    assert meta["displacement_lr"] == pytest.approx(displacement_lr(state["ema"], start, dict.fromkeys(start, lr)))
+    assert meta["train_images"] == 4 * toy_cfg().batch
 
 
 def test_accumulation_equals_full_batch(tmp_path):

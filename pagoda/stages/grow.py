@@ -178,6 +178,8 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
 
         drift_rms = mean over seeds of the RMS difference (uint8 levels, 0..255) of area-downsample(x_hi) and x_lo
         drift_psnr_db = mean over seeds of the PSNR (dB) of the same pair
+        ring_rms = RMS (uint8 levels) of x_hi - nearest-up(x_lo) over the pixels r from the image edge, r = 0 ..
+                   RINGS - 1, then over the rest; frame_rms = ring_rms[0], where a one-pixel frame shows
 
     A grown G that keeps the content of its source scores a small RMS (it only adds detail, which averaging
     removes); one that drifts to other objects scores about the RMS between unrelated images (~60-90 levels).
@@ -195,8 +197,9 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
         raise UserError(f"drift compares a G with one grown from it: {low.name} ({low.resolution} px, noise "
                         f"{low.noise_shape}) and {high.name} ({high.resolution} px, noise {high.noise_shape}) are not such a pair: "
                         "pass --high a G grown from --low")
-    rms, ps = [], []
+    rms, ps, ring_sq = [], [], torch.zeros(RINGS + 1, dtype=torch.float64)
     seeds = as_seeds(seeds)
+    ring = border_rings(high.resolution)
     for i in range(0, len(seeds), batch):
         s = seeds[i:i + batch]
         x_lo = low.sample(s).cpu()
@@ -205,11 +208,26 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
         down = down.to(torch.uint8)
         rms.append((down.float() - x_lo.float()).square().mean(dim=(1, 2, 3)).sqrt())
         ps.append(psnr(down, x_lo))
+        up = F.interpolate(x_lo.float(), size=x_hi.shape[-2:], mode="nearest")
+        sq = (x_hi - up).square().sum(dim=(0, 1)).double()  # [H, W] summed over samples and channels
+        ring_sq += torch.zeros(RINGS + 1, dtype=torch.float64).index_add_(0, ring.flatten(), sq.flatten())
     rms, ps = torch.cat(rms), torch.cat(ps)
     finite = ps[torch.isfinite(ps)]
+    count = torch.bincount(ring.flatten(), minlength=RINGS + 1).double() * len(seeds) * 3
+    ring_rms = (ring_sq / count).sqrt().tolist()
     return {"drift_rms": rms.mean().item(), "drift_psnr_db": finite.mean().item() if len(finite) else None,
-            "num_samples": len(seeds), "low": low.name, "high": high.name, "low_resolution": low.resolution,
-            "high_resolution": high.resolution}
+            "frame_rms": ring_rms[0], "ring_rms": ring_rms, "num_samples": len(seeds), "low": low.name,
+            "high": high.name, "low_resolution": low.resolution, "high_resolution": high.resolution}
+
+
+RINGS = 4  # border rings of drift's profile: 0 = the outermost pixel, ..., RINGS - 1; RINGS = everything inside
+
+
+def border_rings(size: int) -> torch.Tensor:
+    """int64 [size, size]: each pixel's distance in pixels from the nearest image edge, capped at RINGS."""
+    i = torch.arange(size)
+    d = torch.minimum(i, size - 1 - i)
+    return torch.minimum(torch.minimum(d[:, None], d[None, :]), torch.tensor(RINGS))
 
 
 def stage_index(base: int, resolution: int) -> int:

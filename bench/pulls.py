@@ -1,0 +1,154 @@
+"""`python -m bench.pulls`: what each loss term of a trained guided G asks of it at one CFG scale, and what its
+discriminator thinks of real photos, of the teacher's guided samples and of G's.
+
+    python -m bench.pulls runs/demo/g-cfg --w 3 -o results/pulls.jsonl
+
+The guided G (Stage 2b on guided pairs) is trained on three terms: L_rec on the pairs (the real image of each item,
+whatever its w), the CFG distillation term toward the w-guided teacher, and L_adv, whose discriminator sees real,
+unguided photos at every w. At w != 1 the photos and the teacher's guided distribution differ, so L_adv may pull G
+back toward w = 1 while the CFG term pulls it toward the teacher. This measures it on the run's last training state
+(G's raw weights and D, as trained; `state.pt`):
+
+- grad_norm (extra.term = rec, cfg, adv): |d term / d theta| over G's trainable weights, each term as it enters
+  G's loss (L_rec; w_cfg * L_cfg; w_adv * lambda * L_adv with lambda of this batch), L_rec on the pair items whose
+  w is within --band of --w (their latents were inverted at their own w), the others at w for every item;
+- grad_cosine (extra.pair = rec/cfg, rec/adv, cfg/adv): the cosines between those gradients (< 0: they conflict);
+- d_logit (extra.images = real, teacher, generator): D's mean patch logit, no augmentation, at w, on the items'
+  real photos, on the teacher's w-guided samples (the CFG term's own solver and steps) and on G's samples from
+  fresh noise, all with the items' labels.
+
+Every number is a mean over --batches batches of the pairs (the item order of seed --seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from eval.rows import append_rows, check_rows_output, make_row, text_table
+from pagoda.checkpoint import load_training_state
+from pagoda.config import DistillConfig, from_dict
+from pagoda.data import to_model
+from pagoda.errors import ArgumentParser, UserError, run_cli
+from pagoda.losses import adaptive_weight, adaptive_weight_layer, d
+from pagoda.networks.discriminator import augment_params
+from pagoda.pairs import load_pairs, pair_guidance
+from pagoda.stages.distill import DistillStage, load_init, load_teacher
+
+TERMS = ("rec", "cfg", "adv")
+
+
+def load_run(run_dir: Path, weights_dir=None) -> tuple[DistillStage, object]:
+    """(the Stage-2b stage of a guided run with G and D as in its state.pt, the pairs); UserError for a folder that
+    is not a finished or running guided distill run."""
+    try:
+        cfg = from_dict(DistillConfig, {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
+                                        if k != "inputs"}, where=f"{run_dir}/config.json")
+    except (OSError, ValueError):
+        raise UserError(f"{run_dir} holds no readable config.json: pass a `pagoda distill` run folder") from None
+    teacher_net, diffusion, meta = load_teacher(cfg.teacher)
+    pairs = load_pairs(cfg.pairs)
+    if pairs.guidance_range is None:
+        raise UserError(f"{run_dir} was trained on unguided pairs: pass the run of a guidance-conditioned G")
+    init, network = load_init(cfg.init, teacher_net, pairs, True, meta["network"])
+    stage = DistillStage(cfg, teacher_net, diffusion, network=network, guided=True, init=init,
+                         weights_dir=weights_dir)
+    state = load_training_state(run_dir / "state.pt")
+    stage.net.load_state_dict(state["net"])
+    if stage.disc is None:
+        raise UserError(f"{run_dir} trained without a discriminator (loss.w_adv = 0): there is no L_adv to measure")
+    stage.disc.load_state_dict(state["disc"])
+    stage.disc.train()  # BatchNorm on batch statistics, as in training; spectral norms fixed
+    return stage, pairs
+
+
+def _grad(loss: torch.Tensor, params: list) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def pulls(stage: DistillStage, pairs, *, w: float, band: float, batch: int, batches: int, seed: int) -> dict:
+    """{"grad_norm": {term: value}, "grad_cosine": {pair: value}, "d_logit": {images: value}, "items": n}: means
+    over the batches (module docstring). UserError when no pair item has a w within band of w."""
+    net, cfg = stage.net, stage.cfg
+    params = [p for p in net.parameters() if p.requires_grad]
+    w_items = pair_guidance(torch.arange(len(pairs)), *pairs.guidance_range)  # each item's w, without reading it
+    near = torch.nonzero((w_items - w).abs() <= band).flatten().tolist()
+    if not near:
+        raise UserError(f"no pair item has w within {band:g} of {w:g} (the pairs span w in "
+                        f"{list(pairs.guidance_range)}): choose --w inside it or a wider --band")
+    order = torch.randperm(len(near), generator=torch.Generator().manual_seed(seed)).tolist()
+    sums = {"norm": dict.fromkeys(TERMS, 0.0), "cos": {}, "logit": dict.fromkeys(("real", "teacher", "generator"), 0.0)}
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(batches):
+        items = [near[order[(b * batch + i) % len(near)]] for i in range(batch)]
+        x, y, z, w_items = (torch.stack([pairs[j][k] for j in items]) for k in range(4))
+        labels = stage._labels(y)
+        ws = torch.full((batch,), float(w))
+        rec = stage.G(net, z, labels, w_items.float())
+        l_rec = d(rec, to_model(x), [stage.backbone], draw=augment_params(batch, gen)).mean()
+        z_cfg = stage.sigma_max * torch.randn(z.shape, generator=gen)
+        target = stage.cfg_target(z_cfg, labels, ws)
+        l_cfg = cfg.loss.w_cfg * d(stage.G(net, z_cfg, labels, ws), target, [stage.backbone],
+                                   draw=augment_params(batch, gen)).mean()
+        fake = stage.G(net, stage.sigma_max * torch.randn(z.shape, generator=gen), labels, ws)
+        l_adv = stage._g_adv(stage.disc, fake, labels, ws, gen)
+        lam = adaptive_weight(l_rec, l_adv, adaptive_weight_layer(net)) if cfg.loss.adaptive else 1.0
+        g = {"rec": _grad(l_rec, params), "cfg": _grad(l_cfg, params),
+             "adv": _grad(cfg.loss.w_adv * lam * l_adv, params)}
+        for t in TERMS:
+            sums["norm"][t] += g[t].norm().item() / batches
+        for i, a in enumerate(TERMS):
+            for bname in TERMS[i + 1:]:
+                c = torch.nn.functional.cosine_similarity(g[a], g[bname], dim=0).item()
+                sums["cos"][f"{a}/{bname}"] = sums["cos"].get(f"{a}/{bname}", 0.0) + c / batches
+        with torch.no_grad():
+            for name, images in (("real", to_model(x)), ("teacher", target), ("generator", fake.detach())):
+                sums["logit"][name] += stage.disc(images, labels, ws).mean().item() / batches
+    return {"grad_norm": sums["norm"], "grad_cosine": sums["cos"], "d_logit": sums["logit"], "items": len(near)}
+
+
+def rows_of(result: dict, *, run: str, w: float, num_samples: int, seed: int) -> list[dict]:
+    common = dict(model=run, method="pagoda", guidance=w, num_samples=num_samples, seed=seed, device="cpu",
+                  dtype="float32")
+    rows = [make_row(metric="grad_norm", value=v, extra={"term": t}, **common) for t, v in result["grad_norm"].items()]
+    rows += [make_row(metric="grad_cosine", value=v, extra={"pair": p}, **common)
+             for p, v in result["grad_cosine"].items()]
+    rows += [make_row(metric="d_logit", value=v, extra={"images": i}, **common) for i, v in result["d_logit"].items()]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = ArgumentParser(prog="python -m bench.pulls", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="the run folder of a guidance-conditioned `pagoda distill` (config.json, state.pt)")
+    p.add_argument("--w", type=float, default=3.0, help="the CFG scale to measure at (default 3)")
+    p.add_argument("--band", type=float, default=0.25, help="L_rec uses the pair items with |w_j - w| <= band "
+                   "(default 0.25)")
+    p.add_argument("--batch", type=int, default=16, help="items per batch (default 16)")
+    p.add_argument("--batches", type=int, default=4, help="batches averaged (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="item order and noise (default 0)")
+    p.add_argument("--weights-dir", default=None, help="weights folder of the run's backbones (paper / domain)")
+    p.add_argument("-o", "--out", default=None, help="JSONL file the rows are appended to (default: print only)")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.batches < 1 or not args.band >= 0:
+        p.error("--batch and --batches must be >= 1 and --band >= 0")
+    if args.out:
+        check_rows_output(args.out)
+    torch.manual_seed(args.seed)
+    stage, pairs = load_run(Path(args.run), args.weights_dir)
+    result = pulls(stage, pairs, w=args.w, band=args.band, batch=args.batch, batches=args.batches, seed=args.seed)
+    rows = rows_of(result, run=str(args.run), w=args.w, num_samples=args.batch * args.batches, seed=args.seed)
+    print(text_table([{"metric": r["metric"], "what": next(iter(r["extra"].values())), "value": r["value"]}
+                      for r in rows], ["metric", "what", "value"]))
+    print(f"L_rec on the {result['items']} pair items with w in [{args.w - args.band:g}, {args.w + args.band:g}]")
+    if args.out:
+        append_rows(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
