@@ -85,10 +85,10 @@ def pulls(stage: DistillStage, pairs, *, w: float, band: float, batch: int, batc
     gen = torch.Generator().manual_seed(seed)
     for b in range(batches):
         items = [near[order[(b * batch + i) % len(near)]] for i in range(batch)]
-        x, y, z, w_items = (torch.stack([pairs[j][k] for j in items]) for k in range(4))
+        x, y, z, w_own = (torch.stack([pairs[j][k] for j in items]) for k in range(4))
         labels = stage._labels(y)
         ws = torch.full((batch,), float(w))
-        rec = stage.G(net, z, labels, w_items.float())
+        rec = stage.G(net, z, labels, w_own.float())  # each latent at the w it was inverted with
         l_rec = d(rec, to_model(x), [stage.backbone], draw=augment_params(batch, gen)).mean()
         z_cfg = stage.sigma_max * torch.randn(z.shape, generator=gen)
         target = stage.cfg_target(z_cfg, labels, ws)

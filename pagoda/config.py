@@ -480,8 +480,8 @@ def _smoke() -> Preset:
                                               log_every=2))
     pd = PDConfig(from_steps=4, train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0, lr_decay="linear",
                                                   grad_clip=1.0, ema_rate=0.0, snapshot_every=2, log_every=2))
-    grow = GrowConfig(freeze=default_freeze(net), start=CPU_GROW_START, train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0,
-                                                                   snapshot_every=2, log_every=2))
+    grow = GrowConfig(freeze=default_freeze(net), start=CPU_GROW_START,
+                      train=TrainConfig(batch=8, steps=4, lr=1e-4, lr_warmup=0, snapshot_every=2, log_every=2))
     return Preset("smoke", "8 px photos, tiny UNet, 20 steps: a pipeline check in seconds (grown 8 -> 16)",
                   TeacherConfig(data=DataConfig(resolution=8), network=net, train=train,
                                 sample=SampleConfig(steps=8)), _short_run(distill), pd, _short_run(grow))

@@ -449,6 +449,7 @@ def summary(pipeline: Pipeline) -> list[str]:
     at its best, vs PD-1 at an equal training budget, growth (with the drift, and without L_rec), guidance curves
     of the guided G and the teacher's CFG, how far each model's training moved it (lr units), cost ratio."""
     from pagoda.config import get_preset
+    from pagoda.networks.domain import INPUT_RESOLUTION
 
     rows, plan = _rows(pipeline.results), pipeline.plan
     base, g = pipeline.base, f"G{pipeline.base}"
@@ -482,7 +483,7 @@ def summary(pipeline: Pipeline) -> list[str]:
         scored = grown[0][1].get("extractor")
         lines.append("grown: " + ", ".join(grown_text(r, q) for r, q in grown) + (
             f" (each FD against held-out photos of its own size; the {scored} features see every size at "
-            f"{DOMAIN_INPUT} px)" if scored == "domain" else ""))
+            f"{INPUT_RESOLUTION} px)" if scored == "domain" else ""))
     sampler, nsteps = plan.guidance_cell
     ws = [float(w) for w in plan.guidance.split(",")]
     curve = {}
@@ -499,11 +500,10 @@ def summary(pipeline: Pipeline) -> list[str]:
                      f"{nfe:g} at w != 1) FD {fds['teacher']}")
     moved = [(r["model"], r["extra"]["displacement_lr"], r["extra"].get("train_step")) for r in fid
              if r["model"] != "teacher" and isinstance((r.get("extra") or {}).get("displacement_lr"), (int, float))]
-    if moved:
-        seen = dict.fromkeys(m for m, _, _ in moved)
+    if moved:  # one entry per model (a model's rows at several resolutions carry the same budget)
         text = {m: f"{m} {d:.1f} ({n} steps)" for m, d, n in moved}
         lines.append("trained (RMS weight change from the start, in lr units; <~5: barely trained): "
-                     + ", ".join(text[m] for m in seen))
+                     + ", ".join(text.values()))
     lat = {(r["model"], r.get("sampler"), r.get("steps")): r["value"] for r in rows
            if r.get("metric") == "latency_ms" and r.get("batch") == 1}
     if gq and best and (g, None, None) in lat and ("teacher", best["sampler"], best["steps"]) in lat:
@@ -511,9 +511,6 @@ def summary(pipeline: Pipeline) -> list[str]:
         lines.append(f"cost: G{base} {lat[(g, None, None)]:.1f} ms per image at batch 1, {ratio:.1f}x faster than "
                      f"the teacher's best cell ({best['sampler']}-{best['steps']})")
     return lines
-
-
-DOMAIN_INPUT = 32  # the domain classifier's input size (pagoda.networks.domain): every metric resizes to it
 
 
 # ---------------------------------------------------------------------------------------------

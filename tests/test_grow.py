@@ -26,7 +26,7 @@ from pagoda.errors import UserError, run_cli
 from pagoda.generator import OneStepGenerator, load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.pairs import load_pairs, make_pairs, pair_batch
-from pagoda.stages.distill import with_guidance_embedding
+from pagoda.stages.distill import generator_network
 from pagoda.stages.grow import GrowStage, drift, freeze, grow_network, upsampling_gap_bound
 from pagoda.train import train
 
@@ -129,7 +129,7 @@ def test_imagenet_freeze_set_is_the_papers():
 
 def test_fresh_w_conditioned_g_equals_the_unconditioned_one_at_every_w():
     src, cfg = _net()
-    guided, gcfg = with_guidance_embedding(src, cfg)
+    guided, gcfg = generator_network(src, cfg, guided=True)
     assert gcfg["guidance_embed"] and guided.guidance_emb is not None
     z, y = _z()
     with torch.no_grad():

@@ -27,6 +27,7 @@ from pagoda.errors import ArgumentParser, UserError
 
 KIND = "domain-classifier"
 TRAIN_RESOLUTIONS = (8, 16, 32, 64)
+INPUT_RESOLUTION = 32  # the size every image is resized to before the classifier (so every metric scores at it)
 
 
 class ResBlock(nn.Module):
@@ -50,7 +51,7 @@ class ResBlock(nn.Module):
 class DomainNet(nn.Module):
     """Features [N, 4*width] and logits [N, num_classes] of uint8 images of any size."""
 
-    def __init__(self, num_classes: int, width: int = 32, input_resolution: int = 32):
+    def __init__(self, num_classes: int, width: int = 32, input_resolution: int = INPUT_RESOLUTION):
         super().__init__()
         if num_classes < 1 or width < 8 or width % 8 or input_resolution < 8:
             raise UserError(f"DomainNet(num_classes={num_classes}, width={width}, input_resolution="
@@ -114,7 +115,7 @@ def heldout_accuracy(model: DomainNet, resolution: int, batch: int = 256) -> flo
     return correct / len(data.labels)
 
 
-def train_domain_net(*, epochs: int = 4, seed: int = 0, width: int = 32, input_resolution: int = 32,
+def train_domain_net(*, epochs: int = 4, seed: int = 0, width: int = 32, input_resolution: int = INPUT_RESOLUTION,
                      resolutions: tuple[int, ...] = TRAIN_RESOLUTIONS, batch: int = 128, lr: float = 3e-3,
                      progress: bool = False) -> tuple[DomainNet, dict]:
     """Train on the `photos` train split at `resolutions` (8..64 px); report held-out accuracy at each.

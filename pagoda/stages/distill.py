@@ -68,12 +68,6 @@ class DiscPair(nn.Module):
         self.rec.power_iteration(n)
 
 
-def with_guidance_embedding(net: nn.Module, network: dict) -> tuple[nn.Module, dict]:
-    """(a copy of `net` with the w-embedding switched on, its network config): the new embedding's last layer is
-    zero (pagoda.networks.unet), so the copy equals `net` at every w until trained."""
-    return rebuild_network(net, network, new_prefixes=("guidance_emb.",), guidance_embed=True)
-
-
 def generator_network(net: nn.Module, network: dict, *, guided: bool) -> tuple[nn.Module, dict]:
     """(G's network: a copy of `net` (the teacher's, or a one-step G's) with dropout 0 and, when guided, the
     w-embedding switched on; its network config). The official G is built with dropout 0 (sony/pagoda

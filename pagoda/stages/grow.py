@@ -210,7 +210,7 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
         ps.append(psnr(down, x_lo))
         up = F.interpolate(x_lo.float(), size=x_hi.shape[-2:], mode="nearest")
         sq = (x_hi - up).square().sum(dim=(0, 1)).double()  # [H, W] summed over samples and channels
-        ring_sq += torch.zeros(RINGS + 1, dtype=torch.float64).index_add_(0, ring.flatten(), sq.flatten())
+        ring_sq.index_add_(0, ring.flatten(), sq.flatten())
     rms, ps = torch.cat(rms), torch.cat(ps)
     finite = ps[torch.isfinite(ps)]
     count = torch.bincount(ring.flatten(), minlength=RINGS + 1).double() * len(seeds) * 3
