@@ -208,6 +208,9 @@ class TeacherConfig:
                f"{self.data.resolution}: the teacher works at the base resolution")
 
 
+ADV_REAL = ("data", "teacher")  # LossConfig.adv_real: what the discriminator sees as real
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Stage 2b objective (METHOD §2): L = L_rec (or L_dstl) + w_adv * lambda * L_adv."""
@@ -223,9 +226,15 @@ class LossConfig:
     w_cfg: float = 1.0  # its weight (0 = off; unguided pairs never use it)
     cfg_sampler: str = "dpmpp2m"  # the teacher's solver for its targets (pagoda.samplers)
     cfg_steps: int = 8  # and its steps (NFE per target = 2 x its NFE under guidance)
+    # D's real images (DESIGN, README "Guidance"): data = the items' photos at every w; teacher = the teacher's
+    # samples from fresh noise at the items' labels and w (cfg_sampler, cfg_steps), so that on guided pairs L_adv
+    # and the CFG term share their minimiser (the w-guided teacher's distribution) instead of L_adv pulling G
+    # toward w = 1. Costs one more teacher solve per D step.
+    adv_real: str = "data"
 
     def validate(self) -> None:
         _check(self.kind in ("rec", "dstl"), f"loss.kind={self.kind!r} must be rec or dstl")
+        _check(self.adv_real in ADV_REAL, f"loss.adv_real={self.adv_real!r} must be one of {', '.join(ADV_REAL)}")
         _check(self.w_adv >= 0, f"loss.w_adv={self.w_adv} must be >= 0")
         _check(self.dstl_steps >= 1, f"loss.dstl_steps={self.dstl_steps} must be >= 1")
         _check(self.w_cfg >= 0, f"loss.w_cfg={self.w_cfg} must be >= 0")

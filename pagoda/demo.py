@@ -70,8 +70,9 @@ class Plan:
     train_cost_factors: str
     train_cost_time_up_to: int
     # --set overrides of the guided G, fine-tuned from G (--init): 10x G's lr for the trunk, the w-embedding's lr
-    # kept at 200 x 1e-4 (README "Stage 3": the ablation of the guided G)
-    guided_set: tuple[str, ...] = ("train.lr=1e-3", "guidance_lr_mult=20")
+    # kept at 200 x 1e-4, D's reals the w-guided teacher's samples (README "Stage 3": the guided G's ablations)
+    guided_set: tuple[str, ...] = ("train.lr=1e-3", "guidance_lr_mult=20", "loss.adv_real=teacher")
+    moves_seeds: int = 256  # seeds of bench.moves (the guided G's and the teacher's moves with w)
     grid_seeds: int = 64
     metrics: str = "fid,kid,is,pr"
     eval_batch: int = 250
@@ -85,7 +86,7 @@ class Plan:
 
 PLANS = {
     "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=256,
-                   guided_steps=400, grow_steps=(300, 16), pd_from=16, num_samples=500,
+                   guided_steps=300, grow_steps=(200, 16), pd_from=16, num_samples=500,
                    teacher_cells=(("euler,heun,dpmpp2m", "4,8"), ("euler", "1,2")), guidance="1,2,3",
                    guidance_cell=("euler", 4), drift_seeds=500, reps=30, train_cost_factors="1,2,4,8",
                    train_cost_time_up_to=32),
@@ -298,6 +299,11 @@ class Pipeline:
                                 f"{sampler}-{nsteps}, guided G", [t, m(f"{g}-cfg")], res / "quality-guidance.jsonl",
                                 ["--guidance", p.guidance, "--sampler", sampler, "--steps", str(nsteps)],
                                 [self.base]))
+        out, ws = res / "moves.jsonl", ",".join(w for w in p.guidance.split(",") if float(w) != 1)
+        steps.append(Step("moves", f"guidance moves: G(w) - G(1) against the teacher's {sampler}-{nsteps} at w = "
+                          f"{ws}", ["bench.moves", m(f"{g}-cfg").name, "--teacher", t.name, "--sampler", sampler,
+                                    "--steps", str(nsteps), "--w", ws, "--seeds", f"0-{p.moves_seeds - 1}", "-o",
+                                    str(out)], [out], [t, m(f"{g}-cfg")], fresh=[out], cwd=self.models))
         return steps
 
     def _bench_steps(self, g: str, pd_models: list[Path]) -> list[Step]:
@@ -497,7 +503,16 @@ def summary(pipeline: Pipeline) -> list[str]:
         nfe = curve[("teacher", ws[-1])].get("nfe")
         lines.append(f"guidance w = {' / '.join(f'{w:g}' for w in ws)}: guided {g}-cfg (NFE 1, {plan.guided_steps} "
                      f"updates from {g}) FD {fds[g + '-cfg']}; teacher CFG ({sampler}-{nsteps}, NFE "
-                     f"{nfe:g} at w != 1) FD {fds['teacher']}")
+                     f"{nfe:g} at w != 1) FD {fds['teacher']} (FD against the photos, which CFG moves away from)")
+    moves = {(r["model"], r["metric"], r.get("guidance")): r["value"] for r in rows
+             if r.get("metric") in ("guidance_move", "guidance_move_cosine")}
+    mw = sorted({w for _, _, w in moves if w is not None})
+    if mw and all((k, "guidance_move", w) in moves for k in (f"{g}-cfg", "teacher") for w in mw):
+        text = {k: " / ".join(f"{moves[(k, 'guidance_move', w)]:.1f}" for w in mw) for k in (f"{g}-cfg", "teacher")}
+        cos = " / ".join(f"{moves.get((f'{g}-cfg', 'guidance_move_cosine', w), float('nan')):.2f}" for w in mw)
+        lines.append(f"what w does (RMS uint8 levels of X(w) - X(1), {plan.moves_seeds} seeds) at w = "
+                     f"{' / '.join(f'{w:g}' for w in mw)}: {g}-cfg {text[g + '-cfg']}, teacher {sampler}-{nsteps} "
+                     f"{text['teacher']}; cosine of G's move with the teacher's {cos}")
     moved = [(r["model"], r["extra"]["displacement_lr"], r["extra"].get("train_step")) for r in fid
              if r["model"] != "teacher" and isinstance((r.get("extra") or {}).get("displacement_lr"), (int, float))]
     if moved:  # one entry per model (a model's rows at several resolutions carry the same budget)

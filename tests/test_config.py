@@ -46,6 +46,13 @@ def test_bad_overrides_are_one_line_user_errors(overrides, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_bad_distill_overrides_are_one_line_user_errors():
+    with pytest.raises(UserError) as e:
+        resolve("distill", "smoke", ['loss.adv_real="photos"'])
+    assert "loss.adv_real='photos' must be one of data, teacher" in str(e.value) and "\n" not in str(e.value)
+    assert resolve("distill", "smoke", ['loss.adv_real="teacher"']).loss.adv_real == "teacher"
+
+
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(UserError, match="photos"):
         resolve("teacher", "imagenet65")

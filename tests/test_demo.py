@@ -86,10 +86,12 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
     names = [line.split()[0] for line in out.splitlines()]
     for name in ("teacher", "ref16", "ref64", "pairs", "pairs-guided", "g", "g-cfg", "grow32", "grow64", "drift64",
                  "grow32-norec", "drift32-norec",
-                 "pd", "eval-teacher0", "eval-onestep", "eval-guidance", "cost", "train-cost", "samples", "report"):
+                 "pd", "eval-teacher0", "eval-onestep", "eval-guidance", "moves", "cost", "train-cost", "samples", "report"):
         assert name in names, name
     assert "domain" not in names  # the weights folder has one: it is used, not retrained
     assert "python -m reports.build" in out and "python -m bench.compare" in out and "python -m eval.run" in out
+    assert "python -m bench.moves G16-cfg.safetensors --teacher teacher.safetensors --sampler euler --steps 4 --w 2,3" \
+        in out
     assert not (tmp_path / "d").exists()
 
 
@@ -110,13 +112,20 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
     rows += [row("teacher", "fid", v, guidance=w, sampler="euler", steps=4, nfe=4 if w == 1 else 8)
              for w, v in ((1.0, 17.0), (2.0, 30.0), (3.0, 35.0))]
     rows += [row("teacher", "fid", 99.0, guidance=2.0, sampler="heun", steps=8, nfe=30)]  # another cell
+    rows += [row("G16-cfg", "guidance_move", v, guidance=w) for w, v in ((2.0, 10.5), (3.0, 17.25))]
+    rows += [row("teacher", "guidance_move", v, guidance=w, sampler="euler", steps=4) for w, v in ((2.0, 22.0),
+                                                                                                  (3.0, 38.0))]
+    rows += [row("G16-cfg", "guidance_move_cosine", v, guidance=w) for w, v in ((2.0, 0.7), (3.0, 0.654))]
     (pipe.results / "rows.jsonl").write_text("".join(rows))
     lines = demo.summary(pipe)
     assert "grown: G32 FD 30.00 (drift 20.0 levels); without L_rec FD 33.00 (drift 31.0), G64 FD 40.00 (drift " \
            "25.0 levels) (each FD against held-out photos of its own size; the domain features see every size at " \
            "32 px)" in lines, lines
-    assert "guidance w = 1 / 2 / 3: guided G16-cfg (NFE 1, 400 updates from G16) FD 20.00 / 24.00 / 29.00; teacher " \
-           "CFG (euler-4, NFE 8 at w != 1) FD 17.00 / 30.00 / 35.00" in lines, lines
+    assert "guidance w = 1 / 2 / 3: guided G16-cfg (NFE 1, 300 updates from G16) FD 20.00 / 24.00 / 29.00; teacher " \
+           "CFG (euler-4, NFE 8 at w != 1) FD 17.00 / 30.00 / 35.00 (FD against the photos, which CFG moves away " \
+           "from)" in lines, lines
+    assert "what w does (RMS uint8 levels of X(w) - X(1), 256 seeds) at w = 2 / 3: G16-cfg 10.5 / 17.2, teacher " \
+           "euler-4 22.0 / 38.0; cosine of G's move with the teacher's 0.70 / 0.65" in lines, lines
     # PD-1 against G at one budget: the same updates of the same batch, said in the line
     plan = demo.PLANS["photos"]
     assert plan.pd_steps * 4 == plan.g_steps  # 16 -> 8 -> 4 -> 2 -> 1: four rounds share G's updates

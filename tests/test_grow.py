@@ -228,6 +228,79 @@ def test_cfg_target_is_the_guided_teacher_solution(files):
     assert (plain[1::2] - got[1::2]).abs().max() > 1e-2 and torch.allclose(plain[::2], got[::2], atol=1e-5)
 
 
+class _Recorder(torch.nn.Module):
+    """A discriminator stand-in that records the images it judges and returns a zero logit per image."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.scale = [], torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, labels, w):
+        self.seen.append(x.detach().clone())
+        return self.scale * x.flatten(1).mean(1, keepdim=True)
+
+
+def test_adv_real_teacher_shows_d_the_guided_teachers_samples(files, tmp_path):
+    """loss.adv_real = teacher: D's real images are the teacher's samples at the items' labels and w from fresh noise
+    (the generator's draw after the fakes' noise), not the pairs' photos; control: with data they are the photos,
+    which differ from the teacher's samples by far more than the tolerance. A run trains with it and records it."""
+    from pagoda.data import to_model
+    from pagoda.stages.distill import DistillStage, load_teacher
+
+    net, diffusion, meta = load_teacher(files["teacher"])
+    pairs = load_pairs(files["gpairs"])
+    batch = [torch.stack([pairs[j][k] for j in range(4)]) for k in range(4)]
+    seen = {}
+    for real in ("data", "teacher"):
+        cfg = PRESETS["smoke"].distill
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, adv_real=real, augment=False))
+        stage = DistillStage(cfg, net, diffusion, network=meta["network"], guided=True)
+        rec = _Recorder()
+        stage.d_step(rec, stage.net, batch, torch.Generator().manual_seed(5))
+        seen[real] = rec.seen[0]  # (real, fake): the real images come first
+    gen = torch.Generator().manual_seed(5)
+    z = batch[2]
+    torch.randn(z.shape, generator=gen)  # the fakes' noise
+    expected = stage.cfg_target(80.0 * torch.randn(z.shape, generator=gen), batch[1], batch[3].float())
+    torch.testing.assert_close(seen["teacher"], expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(seen["data"], to_model(batch[0]))
+    assert (seen["data"] - expected).abs().mean() > 0.1  # control
+    out = tmp_path / "gt"
+    assert run_cli(main, ["distill", "--preset", "smoke", "--teacher", files["teacher"], "--pairs", files["gpairs"],
+                          "--out", str(out), "--set", "train.steps=1", "--set", "loss.adv_real=teacher"]) == 0
+    assert json.loads((out / "config.json").read_text())["loss"]["adv_real"] == "teacher"
+
+
+def test_moves_measure_gs_and_the_teachers_guidance_moves(files, tmp_path, capsys):
+    """bench.moves: G's and the teacher's RMS moves X(w) - X(1) and their cosine, in rows; the result does not
+    depend on --batch; bad inputs (an unguided G, a w outside G's range, a teacher of another size) end in one
+    line, exit 2."""
+    from bench.moves import main as moves_main
+
+    out = tmp_path / "moves.jsonl"
+    common = [files["gg"], "--teacher", files["teacher"], "--steps", "2", "--w", "1.5,2", "--seeds", "0-5"]
+    assert run_cli(moves_main, [*common, "--batch", "6", "-o", str(out)]) == 0
+    assert run_cli(moves_main, [*common, "--batch", "4", "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    first, second = rows[:len(rows) // 2], rows[len(rows) // 2:]
+    assert len(first) == 6 and [r["value"] for r in first] == pytest.approx([r["value"] for r in second], rel=1e-6)
+    teacher_move = {r["guidance"]: r["value"] for r in first if r["model"] == files["teacher"]}
+    assert set(teacher_move) == {1.5, 2.0} and 0 < teacher_move[1.5] < teacher_move[2.0]
+    cos = [r["value"] for r in first if r["metric"] == "guidance_move_cosine"]
+    assert len(cos) == 2 and all(-1 <= c <= 1 for c in cos)
+    assert all(r["num_samples"] == 6 and r["resolution"] == BASE for r in first)
+    other = tmp_path / "t16.safetensors"
+    save_tiny_teacher(other, num_classes=7)
+    capsys.readouterr()
+    for argv, needle in (([files["g"], "--teacher", files["teacher"]], "trained without guidance"),
+                         ([files["gg"], "--teacher", files["teacher"], "--w", "3"], "outside the range"),
+                         ([files["gg"], "--teacher", str(other)], "is not the teacher"),
+                         ([files["gg"], "--teacher", files["teacher"], "--w", "x"], "comma-separated")):
+        assert run_cli(moves_main, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1], err
+
+
 def test_guided_g_from_init_starts_as_the_plain_g_at_every_w(files, tmp_path):
     """--init: the guided G starts from the plain G (its weights copied, the w-embedding fresh and zero), so
     G_0(z, y, w) = G_plain(z, y) at every w; the run records the init file and its hash."""

@@ -25,7 +25,9 @@ its FD / precision do not move with w): a CFG distillation term (the paper adds 
 ODE_w the w-guided teacher solved by loss.cfg_sampler in loss.cfg_steps steps (the pairs hold the real image at every
 w, so only this term shows G what w does), and the fresh w-embedding trained at guidance_lr_mult x lr_G (G is
 fine-tuned from the teacher at a small lr; the embedding starts from zero, and RAdam's rectification damps the
-first hundreds of steps further).
+first hundreds of steps further). D's real images are photos at every w, so for w != 1 L_adv and the CFG term have
+no shared minimiser; with loss.adv_real = teacher D's reals are the w-guided teacher's samples instead (Thm 3.1's
+condition: then L_rec on guided inversions, the CFG term and L_adv all are minimised by G = ODE_w).
 """
 
 from __future__ import annotations
@@ -183,7 +185,9 @@ class OneStepStage:
 
     def d_step(self, disc, net, batch: list[torch.Tensor], generator: torch.Generator):
         """One D micro-batch: hinge loss of real images against G's fakes of their labels (and w), one shared
-        draw; with a reconstructions' discriminator also its hinge loss of x against G(z_x), one shared draw."""
+        draw; with a reconstructions' discriminator also its hinge loss of x against G(z_x), one shared draw. The
+        real images are the batch's photos, or with loss.adv_real = teacher (Stage 2b) the teacher's samples
+        (`cfg_target`: guided at the items' w on guided pairs) from fresh noise with the items' labels."""
         x, y, z, w = batch
         labels, real = self._labels(y), to_model(x)
         w = w.float() if self.guided else None
@@ -191,6 +195,9 @@ class OneStepStage:
         with torch.no_grad():
             fake = self.G(net, self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device), labels, w)
             rec = self.G(net, z, labels, w) if disc_rec is not None else None
+            if getattr(self.cfg.loss, "adv_real", "data") == "teacher":  # the (w-guided) teacher's samples as real
+                real = self.cfg_target(self.sigma_max * torch.randn(z.shape, generator=generator, device=z.device),
+                                       labels, w)
 
         def hinge(d_net, real_x, fake_x):  # one DiffAugment draw shared by real_i and fake_i
             if self.cfg.loss.augment:
@@ -251,8 +258,8 @@ class DistillStage(OneStepStage):
     @torch.no_grad()
     def cfg_target(self, z: torch.Tensor, labels, w: torch.Tensor) -> torch.Tensor:
         """The CFG distillation term's target (DESIGN): the teacher's PF-ODE solution from z [N, 3, base, base]
-        under classifier-free guidance at the per-item scales w [N] (METHOD §1: D_w = D_u + w (D_c - D_u)),
-        loss.cfg_sampler in loss.cfg_steps steps on the Karras grid, clamped to [-1, 1]; float32 [N, 3, base, base].
+        under classifier-free guidance at the per-item scales w [N] (METHOD §1: D_w = D_u + w (D_c - D_u); None:
+        unguided), loss.cfg_sampler in loss.cfg_steps steps on the Karras grid, clamped to [-1, 1]; float32 [N, 3, base, base].
         The pairs carry the real image at every w, so only this term shows G what w does to the teacher."""
         return self._solve(self.cfg.loss.cfg_sampler, self.cfg.loss.cfg_steps, z, labels, w).float()
 
