@@ -12,7 +12,9 @@ For each w (seed i: the same noise and label for G and the teacher, pagoda.gener
   whether G moves the way the teacher's CFG moves (1: same direction; 0: unrelated; seeds where either move is
   zero count as 0).
 
-These are the README's "move" and "cosine with the teacher's" columns (Stage 2b, "Guidance").
+These are the README's "move" and "cosine with the teacher's" columns ("Stage 3": the guidance-conditioned G).
+The teacher must be the one G was distilled from (its SHA-256, recorded in G's file); -o appends rows to a rows
+file (created with its folders when missing; a file that does not hold rows is refused).
 """
 
 from __future__ import annotations
@@ -23,15 +25,21 @@ import torch
 
 from eval.rows import append_rows, check_rows_output, make_row, text_table
 from pagoda.__main__ import int_list
+from pagoda.checkpoint import read_meta
 from pagoda.errors import ArgumentParser, UserError, run_cli
 from pagoda.generator import load_generator
+from pagoda.weights import sha256_file
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
+        ws = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 2,3") from None
+    if len(set(ws)) != len(ws) or 1.0 in ws:
+        raise argparse.ArgumentTypeError(f"{text!r} must list each CFG scale once, and not 1 (the moves are "
+                                         "measured from w = 1), e.g. 2,3")
+    return ws
 
 
 def moves(g, teacher, seeds: torch.Tensor, ws: list[float], batch: int = 64) -> dict[float, dict]:
@@ -69,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         check_rows_output(args.out)
     g = load_generator(args.ckpt)
-    teacher = load_generator(args.teacher, sampler=args.sampler, steps=args.steps)
     if g.nfe_for(1.0) != 1:
         raise UserError(f"{args.ckpt} is not a one-step G (NFE {g.nfe_for(1.0):g}): pass a `pagoda distill` model")
-    if (g.resolution, g.num_classes) != (teacher.resolution, teacher.num_classes):
-        raise UserError(f"{args.teacher} ({teacher.resolution} px, {teacher.num_classes} classes) is not the teacher "
-                        f"of {args.ckpt} ({g.resolution} px, {g.num_classes} classes): pass the G's own teacher")
-    for w in [1.0, *args.w]:  # both must accept every w: one line naming the model and its range, exit 2
+    for w in [1.0, *args.w]:  # G must serve every w: one line naming the model and its range, exit 2
         g.check_guidance(w)
+    tmeta, want = read_meta(args.teacher), read_meta(args.ckpt).get("teacher_sha256")
+    if tmeta.get("kind") != "teacher":
+        raise UserError(f"--teacher {args.teacher} is a {tmeta.get('kind')!r} checkpoint, not a teacher: pass the "
+                        f"teacher {args.ckpt} was distilled from")
+    if (want and sha256_file(args.teacher) != want) or tmeta.get("resolution") != g.resolution:
+        raise UserError(f"--teacher {args.teacher} is not the teacher {args.ckpt} was distilled from (other "
+                        "weights or size): pass the G's own teacher")
+    teacher = load_generator(args.teacher, sampler=args.sampler, steps=args.steps)
+    for w in args.w:
         teacher.check_guidance(w)
     result = moves(g, teacher, torch.tensor(args.seeds, dtype=torch.int64), args.w, args.batch)
     common = dict(resolution=g.resolution, num_samples=len(args.seeds), device="cpu", dtype="float32")

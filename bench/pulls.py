@@ -4,10 +4,11 @@ discriminator thinks of real photos, of the teacher's guided samples and of G's.
     python -m bench.pulls runs/demo/g-cfg --w 3 -o results/pulls.jsonl
 
 The guided G (Stage 2b on guided pairs) is trained on three terms: L_rec on the pairs (the real image of each item,
-whatever its w), the CFG distillation term toward the w-guided teacher, and L_adv, whose discriminator sees real,
-unguided photos at every w. At w != 1 the photos and the teacher's guided distribution differ, so L_adv may pull G
-back toward w = 1 while the CFG term pulls it toward the teacher. This measures it on the run's last training state
-(G's raw weights and D, as trained; `state.pt`):
+whatever its w), the CFG distillation term toward the w-guided teacher, and L_adv, whose discriminator sees as
+real either the photos at every w (loss.adv_real = data, the default) or the teacher's w-guided samples
+(loss.adv_real = teacher). With photos, at w != 1 the photos and the teacher's guided distribution differ, so L_adv
+may pull G back toward w = 1 while the CFG term pulls it toward the teacher. This measures it on the run's last
+training state (G's raw weights and D, as trained; `state.pt`), and prints which real set the run's D had:
 
 - grad_norm (extra.term = rec, cfg, adv): |d term / d theta| over G's trainable weights, each term as it enters
   G's loss (L_rec; w_cfg * L_cfg; w_adv * lambda * L_adv with lambda of this batch), L_rec on the pair items whose
@@ -37,6 +38,7 @@ from pagoda.losses import adaptive_weight, adaptive_weight_layer, d
 from pagoda.networks.discriminator import augment_params
 from pagoda.pairs import load_pairs, pair_guidance
 from pagoda.stages.distill import DistillStage, load_init, load_teacher
+from pagoda.weights import sha256_file
 
 TERMS = ("rec", "cfg", "adv")
 
@@ -45,18 +47,31 @@ def load_run(run_dir: Path, weights_dir=None) -> tuple[DistillStage, object]:
     """(the Stage-2b stage of a guided run with G and D as in its state.pt, the pairs); UserError for a folder that
     is not a finished or running guided distill run."""
     try:
-        cfg = from_dict(DistillConfig, {k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
-                                        if k != "inputs"}, where=f"{run_dir}/config.json")
-    except (OSError, ValueError):
+        raw = json.loads((run_dir / "config.json").read_text())
+        cfg = from_dict(DistillConfig, {k: v for k, v in raw.items() if k != "inputs"}, where=f"{run_dir}/config.json")
+    except (OSError, ValueError, AttributeError):
         raise UserError(f"{run_dir} holds no readable config.json: pass a `pagoda distill` run folder") from None
+    except UserError:
+        raise UserError(f"{run_dir}/config.json is not a `pagoda distill` run's (another stage's, or edited): pass "
+                        "the run folder of a guidance-conditioned `pagoda distill`") from None
     teacher_net, diffusion, meta = load_teacher(cfg.teacher)
+    want = (raw.get("inputs") or {}).get("teacher_sha256")
+    if want and sha256_file(cfg.teacher) != want:
+        raise UserError(f"the teacher {cfg.teacher} named by {run_dir}/config.json is not the one the run was trained "
+                        "with (it was replaced at that path): restore it, or pass another run")
+    if not (run_dir / "state.pt").is_file():
+        raise UserError(f"{run_dir} holds no state.pt (the run has not taken a step): pass a run that has")
     pairs = load_pairs(cfg.pairs)
     if pairs.guidance_range is None:
         raise UserError(f"{run_dir} was trained on unguided pairs: pass the run of a guidance-conditioned G")
     init, network = load_init(cfg.init, teacher_net, pairs, True, meta["network"])
     stage = DistillStage(cfg, teacher_net, diffusion, network=network, guided=True, init=init,
                          weights_dir=weights_dir)
-    state = load_training_state(run_dir / "state.pt")
+    try:
+        state = load_training_state(run_dir / "state.pt")
+    except UserError:
+        raise UserError(f"{run_dir}/state.pt cannot be read (damaged or not a training state): pass another "
+                        "run") from None
     stage.net.load_state_dict(state["net"])
     if stage.disc is None:
         raise UserError(f"{run_dir} trained without a discriminator (loss.w_adv = 0): there is no L_adv to measure")
@@ -75,11 +90,13 @@ def pulls(stage: DistillStage, pairs, *, w: float, band: float, batch: int, batc
     over the batches (module docstring). UserError when no pair item has a w within band of w."""
     net, cfg = stage.net, stage.cfg
     params = [p for p in net.parameters() if p.requires_grad]
-    w_items = pair_guidance(torch.arange(len(pairs)), *pairs.guidance_range)  # each item's w, without reading it
+    lo, hi = pairs.guidance_range
+    if not lo <= w <= hi:
+        raise UserError(f"--w {w:g} is outside the run's guidance range [{lo:g}, {hi:g}]: choose a w inside it")
+    w_items = pair_guidance(torch.arange(len(pairs)), lo, hi)  # each item's w, without reading it
     near = torch.nonzero((w_items - w).abs() <= band).flatten().tolist()
     if not near:
-        raise UserError(f"no pair item has w within {band:g} of {w:g} (the pairs span w in "
-                        f"{list(pairs.guidance_range)}): choose --w inside it or a wider --band")
+        raise UserError(f"no pair item has w within {band:g} of {w:g}: choose a wider --band")
     order = torch.randperm(len(near), generator=torch.Generator().manual_seed(seed)).tolist()
     sums = {"norm": dict.fromkeys(TERMS, 0.0), "cos": {}, "logit": dict.fromkeys(("real", "teacher", "generator"), 0.0)}
     gen = torch.Generator().manual_seed(seed)
@@ -144,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(result, run=str(args.run), w=args.w, num_samples=args.batch * args.batches, seed=args.seed)
     print(text_table([{"metric": r["metric"], "what": next(iter(r["extra"].values())), "value": r["value"]}
                       for r in rows], ["metric", "what", "value"]))
-    print(f"L_rec on the {result['items']} pair items with w in [{args.w - args.band:g}, {args.w + args.band:g}]")
+    print(f"L_rec on the {result['items']} pair items with w in [{args.w - args.band:g}, {args.w + args.band:g}]; "
+          f"the run's D judged as real: {stage.cfg.loss.adv_real} (loss.adv_real)")
     if args.out:
         append_rows(args.out, rows)
     return 0

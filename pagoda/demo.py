@@ -1,6 +1,6 @@
 """`python -m pagoda demo`: the whole story on the bundled photographs, one command, resumable.
 
-    python -m pagoda demo --preset photos            # < 30 min on 2 CPU cores -> runs/demo/report/index.html
+    python -m pagoda demo --preset photos            # ~25 min on 2 CPU cores -> runs/demo/report/index.html
     python -m pagoda demo --preset smoke --out runs/smoke   # the same pipeline in miniature (CI, < 6 min)
 
 Steps (each one process; `--dry-run` prints their commands):
@@ -10,15 +10,17 @@ Steps (each one process; `--dry-run` prints their commands):
  3. reference statistics of the held-out photos at each resolution (`eval.ref`);
  4. Stage 2a: DDIM-inversion pairs of a subset of the training photos (kept at 4x the base resolution as an
     npz, so Stage 3 has the high-resolution crops of the same images), plain and CFG-guided (w in [1, 3]);
- 5. Stage 2b: the one-step G, and the guidance-conditioned one-step G;
+ 5. Stage 2b: the one-step G, and the guidance-conditioned one-step G (its D judging the teacher's w-guided
+    samples as real, loss.adv_real=teacher);
  6. Stage 3: G grown 2x per stage (16 -> 32 -> 64; smoke 8 -> 16) and the drift between stages; the first
     growth again without L_rec (paper Fig. 3's ablation: it drifts further);
  7. the progressive-distillation baseline (16 -> 1 steps; smoke 4 -> 1);
  8. `eval.run`: every model against the held-out references (FD, KID, IS, precision / recall on the domain
     features): the teacher with Euler / Heun / DPM-Solver++ at few and more steps, G per resolution, PD-N,
-    the guidance curves of the teacher (CFG) and of the guided G;
+    the guidance curves of the teacher (CFG) and of the guided G, and `bench.moves` (how far and which way w
+    moves the guided G's samples against the teacher's CFG);
  9. `bench.compare` (NFE, latency, img/s, memory, FLOPs) and `bench.train_cost`; sample grids;
-10. `reports.build` -> OUT/report/index.html, then a six-line summary.
+10. `reports.build` -> OUT/report/index.html, then a summary of the claims, each with its budget.
 
 pagoda never imports eval, bench or reports (ARCHITECTURE): those steps run as `python -m` subprocesses. A
 step is skipped when its stamp (OUT/.steps/NAME.json: the command and the SHA-256 of its inputs) matches and
@@ -26,7 +28,8 @@ its outputs exist; a step whose inputs changed starts afresh; an interrupted tra
 run directory (the stages' own resume). Each step's output goes to OUT/logs/NAME.log.
 
 DESIGN: the demo's sizes (how many photos are inverted, how many steps each stage trains) are the Plan below,
-chosen so that the photos pipeline fits 30 minutes on 2 CPU cores; they make small, under-trained models, and
+chosen so that the photos pipeline takes about 25 minutes on a 2-core host (measured 23.8; hosts differ by up to
+~1.8x); they make small, under-trained models, and
 the report says what it measured, not what the paper reports.
 """
 
@@ -85,12 +88,12 @@ class Plan:
 
 
 PLANS = {
-    "photos": Plan("photos", 30, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=256,
+    "photos": Plan("photos", 25, 4, (), pairs_images=192, guided_images=64, guidance_range="1:3", g_steps=256,
                    guided_steps=300, grow_steps=(200, 16), pd_from=16, num_samples=500,
                    teacher_cells=(("euler,heun,dpmpp2m", "4,8"), ("euler", "1,2")), guidance="1,2,3",
                    guidance_cell=("euler", 4), drift_seeds=500, reps=30, train_cost_factors="1,2,4,8",
                    train_cost_time_up_to=32),
-    "smoke": Plan("smoke", 6, 1, ("train.steps=200",), pairs_images=64, guided_images=32, guidance_range="1:3",
+    "smoke": Plan("smoke", 3, 1, ("train.steps=200",), pairs_images=64, guided_images=32, guidance_range="1:3",
                   g_steps=40, guided_steps=20, grow_steps=(10,), pd_from=4, num_samples=500,
                   teacher_cells=(("euler,heun,dpmpp2m", "4"), ("euler", "1")), guidance="1,2",
                   guidance_cell=("euler", 4), drift_seeds=200, reps=30, train_cost_factors="1,2",
@@ -451,9 +454,10 @@ def _pick(rows, **want) -> dict | None:
 
 
 def summary(pipeline: Pipeline) -> list[str]:
-    """Seven lines, each a like-for-like comparison or saying what differs: one-step G vs the teacher at NFE 1 and
-    at its best, vs PD-1 at an equal training budget, growth (with the drift, and without L_rec), guidance curves
-    of the guided G and the teacher's CFG, how far each model's training moved it (lr units), cost ratio."""
+    """Up to eight lines, each a like-for-like comparison or saying what differs: one-step G vs the teacher at NFE 1
+    and at its best, vs PD-1 at an equal training budget, growth (with the drift, and without L_rec), guidance
+    curves of the guided G and the teacher's CFG, how far w moves each (bench.moves), how far each model's
+    training moved it (lr units), cost ratio."""
     from pagoda.config import get_preset
     from pagoda.networks.domain import INPUT_RESOLUTION
 
@@ -536,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                        epilog="Steps: " + "; ".join(("domain", "teacher", "refs", "pairs (plain, guided)",
                                                      "G", "guided G", "grow + drift", "PD", "eval", "cost",
                                                      "samples", "report")))
-    p.add_argument("--preset", choices=sorted(PLANS), default="photos", help="photos (default; < 30 min on 2 CPU "
+    p.add_argument("--preset", choices=sorted(PLANS), default="photos", help="photos (default; ~25 min on 2 CPU "
                    "cores) or smoke (< 6 min: the CI pipeline)")
     p.add_argument("--out", default=None, help="run folder (default runs/demo, runs/smoke for smoke)")
     p.add_argument("--weights-dir", default=None, help="folder of the domain classifier's weights (default "
@@ -575,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{s.name:14s} {state:10s} {cmd}")
         return 0
     weights.mkdir(parents=True, exist_ok=True)
-    print(f"demo {plan.preset}: {len(steps)} steps into {out} (sized for < {plan.budget_min} min on 2 CPU cores; "
+    print(f"demo {plan.preset}: {len(steps)} steps into {out} (sized for ~{plan.budget_min} min on 2 CPU cores, up to ~2x on a slow host; "
           f"logs in {out / 'logs'})", flush=True)
     t0 = time.perf_counter()
     try:

@@ -294,7 +294,9 @@ def test_moves_measure_gs_and_the_teachers_guidance_moves(files, tmp_path, capsy
     capsys.readouterr()
     for argv, needle in (([files["g"], "--teacher", files["teacher"]], "trained without guidance"),
                          ([files["gg"], "--teacher", files["teacher"], "--w", "3"], "outside the range"),
-                         ([files["gg"], "--teacher", str(other)], "is not the teacher"),
+                         ([files["gg"], "--teacher", str(other), "--w", "2"], "is not the teacher"),
+                         ([files["gg"], "--teacher", files["g"], "--w", "2"], "not a teacher"),
+                         ([files["gg"], "--teacher", files["teacher"], "--w", "2,2"], "each CFG scale once"),
                          ([files["gg"], "--teacher", files["teacher"], "--w", "x"], "comma-separated")):
         assert run_cli(moves_main, argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -653,8 +655,13 @@ def test_pulls_of_a_guided_run_and_its_bad_inputs(files, tmp_path, capsys):
     assert set(logits) == {"real", "teacher", "generator"} and all(math.isfinite(v) for v in logits.values())
     assert all(r["guidance"] == 2.0 and r["num_samples"] == 8 for r in rows)
     capsys.readouterr()
-    for argv, needle in (([str(Path(files["g"]).parent)], "unguided pairs"), ([run, "--w", "5"], "no pair item"),
-                         ([str(tmp_path)], "no readable config.json")):
+    started = tmp_path / "started"  # a run folder before its first step: config.json, no state.pt
+    started.mkdir()
+    (started / "config.json").write_text((Path(run) / "config.json").read_text())
+    for argv, needle in (([str(Path(files["g"]).parent)], "unguided pairs"),
+                         ([run, "--w", "5", "--band", "10"], "outside the run's guidance range [1, 2]"),
+                         ([run, "--w", "1.5", "--band", "0"], "no pair item"),
+                         ([str(tmp_path)], "no readable config.json"), ([str(started)], "holds no state.pt")):
         assert run_cli(pulls_main, argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
