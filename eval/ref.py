@@ -37,6 +37,8 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
                 pagoda_version=__version__)
     if getattr(ex, "spatial_dim", 0):  # sFID statistics are stored too: a reference made before lacks them
         prov.update(spatial_dim=ex.spatial_dim)
+    if source.image_resize:  # brought to the resolution on the way in (eval.ref --resolution on a folder / npz)
+        prov.update(image_resize=source.image_resize)
     if source.num_classes:  # labelled: a reference made before labels were stored is stale
         prov.update(num_classes=source.num_classes, class_names=list(source.class_names or []) or None)
     return prov
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
     p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
     p.add_argument("--resize", default=None, help="image convention of the DINOv2 extractor (pil-bicubic, edm2-torch)")
-    p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set")
+    p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set; "
+                   "a folder or npz is brought to it by ADM's centre crop (recorded in the reference)")
     p.add_argument("--split", default="train", help="split of the bundled data set (default train)")
     p.add_argument("--batch", type=positive_int, default=250, help="images per batch (no effect on results)")
     p.add_argument("--max-samples", type=positive_int, default=None, help="use a fixed random subset of N images (seed 0)")
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.endswith(".safetensors"):
         raise UserError(f"{spec} is a checkpoint: eval.ref takes a data set (an image folder, an ADM .npz or "
                         "photos[:split[:resolution]]); measure checkpoints with eval.run / eval.fid")
+    if spec.split(":")[0] != "photos" and args.split != "train":
+        raise UserError(f"--split {args.split} exists only for the bundled photos; {spec} has one split: drop --split")
     if spec.startswith("photos:") and (args.split != "train" or args.resolution is not None):
         raise UserError(f"{spec} names its split / resolution itself: drop --split / --resolution, or write "
                         "photos:SPLIT:RES")

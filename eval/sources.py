@@ -50,6 +50,7 @@ class Source:
     resolution: int | None = None
     num_classes: int = 0
     class_names: list[str] | None = None  # where known (photos, class folders)
+    image_resize: str | None = None  # how images were brought to `resolution` (Resized), None = as stored
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -103,7 +104,7 @@ class RandomOrder(Source):
         self.base, self.seed = base, int(seed)
         self.perm = torch.randperm(base.num_samples, generator=torch.Generator().manual_seed(self.seed))
         self.name, self.num_samples, self.resolution = base.name, base.num_samples, base.resolution
-        self.num_classes, self.class_names = base.num_classes, base.class_names
+        self.num_classes, self.class_names, self.image_resize = base.num_classes, base.class_names, base.image_resize
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.base.load(self.perm[index])
@@ -205,6 +206,29 @@ def _modules_of(obj, depth: int = 3) -> list[torch.nn.Module]:
     for v in vars(obj).values():
         found += [m for m in _modules_of(v, depth - 1) if all(m is not f for f in found)]
     return found
+
+
+class Resized(Source):
+    """Another source's images at `resolution` by ADM's centre crop (pagoda.data.adm_center_crop: BOX halving while
+    the short side is >= 2R, BICUBIC to short side R, centre crop; openai/guided-diffusion `center_crop_arr`, as
+    the ADM reference batches and pagoda's training data are made). Images already R x R pass unchanged."""
+
+    def __init__(self, base: Source, resolution: int):
+        self.base, self.resolution, self.image_resize = base, int(resolution), "adm-center-crop"
+        self.name, self.num_samples = base.name, base.num_samples
+        self.num_classes, self.class_names = base.num_classes, base.class_names
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from pagoda.data import adm_center_crop
+        x, y = self.base.load(index)
+        if x.shape[-2:] == (self.resolution, self.resolution):
+            return x, y
+        crops = [np.asarray(adm_center_crop(Image.fromarray(img.permute(1, 2, 0).numpy()), self.resolution))
+                 for img in x]
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), y
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
 
 
 class FolderSource(Source):
@@ -337,7 +361,8 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
 def open_source(spec: str, *, num_samples: int | None = None, resolution: int | None = None, split: str = "train",
                 seed: int = 0, labels="seed", guidance: float | None = None, sampler: str | None = None,
                 steps: int | None = None, device: str | torch.device = "cpu") -> Source:
-    """A checkpoint (.safetensors), an image folder, an ADM .npz, or the bundled `photos[:split[:res]]`."""
+    """A checkpoint (.safetensors), an image folder, an ADM .npz, or the bundled `photos[:split[:res]]`; a folder or
+    npz with `resolution` is brought to it by ADM's centre crop (Resized)."""
     path = Path(spec)
     if spec.endswith(".safetensors"):
         from pagoda.generator import load_generator
@@ -348,9 +373,11 @@ def open_source(spec: str, *, num_samples: int | None = None, resolution: int | 
                                name=getattr(gen, "name", None) or path.stem)
     if path.is_dir():  # a class-sorted folder is read in a fixed random order: no class-sorted runs or subsets
         folder = FolderSource(path)
+        folder = Resized(folder, resolution) if resolution else folder
         return (RandomOrder(folder, seed=0) if folder.num_classes else folder).limit(num_samples)
     if spec.endswith(".npz"):
-        return NpzSource(path).limit(num_samples)
+        npz = NpzSource(path)
+        return (Resized(npz, resolution) if resolution else npz).limit(num_samples)
     if spec.split(":")[0] == "photos":
         name, split_, res = parse_dataset_spec(spec)
         res = res or resolution

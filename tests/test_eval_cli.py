@@ -404,3 +404,39 @@ def test_run_names_the_refs_extractor_when_the_default_does_not_fit(ckpt, ref, t
     assert not out.exists()
     assert run_cli(fid_main, argv) == 2  # eval.fid: the same check
     _one_error_line(capsys, "inception", "--extractor domain")
+
+
+def test_ref_resolution_on_a_folder_or_npz_is_the_adm_centre_crop(weights_dir, tmp_path, capsys):
+    """eval.ref --resolution on a folder or an npz brings the images to it by ADM's centre crop (the pixels
+    pagoda's training data set makes of the same files) and records it; without it the reference keeps the
+    images' own size; --split on a folder is refused in one line."""
+    from eval.sources import NpzSource, Resized
+    from pagoda.data import build_dataset, save_npz
+
+    folder, rng = tmp_path / "imgs", np.random.default_rng(0)
+    folder.mkdir()
+    images = rng.integers(0, 256, (6, 40, 30, 3), dtype=np.uint8)  # not square, not a multiple of 8
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    resized = Resized(FolderSource(folder), 8)
+    got, _ = resized.load(torch.arange(6))
+    train = build_dataset(str(folder), 8)
+    assert got.shape == (6, 3, 8, 8)
+    assert torch.equal(got, torch.stack([train[i][0] for i in range(6)]))  # pagoda.data's ADM crop, bit-equal
+    save_npz(tmp_path / "imgs.npz", images)
+    assert torch.equal(Resized(NpzSource(tmp_path / "imgs.npz"), 8).load(torch.arange(6))[0], got)
+    common = ["--extractor", "domain", "--weights-dir", str(weights_dir), "--allow-small"]
+    assert run_cli(ref_main, [str(folder), "-o", str(tmp_path / "r8.npz"), "--resolution", "8", *common]) == 0
+    prov = load_reference(tmp_path / "r8.npz").provenance
+    assert prov["resolution"] == 8 and prov["image_resize"] == "adm-center-crop"
+    square = tmp_path / "sq"
+    square.mkdir()
+    for i, im in enumerate(images[:, :24, :24]):
+        Image.fromarray(np.ascontiguousarray(im)).save(square / f"{i}.png")
+    assert run_cli(ref_main, [str(square), "-o", str(tmp_path / "r24.npz"), *common]) == 0
+    prov = load_reference(tmp_path / "r24.npz").provenance
+    assert prov["resolution"] == 24 and "image_resize" not in prov  # control: as stored
+    capsys.readouterr()
+    assert run_cli(ref_main, [str(folder), "-o", str(tmp_path / "rs.npz"), "--split", "heldout", *common]) == 2
+    _one_error_line(capsys, "--split heldout exists only for the bundled photos")
+    assert not (tmp_path / "rs.npz").exists()
