@@ -658,10 +658,17 @@ def test_pulls_of_a_guided_run_and_its_bad_inputs(files, tmp_path, capsys):
     started = tmp_path / "started"  # a run folder before its first step: config.json, no state.pt
     started.mkdir()
     (started / "config.json").write_text((Path(run) / "config.json").read_text())
+    replaced = tmp_path / "replaced"  # the run, its config naming another teacher than the one it was made from
+    replaced.mkdir()
+    config = json.loads((Path(run) / "config.json").read_text())
+    config["teacher"] = save_tiny_teacher(tmp_path / "other-teacher.safetensors", seed=5)
+    (replaced / "config.json").write_text(json.dumps(config))
+    (replaced / "state.pt").write_bytes((Path(run) / "state.pt").read_bytes())
     for argv, needle in (([str(Path(files["g"]).parent)], "unguided pairs"),
                          ([run, "--w", "5", "--band", "10"], "outside the run's guidance range [1, 2]"),
                          ([run, "--w", "1.5", "--band", "0"], "no pair item"),
-                         ([str(tmp_path)], "no readable config.json"), ([str(started)], "holds no state.pt")):
+                         ([str(tmp_path)], "no readable config.json"), ([str(started)], "holds no state.pt"),
+                         ([str(replaced)], "inputs.teacher_sha256 differs")):
         assert run_cli(pulls_main, argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err

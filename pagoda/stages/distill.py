@@ -304,9 +304,18 @@ def load_init(path: str, teacher_net: nn.Module, pairs, guided: bool, network: d
     return net, meta["network"]
 
 
+def run_inputs(cfg: DistillConfig, pairs) -> dict:
+    """What a run is made from, by content (its config.json's `inputs`): the pairs' teacher (the pairs were loaded
+    against cfg.teacher's SHA-256), the pairs' index, and --init when there is one."""
+    from pagoda.pairs import pairs_sha256
+
+    return dict(teacher_sha256=pairs.teacher_sha256, pairs_sha256=pairs_sha256(cfg.pairs),
+                **({"init_sha256": sha256_file(cfg.init)} if cfg.init else {}))
+
+
 def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> Path:
     """Train (or resume, or find finished) G in out_dir; returns the path of G.safetensors."""
-    from pagoda.pairs import load_pairs, pairs_sha256
+    from pagoda.pairs import load_pairs
 
     if not cfg.pairs:
         raise UserError("no pairs given: pass --pairs DIR (made by `python -m pagoda pairs --teacher T ...`)")
@@ -318,15 +327,14 @@ def run(cfg: DistillConfig, *, out_dir: str | os.PathLike, weights_dir=None) -> 
         init, network = load_init(cfg.init, teacher_net, pairs, guided, meta["network"])
         stage = DistillStage(cfg, teacher_net, diffusion, weights_dir=weights_dir, network=network,
                              guided=guided, init=init).to(dist.device())
+        # a run is its inputs' content, not their paths: a teacher retrained at the same path, pairs remade or a
+        # changed --init is another run (refused on resume or when finished, never taken as this one)
+        inputs = run_inputs(cfg, pairs)
         extra = dict(network=stage.network, diffusion=meta.get("diffusion", {}), resolution=teacher_net.resolution,
                      num_classes=teacher_net.num_classes, teacher=str(cfg.teacher),
                      teacher_sha256=pairs.teacher_sha256, pairs=str(cfg.pairs), method="pagoda",
                      guidance_range=list(pairs.guidance_range) if guided else None,
                      pairs_data_fingerprint=pairs.index["data"]["fingerprint"],
-                     **(dict(init=str(cfg.init), init_sha256=sha256_file(cfg.init)) if cfg.init else {}))
-        # a run is its inputs' content, not their paths: a teacher retrained at the same path, pairs remade or a
-        # changed --init is another run (refused on resume or when finished, never taken as this one)
-        inputs = dict(teacher_sha256=pairs.teacher_sha256, pairs_sha256=pairs_sha256(cfg.pairs),
-                      **({"init_sha256": extra["init_sha256"]} if cfg.init else {}))
+                     **(dict(init=str(cfg.init), init_sha256=inputs["init_sha256"]) if cfg.init else {}))
         return train(stage=stage, cfg=cfg.train, out_dir=out_dir, config_dict={**to_dict(cfg), "inputs": inputs},
                      dataset=pairs, meta_extra=extra)
