@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from bench.profile import DTYPES, MIN_REPS, network_of, profile, set_network
 from eval.rows import append_rows, check_rows_output, format_table, make_row
+from eval.run import add_weights_args, apply_offline
 from pagoda.errors import (
     SAMPLER_HELP,
     ArgumentParser,
@@ -60,33 +61,23 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def quality_setup(args, device):
-    """(plan, references, extractors) for --quality, built once; None without --quality."""
-    from eval.registry import Estimators, check_extractor
-    from eval.run import Plan, References, make_extractors
+    """The eval.api.Evaluator of --quality (references, metrics, extractors), built once; None without --quality."""
+    from eval.api import Evaluator
 
     if not args.quality:
         return None
-    plan = Plan(metrics=tuple(args.metrics), est=Estimators(), batch=args.eval_batch, allow_small=args.allow_small,
-                roles={"main": args.extractor, "dinov2": "dinov2", "clip": "clip", "cmmd": "clip-vitl14-336"})
-    for m in plan.metrics:
-        check_extractor(m, plan.extractor_of(m))
-    refs = References(args.quality)
-    refs.check_extractors(plan)  # a ref of another extractor is named before any weights are asked for
-    extractors = make_extractors({plan.extractor_of(m) for m in plan.metrics}, weights_dir=args.weights_dir,
-                                 device=device, resize=None)
-    return plan, refs, extractors
+    return Evaluator(args.quality, args.metrics, extractor=args.extractor, batch=args.eval_batch,
+                     allow_small=args.allow_small, weights_dir=args.weights_dir, device=device)
 
 
 def check_quality(quality, gen, cell, num_samples: int) -> None:
     """eval.run's refusals for one setting (extractor, reference, sample count), before anything is measured;
     a missing reference is named as this command's --quality."""
-    from eval.run import check_cell
     from eval.sources import GeneratorSource
 
-    plan, refs, extractors = quality
     try:
         with GeneratorSource(gen, num_samples, guidance=cell.guidance, name=cell.spec) as source:
-            check_cell(plan, source, extractors, refs, what=cell.spec, option="--num-samples")
+            quality.check(source, what=cell.spec, option="--num-samples")
     except UserError as e:
         raise UserError(str(e).replace("--ref", "--quality")) from None
 
@@ -115,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=positive_int, default=None,
                    help=f"images per quality measurement (default {DEFAULT_SAMPLES})")
     p.add_argument("--eval-batch", type=positive_int, default=None, help="batch of the quality measurement (250)")
-    p.add_argument("--weights-dir", default=None, help="extractor weights folder (default $PAGODA_WEIGHTS)")
+    add_weights_args(p)
     p.add_argument("--allow-small", action="store_true", default=None,
                    help="quality with fewer samples than feature dimensions")
     p.add_argument("-o", "--out", default="results/bench.jsonl", help="JSONL file the rows are appended to")
     args = p.parse_args(argv)
+    apply_offline(args)
     if args.reps < MIN_REPS:
         p.error(f"--reps {args.reps}: at least {MIN_REPS} timed calls are needed for a median and p90")
     if args.warmup < 1:
@@ -157,10 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             made = profile(gen, batches=args.batch, guidance=cell.guidance, reps=args.reps, warmup=args.warmup,
                            compiled=args.compile, make_row=make_row, fields={"model": cell.spec})
             if quality:
-                plan, refs, extractors = quality
-                made += eval_run(plan, ckpts=[cell.spec], images=[], refs=refs, extractors=extractors,
-                                 num_samples=num_samples, seed=0, labels="seed", guidance=[cell.guidance],
-                                 samplers=[cell.sampler], steps=[cell.steps], resolutions=None, device=device,
+                made += eval_run(quality, ckpts=[cell.spec], images=[], num_samples=num_samples, seed=0,
+                                 labels="seed", guidance=[cell.guidance], samplers=[cell.sampler], steps=[cell.steps],
                                  dtype=dtype)
             append_rows(args.out, made)
             rows, done = rows + made, done + 1

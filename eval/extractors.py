@@ -4,8 +4,8 @@ Every extractor takes uint8 RGB images [N, 3, H, W] of any size, owns its resize
 normalisation (named by its `resize` attribute, which results record), and returns
 `{"features": float32 [N, D], "logits": float32 [N, K], "spatial": float32 [N, S]}` from one
 forward pass (logits only when `num_logits` > 0, spatial only when `spatial_dim` > 0: the
-Inception's sFID map). Weights come from local files only (pagoda.weights); their SHA-256 is exposed
-as `weights_sha256`. Conventions: METHOD.md section 5.
+Inception's sFID map). Weights are local files, fetched on first use (pagoda.weights); their SHA-256 is
+exposed as `weights_sha256` and how far it is trusted as `weights_trust`. Conventions: METHOD.md section 5.
 """
 
 import contextlib
@@ -24,7 +24,7 @@ from torch import nn
 
 from eval.sources import check_images
 from pagoda.errors import UserError
-from pagoda.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
+from pagoda.weights import SPECS, WeightsSpec, load_state_dict, resolve_weights, trust_of, verify
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -70,10 +70,12 @@ class Extractor:
     resize: str
     weights_path: Path | None
     weights_sha256: str | None
+    weights_trust: str | None  # "pinned", "first use", "unverified" or "not official" (pagoda.weights)
 
     def __init__(self, net: nn.Module, spec: WeightsSpec, path: Path | None, sha: str | None, device: str):
         self.net = net.to(device).eval().requires_grad_(False)
         self.spec, self.weights_path, self.weights_sha256, self.device = spec, path, sha, torch.device(device)
+        self.weights_trust = trust_of(path, spec, sha) if path is not None and sha is not None else None
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(images, f"{self.name} extractor")
@@ -91,7 +93,7 @@ class Extractor:
 def _load_checked(spec: WeightsSpec, weights_dir, strict: bool) -> tuple[dict, Path, str]:
     """Resolve, hash and safely load the weights of `spec`."""
     path = resolve_weights(spec, weights_dir)
-    sha = check_sha256(path, spec, strict=strict)
+    sha, _ = verify(path, spec, strict=strict)
     return load_state_dict(path, spec), path, sha
 
 
@@ -490,7 +492,7 @@ class DomainExtractor(Extractor):
                             "update the checkout or pick another extractor") from e
         spec = SPECS["domain"]
         path = resolve_weights(spec, weights_dir)
-        sha = check_sha256(path, spec, strict=strict)
+        sha, _ = verify(path, spec, strict=strict)
         net = load_domain_net(path)  # reads its config from the safetensors metadata; UserError if unfit
         self.feature_dim, self.num_logits = net.feature_dim, net.num_classes
         super().__init__(net, spec, path, sha, device)

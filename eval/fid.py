@@ -20,21 +20,17 @@ import sys
 
 import numpy as np
 
-from eval.pipeline import extract, init_distributed, is_main
+from eval.pipeline import extract, is_main
 from eval.registry import Estimators, score, wants
 from eval.rows import append_rows, check_rows_output, format_table
 from eval.run import (
     DEFAULT_SAMPLES,
-    Plan,
-    References,
     add_common_args,
+    apply_offline,
     check_bootstrap,
-    check_cell,
-    make_extractors,
     refuse_checkpoint_options,
-    score_cell,
 )
-from eval.sources import dist_info, open_source, save_samples
+from eval.sources import dist_info, save_samples
 from pagoda.errors import (
     SAMPLER_HELP,
     ArgumentParser,
@@ -78,40 +74,41 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a .safetensors checkpoint to sample from")
-    src.add_argument("--images", help="an image folder or ADM .npz to measure instead of a checkpoint")
-    p.add_argument("--ref", required=True, help="reference statistics (eval.ref npz, ADM npz, clean-fid npz, EDM2 pkl)")
+    src.add_argument("--images", help="samples to measure instead of a checkpoint: an image folder, EDM2's nested seed "
+                     "folders, an ADM .npz, a .zip / .tar or webdataset shards a-{000..009}.tar")
+    p.add_argument("--ref", required=True, help="reference statistics (eval.ref npz, ADM npz, clean-fid npz, EDM2 pkl), "
+                   "or a named one fetched on first use: imagenet64|128|256|512, edm2-img64|512 (eval.ref --list)")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="CFG scale w (default: the model's own)")
     p.add_argument("--sampler", type=sampler_spec, default=None, help=SAMPLER_HELP + " (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps of a diffusion model")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for a 95%% CI (0 = none)")
     p.add_argument("--save-samples", default=None, help="also write the generated images as an ADM npz")
+    p.add_argument("--resize", default=None,
+                   help="image convention of the DINOv2 extractor (pil-bicubic or edm2-torch; default: its own)")
     add_common_args(p)
     args = p.parse_args(argv)
     check_bootstrap(args.bootstrap)
     check_rows_output(args.out)
+    apply_offline(args)
     if args.images:
         refuse_checkpoint_options(args, "--images")
         if args.save_samples:
             raise UserError("--save-samples saves generated images: use it with --ckpt, not --images")
     if args.save_samples:
         check_output(args.save_samples, "--save-samples")
-    device = init_distributed()
-    plan = Plan(metrics=("fid",), roles={"main": args.extractor}, est=Estimators(bootstrap=args.bootstrap),
-                batch=args.batch, allow_small=args.allow_small)
-    refs = References([args.ref])
-    refs.check_extractors(plan)  # a ref of another extractor is named before any weights are asked for
-    extractors = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device, resize=args.resize)
+    from eval.api import Evaluator
+    ev = Evaluator(args.ref, ["fid"], extractor=args.extractor, resize=args.resize,
+                   estimator=Estimators(bootstrap=args.bootstrap), batch=args.batch, allow_small=args.allow_small,
+                   weights_dir=args.weights_dir, cache=not args.no_cache)
     spec, seed = args.ckpt or args.images, args.seed or 0
     num = (args.num_samples or DEFAULT_SAMPLES) if args.ckpt else args.num_samples
-    source = open_source(spec, num_samples=num, seed=seed, labels=args.labels or "seed", guidance=args.guidance,
-                         sampler=args.sampler, steps=args.steps, device=device)
+    source = ev.source(spec, num_samples=num, seed=seed, labels=args.labels or "seed", guidance=args.guidance,
+                       sampler=args.sampler, steps=args.steps)
     with source:
-        check_cell(plan, source, extractors, refs, what=spec,
-                   option="--num-samples" if args.ckpt else "--num-samples (or more images)")
+        ev.check(source, what=spec, option="--num-samples" if args.ckpt else "--num-samples (or more images)")
         saver = SampleSaver(args.save_samples) if args.save_samples else None
-        (row,) = score_cell(plan, source, extractors, refs, device=device, seed=seed if args.ckpt else None,
-                            on_batch=saver)
+        (row,) = ev.measure(source, seed=seed if args.ckpt else None, on_batch=saver)
     if not is_main():
         return 0
     if saver is not None:

@@ -2,6 +2,7 @@
 
     python -m eval.ref photos:train:16 -o refs/photos-16-domain.npz --extractor domain
     python -m eval.ref data/imagenet64_val.npz -o refs/in64.npz --weights-dir weights/
+    python -m eval.ref --list      # the published references that --ref NAME fetches (eval.catalog)
 
 Stores the float64 mean and covariance of the features (and of the sFID spatial features when the
 extractor has them: mu_s / sigma_s, as ADM reference batches do), the features of --store-features images
@@ -19,8 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval.catalog import format_list
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
-from eval.run import make_extractors
+from eval.run import add_cache_arg, add_weights_args, apply_offline, feature_cache, make_extractors
 from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
 from pagoda.errors import ArgumentParser, UserError, check_output, positive_int, run_cli
@@ -57,10 +59,11 @@ def stale_reason(path: Path, provenance: dict) -> str | None:
     return None
 
 
-def build(source, ex, *, batch: int, store: int, device, provenance: dict):
-    """Stream the source once through the extractor; a Reference with mean, covariance and stored features."""
+def build(source, ex, *, batch: int, store: int, device, provenance: dict, cache=None):
+    """Stream the source once through the extractor (reading / filling `cache`, an eval.cache.FeatureCache); a
+    Reference with mean, covariance and stored features."""
     want = Want(store=store, labels=bool(store and source.num_classes), spatial=bool(getattr(ex, "spatial_dim", 0)))
-    out = extract(source, {ex.name: ex}, {ex.name: want}, batch=batch, device=device)[ex.name]
+    out = extract(source, {ex.name: ex}, {ex.name: want}, batch=batch, device=device, cache=cache)[ex.name]
     features = out.store.features() if out.store is not None else None
     spatial = (out.spatial.mean(), out.spatial.cov()) if out.spatial is not None else (None, None)
     return Reference(mu=out.stats.mean(), sigma=out.stats.cov(), n=out.stats.n, features=features,
@@ -70,10 +73,12 @@ def build(source, ex, *, batch: int, store: int, device, provenance: dict):
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.ref", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", help="an image folder, an ADM .npz, or photos[:split[:resolution]]")
-    p.add_argument("-o", "--out", required=True, help="output reference .npz")
+    p.add_argument("dataset", nargs="?", help="an image folder, an ADM .npz, or photos[:split[:resolution]]")
+    p.add_argument("-o", "--out", help="output reference .npz")
+    p.add_argument("--list", action="store_true", help="list the named references (--ref NAME elsewhere) with their "
+                   "source and protocol, and exit")
     p.add_argument("--extractor", default="inception", help="feature extractor (default inception)")
-    p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
+    add_weights_args(p)
     p.add_argument("--resize", default=None, help="image convention of the DINOv2 extractor (pil-bicubic, edm2-torch)")
     p.add_argument("--resolution", type=positive_int, default=None, help="resolution of the bundled data set; "
                    "a folder or npz is brought to it by ADM's centre crop (recorded in the reference)")
@@ -85,7 +90,14 @@ def main(argv: list[str] | None = None) -> int:
                         "and per-class metrics (default 10000, 0 = none)")
     p.add_argument("--allow-small", action="store_true", help="accept fewer images than feature dimensions")
     p.add_argument("--force", action="store_true", help="rebuild an existing output whose provenance differs")
+    add_cache_arg(p)
     args = p.parse_args(argv)
+    if args.list:
+        print(format_list(args.weights_dir))
+        return 0
+    if args.dataset is None or args.out is None:
+        p.error("give a DATASET and -o OUT (or --list)")
+    apply_offline(args)
     check_output(args.out)
     if args.store_features < 0:
         raise UserError(f"--store-features={args.store_features} must be >= 0")
@@ -118,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{out}: {why} (or write to another -o)")
     check_sample_count(source.num_samples, ex.feature_dim, allow_small=args.allow_small, what=spec,
                        option="--max-samples (or more images)")
-    ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance)
+    ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance,
+                cache=feature_cache(args))
     if is_main():
         save_reference(out, ref)
         classes = f" with labels of {source.num_classes} classes" if ref.labels is not None else ""

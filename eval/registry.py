@@ -58,8 +58,9 @@ class Estimators:
 
 
 def estimators_arg(text: str) -> Estimators:
-    """argparse type: `kid_subset=500,is_splits=5,is_style=torch-fidelity` -> Estimators (others default)."""
-    known = {f.name: f.type for f in fields(Estimators) if f.name != "bootstrap"}
+    """argparse type: `kid_subset=500,is_splits=5,is_style=torch-fidelity,bootstrap=100` -> Estimators (others
+    default); bootstrap is 0 (no interval) or at least 10 rounds."""
+    known = {f.name: f.type for f in fields(Estimators)}
     values = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, _, value = item.partition("=")
@@ -76,7 +77,10 @@ def estimators_arg(text: str) -> Estimators:
             values[key] = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r}: {key} must be an integer") from None
-        if values[key] < (0 if key == "kid_seed" else 1):
+        if key == "bootstrap" and values[key] != 0 and values[key] < 10:
+            raise argparse.ArgumentTypeError(f"{item!r}: use 0 (no interval) or at least 10 rounds (100+ for a "
+                                             "usable 95% CI)")
+        if values[key] < (0 if key in ("kid_seed", "bootstrap") else 1):
             raise argparse.ArgumentTypeError(f"{item!r}: {key} must be >= 1")
     return Estimators(**values)
 
@@ -223,7 +227,10 @@ def wants(metrics: list[str], roles: dict[str, str], est: Estimators, *, num_sam
 # ---------------------------------------------------------------------------------------------
 # Refusing impossible requests before any sampling.
 
-ROLE_OPTION = {"main": "--extractor", "dinov2": "--dinov2", "clip": "--clip", "cmmd": "--cmmd"}
+def role_option(role: str, name: str) -> str:
+    """How a command line picks extractor `name` for `role`: `--extractor NAME` for the main role (fid, sfid, kid,
+    is, pr, dc), `--extractor ...,ROLE=NAME` for dinov2 / clip / cmmd (eval.run's extractor spec)."""
+    return f"--extractor {name}" if role == "main" else f"--extractor ...,{role}={name}"
 CAPABILITY = {"num_logits": "logits", "spatial_dim": "spatial features", "encode_text": "a text encoder"}
 
 
@@ -242,7 +249,7 @@ def check_extractor(metric: str, ex) -> None:
     if not fits:
         ok = [n for n, e in EXTRACTORS.items() if metric in e.metrics]
         raise UserError(f"metric {metric} needs an extractor with {CAPABILITY[m.needs]}, which "
-                        f"{ROLE_OPTION[m.role]} {name} lacks: pass {ROLE_OPTION[m.role]} {' or '.join(ok) or '?'} "
+                        f"{role_option(m.role, name)} lacks: pass {role_option(m.role, ' or '.join(ok) or '?')} "
                         f"or drop {metric} from --metrics")
 
 

@@ -2,19 +2,21 @@
 
     python -m eval.run --ckpt teacher.safetensors --ckpt G16.safetensors --ref refs/photos-16.npz \\
         --extractor domain --metrics fid,kid,is,pr --guidance 1,2 --sampler heun,euler --steps 8,18
-    python -m eval.run --images samples.npz --images samples_dir/ --ref VIRTUAL_imagenet64_labeled.npz \\
-        --metrics fid,sfid,is,pr,dc
+    python -m eval.run --images samples.npz --images samples_dir/ --images shards-{000..009}.tar \\
+        --ref imagenet64 --metrics fid,sfid,is,pr,dc
 
 A checkpoint is swept over cells (guidance, sampler, steps); axes that do not apply collapse (sampler and
 steps for a one-step generator, guidance for an unconditional one). `--images` (an ADM npz with arr_0 and
-optional arr_1 labels, or an image folder) is one cell with method "samples", named by its path; it goes
-through the same code path as a checkpoint's samples. In each cell every extractor the metrics need runs
-once over the images (`--extractor` for fid, sfid, kid, is, pr, dc; `--dinov2` for fd_dinov2; `--clip` for
-clip; `--cmmd` for cmmd). Each (cell, metric) is one JSONL row with its estimator parameters in `extra`; a
+optional arr_1 labels, an image folder, EDM2's nested seed folders, a zip / tar or webdataset shards:
+eval.stores) is one cell with method "samples", named by its path; it goes through the same code path as a
+checkpoint's samples, and its features are cached by content (eval.cache; --no-cache). In each cell every
+extractor the metrics need runs once over the images (`--extractor NAME,dinov2=NAME,clip=NAME,cmmd=NAME`: the
+first for fid, sfid, kid, is, pr, dc, the others for fd_dinov2, clip and cmmd). Each (cell, metric) is one JSONL
+row with its estimator parameters in `extra`; a
 table is printed at the end. A --ref serves the metrics whose extractor, image convention (resize) and
 resolution match its provenance (a reference without provenance, e.g. an ADM npz or EDM2 pkl, matches any).
 
-Rows: fid, sfid (ADM evaluator spatial FID), fd_dinov2 (CI from --bootstrap), kid (extra.std, subset_size,
+Rows: fid, sfid (ADM evaluator spatial FID), fd_dinov2 (CI from --estimator bootstrap=N), kid (extra.std, subset_size,
 subsets), precision / recall (k, CI), density / coverage (k, CI), is (extra.splits, style, std), clip
 (100 * mean max(cos, 0); class prompts "a photo of a {class}" or one caption per image), cmmd (x 1000).
 Every impossible request (a metric its extractor cannot measure, too few samples or stored reference
@@ -33,17 +35,18 @@ models at equal sample counts, never with published FIDs. The table shows the 5 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from eval.pipeline import Want, extract, init_distributed, is_main
+from eval.catalog import resolve_ref
+from eval.pipeline import Want, extract, is_main
 from eval.registry import (
     METRICS,
     PER_CLASS,
-    ROLE_OPTION,
     STORE_LIMIT,
     Estimators,
     check_extractor,
@@ -52,6 +55,7 @@ from eval.registry import (
     class_rows,
     estimators_arg,
     metric_list,
+    role_option,
     score,
     wants,
 )
@@ -84,22 +88,26 @@ class Plan:
     roles: dict  # role -> extractor name
     est: Estimators
     per_class: bool = False
-    class_names: tuple[str, ...] | None = None  # CLIP prompts per class (from --class-names)
-    captions: tuple[str, ...] | None = None  # CLIP: one caption per image (from --captions)
+    class_names: tuple[str, ...] | None = None  # CLIP prompts per class (--prompts classes:FILE)
+    captions: tuple[str, ...] | None = None  # CLIP: one caption per image (--prompts captions:FILE)
     batch: int = 250
     allow_small: bool = False
+    cache: object = None  # eval.cache.FeatureCache for sample stores, None = extract every time (--no-cache)
 
     def extractor_of(self, metric: str) -> str:
         return self.roles[METRICS[metric].role]
 
 
 class References:
-    """The --ref files, each found by the extractor, resize and resolution its provenance records."""
+    """The --ref files, each found by the extractor, resize and resolution its provenance records. A --ref may
+    name a published reference (eval.catalog: fetched on first use into `weights_dir`, else the cache); rows
+    and messages name it as given."""
 
-    def __init__(self, paths: list[str]):
-        self.paths, self.prov = paths, {}
-        for p in paths:  # an ADM batch has no provenance, but its images say their resolution
-            ref = load_reference(p)
+    def __init__(self, paths: list[str], weights_dir=None):
+        self.paths, self.prov = list(paths), {}
+        self.files = {p: resolve_ref(p, weights_dir) for p in self.paths}
+        for p in self.paths:  # an ADM batch has no provenance, but its images say their resolution
+            ref = load_reference(self.files[p])
             self.prov[p] = dict(ref.provenance or {})
             if self.prov[p].get("resolution") is None and ref.image_size:
                 self.prov[p]["resolution"] = ref.image_size
@@ -114,10 +122,10 @@ class References:
                     self.prov[p].get("extractor") in (None, name) for p in self.paths):
                 continue
             built = sorted({self.prov[p]["extractor"] for p in self.paths})
-            option = ROLE_OPTION[METRICS[m].role]
+            role = METRICS[m].role
             given = ", ".join(f"{p} ({self.prov[p]['extractor']})" for p in self.paths)
-            raise UserError(f"{m} uses extractor {name} ({option}) but every --ref was built with another one "
-                            f"({given}): pass {option} {built[0]}, or build a reference with "
+            raise UserError(f"{m} uses extractor {name} ({role_option(role, name)}) but every --ref was built with "
+                            f"another one ({given}): pass {role_option(role, built[0])}, or build a reference with "
                             f"python -m eval.ref DATA -o REF.npz --extractor {name}")
 
     def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):
@@ -140,7 +148,7 @@ class References:
                             f"{ex.name}: give only the one to measure against")
         path, key = ok[0], (ok[0], ex.name)
         if key not in self.loaded:
-            self.loaded[key] = load_reference(path, expect_extractor=ex.name, expect_dim=ex.feature_dim,
+            self.loaded[key] = load_reference(self.files[path], expect_extractor=ex.name, expect_dim=ex.feature_dim,
                                               expect_resize=getattr(ex, "resize", None),
                                               expect_sha256=getattr(ex, "weights_sha256", None),
                                               metric=_edm2_key(METRICS[metric].role))
@@ -151,7 +159,7 @@ class References:
                 what = "sFID statistics" if need == "spatial" else "features"
                 raise UserError(f"reference {path} stores no {what}, needed by {metric}: rebuild it with "
                                 f"python -m eval.ref ... --extractor {ex.name} --store-features N --force")
-            self._extract_images(path, ref, ex)  # an ADM batch: images, no features
+            self._extract_images(self.files[path], ref, ex)  # an ADM batch: images, no features
         check_reference(metric, ref, path, est)
         return path, ref
 
@@ -207,15 +215,16 @@ def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> lis
 
 
 def class_prompts(num_classes: int, class_names: tuple[str, ...] | None, what: str) -> list[str]:
-    """CLIP prompts per class: --class-names, else the bundled photos' names when the class count fits."""
+    """CLIP prompts per class: --prompts classes:FILE, else the bundled photos' names when the class count fits."""
     if class_names is None:
         from pagoda.data import PHOTO_CLASSES
         if num_classes != len(PHOTO_CLASSES):
             raise UserError(f"metric clip on {what} needs the names of its {num_classes} classes (known only for "
-                            f"the photos data set): pass --class-names FILE (one per line) or --captions FILE")
+                            "the photos data set): pass --prompts classes:FILE (one per line) or --prompts "
+                            "captions:FILE")
         class_names = PHOTO_CLASSES
     if len(class_names) != num_classes:
-        raise UserError(f"--class-names has {len(class_names)} names but {what} has {num_classes} classes: "
+        raise UserError(f"--prompts classes:FILE has {len(class_names)} names but {what} has {num_classes} classes: "
                         "give one name per class, in class-id order")
     return [f"a photo of a {name.replace('_', ' ')}" for name in class_names]
 
@@ -226,11 +235,12 @@ def prompts_of(plan: Plan, source) -> tuple[list[str], str] | None:
         return None
     if plan.captions is not None:
         if len(plan.captions) < source.num_samples:
-            raise UserError(f"--captions has {len(plan.captions)} lines but {source.name} has {source.num_samples} "
+            raise UserError(f"--prompts captions:FILE has {len(plan.captions)} lines but {source.name} has "
+                            f"{source.num_samples} "
                             "images: give one caption per image (line i = image i)")
         return list(plan.captions[:source.num_samples]), "index"
     if not source.num_classes:
-        raise UserError(f"metric clip on {source.name}: the images have no class labels: pass --captions FILE "
+        raise UserError(f"metric clip on {source.name}: the images have no class labels: pass --prompts captions:FILE "
                         "(one caption per image) or drop clip")
     return class_prompts(source.num_classes, plan.class_names, source.name), "label"
 
@@ -278,7 +288,7 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
     need = wants(list(plan.metrics), plan.roles, plan.est, num_samples=source.num_samples,
                  per_class=plan.per_class, prompts=prompts_of(plan, source))
     outs = extract(source, {n: extractors[n] for n in need}, need, batch=plan.batch, device=device,
-                   on_batch=on_batch)
+                   on_batch=on_batch, cache=plan.cache)
     dtype = str(getattr(getattr(source, "generator", None), "dtype", torch.float32)).removeprefix("torch.")
     base = dict(source.row_fields(), batch=plan.batch, dtype=dtype, device=str(device), seed=seed)
     rows = []
@@ -292,7 +302,8 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
             _, ref = refs.find(ex, source.resolution, metric, plan.est, labels=True)
             made += class_rows(metric, out.store.features(), out.stored_labels(), ref, source.num_classes, plan.est)
         for name, value, lo, hi, extra in made:
-            extra = dict(extra, resize=getattr(ex, "resize", None), **source.row_extra())
+            extra = dict(extra, resize=getattr(ex, "resize", None), weights_trust=getattr(ex, "weights_trust", None),
+                         **source.row_extra())
             rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=path, extractor=ex.name,
                                  extractor_sha256=getattr(ex, "weights_sha256", None), extra=extra, **base))
     return rows
@@ -359,11 +370,36 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=labels_arg, default=None,
                    help="labels of a conditional checkpoint: seed (drawn per sample, default) or balanced "
                         "(equal class counts in a seeded random order)")
-    p.add_argument("--resize", default=None,
-                   help="image convention of the DINOv2 extractor (pil-bicubic or edm2-torch; default: its own)")
-    p.add_argument("--weights-dir", default=None, help="folder of extractor weights (default $PAGODA_WEIGHTS)")
+    add_weights_args(p)
     p.add_argument("-o", "--out", default="results/eval.jsonl", help="JSONL file the result rows are appended to")
     p.add_argument("--allow-small", action="store_true", help="run even with fewer samples than feature dimensions")
+    add_cache_arg(p)
+
+
+def add_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--no-cache: extract a sample store's features again instead of reading / writing the feature cache."""
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache of sample stores "
+                   "(default: $PAGODA_FEATURES, else ~/.cache/pagoda/features; keyed by content)")
+
+
+def feature_cache(args):
+    """The FeatureCache the command uses, None with --no-cache."""
+    from eval.cache import FeatureCache, cache_root
+    return None if args.no_cache else FeatureCache(cache_root())
+
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--weights-dir and --offline: where extractor weights and named references are looked for and fetched."""
+    p.add_argument("--weights-dir", default=None, help="folder of extractor weights and named references (default: "
+                   "$PAGODA_WEIGHTS, else ~/.cache/pagoda, then ./weights; missing files are fetched into it)")
+    p.add_argument("--offline", action="store_true", help="never touch the network (= PAGODA_OFFLINE=1): a missing "
+                   "file is named with its hash and where to copy it")
+
+
+def apply_offline(args) -> None:
+    """--offline: set PAGODA_OFFLINE=1 for this process and the ones it starts."""
+    if getattr(args, "offline", False):
+        os.environ["PAGODA_OFFLINE"] = "1"
 
 
 def make_extractors(names: set[str], *, weights_dir, device, resize: str | None) -> dict:
@@ -394,54 +430,77 @@ def refuse_checkpoint_options(args, what: str) -> None:
         raise UserError(f"{', '.join(given)}: sampling option(s) for checkpoints only, not for {what}: drop them")
 
 
+def extractor_spec(text: str) -> tuple[dict, str | None]:
+    """argparse type: `NAME[,ROLE=NAME...][,resize=R]` -> ({role: name}, resize). NAME is the main extractor
+    (fid, sfid, kid, is, pr, dc); ROLE is dinov2 (fd_dinov2), clip (clip) or cmmd (cmmd); resize is the image
+    convention of the extractors that offer one (DINOv2: pil-bicubic, edm2-torch)."""
+    roles, resize = {}, None
+    for i, item in enumerate(filter(None, (t.strip() for t in text.split(",")))):
+        key, eq, value = item.partition("=")
+        if not eq and i == 0:
+            roles["main"] = key
+        elif key == "resize" and value and resize is None:
+            resize = value
+        elif key in ("main", "dinov2", "clip", "cmmd") and value and key not in roles:
+            roles[key] = value
+        else:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: write NAME[,dinov2=NAME][,clip=NAME]"
+                                             "[,cmmd=NAME][,resize=MODE], each once (e.g. domain,dinov2=dinov2-vitb14)")
+    return roles, resize
+
+
+def prompts_arg(text: str) -> tuple[str, tuple[str, ...]]:
+    """argparse type: `classes:FILE` (one class name per line) or `captions:FILE` (one caption per image)."""
+    kind, colon, path = text.partition(":")
+    if not colon or kind not in ("classes", "captions"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write classes:FILE (one class name per line, class-id order) or "
+                                         "captions:FILE (one caption per image)")
+    return kind, lines_arg(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m eval.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], help="checkpoint to evaluate (repeatable)")
-    p.add_argument("--images", action="append", default=[], help="ADM npz or image folder of samples (repeatable)")
-    p.add_argument("--ref", action="append", default=[], help="reference statistics (repeatable, see above)")
+    p.add_argument("--images", action="append", default=[], help="samples (repeatable): an image folder, EDM2's "
+                   "nested seed folders, an ADM npz, a .zip / .tar, webdataset shards a-{000..009}.tar")
+    p.add_argument("--ref", action="append", default=[], help="reference statistics (repeatable, see above), or a "
+                   "named one: imagenet64|128|256|512, edm2-img64|512 (python -m eval.ref --list)")
     p.add_argument("--metrics", type=metric_list, default=["fid"], help=f"comma list from {','.join(METRICS)}")
-    p.add_argument("--extractor", default="inception", help="extractor of fid/sfid/kid/is/pr/dc (default inception)")
-    p.add_argument("--dinov2", default="dinov2", help="extractor of fd_dinov2 (default dinov2 = ViT-L/14)")
-    p.add_argument("--clip", default="clip", help="extractor of clip (default clip = ViT-L/14; clip-vitb32)")
-    p.add_argument("--cmmd", default="clip-vitl14-336", help="extractor of cmmd (default clip-vitl14-336)")
-    p.add_argument("--resolutions", type=csv_of(int), default=None, help="keep checkpoints of these resolutions")
+    p.add_argument("--extractor", type=extractor_spec, default=({}, None),
+                   help="NAME[,dinov2=NAME][,clip=NAME][,cmmd=NAME][,resize=MODE]: the extractor of fid/sfid/kid/"
+                        "is/pr/dc (default inception), of fd_dinov2 (dinov2 = ViT-L/14), clip (clip = ViT-L/14) and "
+                        "cmmd (clip-vitl14-336), and DINOv2's image convention (pil-bicubic or edm2-torch)")
     p.add_argument("--guidance", type=csv_of(guidance_scale), default=None, help="CFG scales, e.g. 1,1.5,2")
     p.add_argument("--sampler", type=csv_of(sampler_spec), default=None, help="comma-separated: " + SAMPLER_HELP)
     p.add_argument("--steps", type=csv_of(positive_int), default=None, help="diffusion sampler steps, e.g. 8,18")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for fid/fd/P-R/D-C CIs (0 = none)")
     p.add_argument("--estimator", type=estimators_arg, default=Estimators(),
-                   help="estimator parameters, e.g. kid_subset=1000,kid_subsets=100,is_splits=10,"
-                        "is_style=adm,pr_k=3,dc_k=5")
+                   help="estimator parameters, e.g. kid_subset=1000,kid_subsets=100,is_splits=10,is_style=adm,pr_k=3,"
+                        "dc_k=5,bootstrap=100 (bootstrap rounds of the fid/fd/P-R/D-C CIs; 0 = none)")
     p.add_argument("--per-class", action="store_true",
                    help="also one fid / pr row per class (class-labelled samples, reference with labels)")
-    p.add_argument("--class-names", type=lines_arg, default=None, help="clip: file with one class name per line")
-    p.add_argument("--captions", type=lines_arg, default=None, help="clip: file with one caption per image")
+    p.add_argument("--prompts", type=prompts_arg, default=None,
+                   help="clip: classes:FILE (one class name per line) or captions:FILE (one caption per image)")
     add_common_args(p)
     args = p.parse_args(argv)
     if not args.ckpt and not args.images:
         p.error("give at least one --ckpt or --images")
-    check_bootstrap(args.bootstrap)
     check_rows_output(args.out)
+    apply_offline(args)
     if args.per_class and not set(PER_CLASS) & set(args.metrics):
         p.error("--per-class applies to fid and pr: add one of them to --metrics")
     if not args.ckpt:
         refuse_checkpoint_options(args, "--images")
-    plan = Plan(metrics=tuple(args.metrics), est=Estimators(**{**vars(args.estimator), "bootstrap": args.bootstrap}),
-                roles={"main": args.extractor, "dinov2": args.dinov2, "clip": args.clip, "cmmd": args.cmmd},
-                per_class=args.per_class, class_names=args.class_names, captions=args.captions, batch=args.batch,
-                allow_small=args.allow_small)
-    for m in plan.metrics:  # before loading any weights
-        check_extractor(m, plan.extractor_of(m))
-    refs = References(args.ref)
-    refs.check_extractors(plan)
-    device = init_distributed()
-    rows = run(plan, ckpts=args.ckpt, images=args.images, refs=refs,
-               extractors=make_extractors({plan.extractor_of(m) for m in plan.metrics}, weights_dir=args.weights_dir,
-                                          device=device, resize=args.resize),
-               num_samples=args.num_samples, seed=args.seed or 0, labels=args.labels or "seed",
-               guidance=args.guidance or [None], samplers=args.sampler or [None], steps=args.steps or [None],
-               resolutions=args.resolutions, device=device)
+    from eval.api import Evaluator
+    roles, resize = args.extractor
+    kind, lines = args.prompts or (None, None)
+    ev = Evaluator(args.ref, args.metrics, extractor=roles, resize=resize, estimator=args.estimator,
+                   per_class=args.per_class, class_names=lines if kind == "classes" else None,
+                   captions=lines if kind == "captions" else None, batch=args.batch, allow_small=args.allow_small,
+                   weights_dir=args.weights_dir, cache=not args.no_cache)
+    rows = run(ev, ckpts=args.ckpt, images=args.images, num_samples=args.num_samples, seed=args.seed or 0,
+               labels=args.labels or "seed", guidance=args.guidance or [None], samplers=args.sampler or [None],
+               steps=args.steps or [None])
     if is_main():
         append_rows(args.out, rows)
         print(format_table([r for r in rows if not r["metric"].endswith("_class")]))
@@ -452,12 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, extractors: dict,
-        num_samples: int | None, seed: int, labels: str, guidance: list, samplers: list, steps: list,
-        resolutions: list[int] | None, device, dtype: torch.dtype = torch.float32) -> list[dict]:
-    """Check every cell, then measure them in order; the rows of all cells. Each checkpoint is loaded once to
-    plan and check its cells (the sampler and steps of a cell change nothing that is checked) and once per
-    cell to measure it; each sample set is opened once. dtype: the checkpoints' sampling dtype (autocast)."""
+def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, seed: int, labels: str,
+        guidance: list, samplers: list, steps: list, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Check every cell with the Evaluator `ev` (eval.api), then measure them in order; the rows of all cells.
+    Each checkpoint is loaded once to plan and check its cells (the sampler and steps of a cell change nothing
+    that is checked) and once per cell to measure it; each sample set is opened once. dtype: the checkpoints'
+    sampling dtype (autocast)."""
     from pagoda.generator import load_generator
 
     def generator_source(gen, cell: Cell) -> GeneratorSource:
@@ -466,34 +525,26 @@ def run(plan: Plan, *, ckpts: list[str], images: list[str], refs: References, ex
 
     cells, image_sources = [], {}
     for ckpt in ckpts:
-        gen = load_generator(ckpt, device=device)
-        if resolutions and gen.resolution not in resolutions:
-            print(f"skip {ckpt}: resolution {gen.resolution} not in --resolutions", file=sys.stderr)
-            continue
+        gen = load_generator(ckpt, device=ev.device)
         for cell in cells_of(ckpt, gen, guidance, samplers, steps):  # every refusal before any image is made
             gen.check_guidance(cell.guidance)  # e.g. a w outside a guidance-conditioned G's trained range
             with generator_source(gen, cell) as source:
-                check_cell(plan, source, extractors, refs, what=ckpt, option="--num-samples")
+                ev.check(source, what=ckpt, option="--num-samples")
             cells.append(cell)
     for spec in images:
         source = open_source(spec, num_samples=num_samples)
-        if resolutions and source.resolution not in resolutions:
-            print(f"skip {spec}: resolution {source.resolution} not in --resolutions", file=sys.stderr)
-            continue
-        check_cell(plan, source, extractors, refs, what=spec, option="--num-samples (or more images)")
+        ev.check(source, what=spec, option="--num-samples (or more images)")
         image_sources[spec] = source
         cells.append(Cell(spec, images=True))
-    if not cells:
-        raise UserError(f"no checkpoint or image set has a resolution in --resolutions {resolutions}: check the list")
     rows = []
     for cell in cells:
         if cell.images:
-            rows += score_cell(plan, image_sources[cell.spec], extractors, refs, device=device, seed=None)
+            rows += ev.measure(image_sources[cell.spec])
             continue
-        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=device, dtype=dtype)
-        with generator_source(gen, cell) as source:
-            rows += score_cell(plan, source, extractors, refs, device=device, seed=seed)
+        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=ev.device, dtype=dtype)
+        rows += ev.measure(generator_source(gen, cell), seed=seed)
     return rows
+
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

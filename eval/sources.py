@@ -59,6 +59,11 @@ class Source:
         """A digest of what this source produces (content of its inputs), for reference provenance."""
         raise NotImplementedError
 
+    def cache_key(self) -> str | None:
+        """What sample i's pixels depend on, for the feature cache (eval.cache); None = not cached (generated
+        samples, iterables). Stores with content answer with their fingerprint."""
+        return None
+
     def row_fields(self) -> dict:
         """The result-row fields that say what was measured: a sample set is named by its path."""
         return dict(model=self.name, method="samples", resolution=self.resolution, num_samples=self.num_samples)
@@ -111,6 +116,10 @@ class RandomOrder(Source):
 
     def fingerprint(self) -> str:
         return self.base.fingerprint()
+
+    def cache_key(self) -> str | None:
+        base = self.base.cache_key()
+        return None if base is None else f"{base}|random({self.seed})"
 
 
 class GeneratorSource(Source):
@@ -230,20 +239,28 @@ class Resized(Source):
     def fingerprint(self) -> str:
         return self.base.fingerprint()
 
+    def cache_key(self) -> str | None:
+        base = self.base.cache_key()
+        return None if base is None else f"{base}|{self.image_resize}({self.resolution})"
+
 
 class FolderSource(Source):
     """The images of a folder, listed as pagoda.data.scan_folder lists training data; one size for all.
 
     In ImageNet layout (images in class subfolders) an image's label is the index of its subfolder
     among the sorted ones (hidden entries skipped, symlinks followed), the class ids that
-    pagoda.data.ImageFolderDataset trains with; a flat folder is unlabelled (num_classes = 0).
+    pagoda.data.ImageFolderDataset trains with; a flat folder is unlabelled (num_classes = 0), and so is
+    EDM2's nested seed layout (eval.stores.edm2_seed_files: read in seed order, `layout` says so).
     """
 
     def __init__(self, path: str | os.PathLike):
+        from eval.stores import edm2_seed_files
         root = Path(path)
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist: check the path")
-        self.class_names, self.files, labels = scan_folder(root)
+        seeds = edm2_seed_files(root)
+        self.layout = "edm2-seed-folders" if seeds else None
+        self.class_names, self.files, labels = ([], seeds, [0] * len(seeds)) if seeds else scan_folder(root)
         if not self.files:
             raise UserError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): check the path")
         self.name, self.root, self.num_samples = str(root), root, len(self.files)
@@ -266,6 +283,9 @@ class FolderSource(Source):
             h.update(str(f.relative_to(self.root)).encode() + b"\0")
             update_sha256(h, f)
         return h.hexdigest()
+
+    def cache_key(self) -> str:
+        return f"folder:{self.fingerprint()}"
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -302,6 +322,9 @@ class NpzSource(Source):
     def fingerprint(self) -> str:
         return sha256_file(self.path)
 
+    def cache_key(self) -> str:
+        return f"npz:{self.fingerprint()}"
+
 
 class DatasetSource(Source):
     """A pagoda data set ("photos", an image folder or an ADM npz) at a resolution, via build_dataset."""
@@ -320,14 +343,29 @@ class DatasetSource(Source):
     def fingerprint(self) -> str:
         return str(self.dataset.fingerprint())
 
+    def cache_key(self) -> str:
+        return f"dataset:{self.name}:{self.fingerprint()}"
+
 
 class TensorSource(Source):
-    """Library use: a uint8 NCHW tensor, or an iterable of such batches or of (images, labels) pairs."""
+    """Library use: a uint8 NCHW tensor, or an iterable of such batches or of (images, labels) pairs; an iterable
+    says how many images it yields (`num_samples`), and yields exactly that many (UserError otherwise)."""
 
-    def __init__(self, data: torch.Tensor | Iterable, name: str = "tensors"):
+    def __init__(self, data: torch.Tensor | Iterable, name: str = "tensors", num_samples: int | None = None):
         self.data, self.name = data, name
         if isinstance(data, torch.Tensor):
+            check_images(data, name)
             self.num_samples, self.resolution = len(data), data.shape[-1]
+        else:
+            self.num_samples = int(num_samples or 0)
+            items = iter(data)
+            first = next(items, None)
+            if first is None:
+                raise UserError(f"{name} yields no batches: give it images")
+            x = first[0] if isinstance(first, (tuple, list)) else first
+            check_images(x, name)
+            self.resolution = x.shape[-1] if x.shape[-1] == x.shape[-2] else None
+            self.data = _chain(first, items)
 
     def batches(self, batch: int, *, rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
         if rank is None or world is None:
@@ -336,16 +374,27 @@ class TensorSource(Source):
         start = 0
         for item in chunks:
             x, y = item if isinstance(item, (tuple, list)) else (item, None)
+            x = x[: max(self.num_samples - start, 0)] if self.num_samples else x
+            if not len(x):
+                break
             index = torch.arange(start, start + len(x), dtype=torch.int64)
             start += len(x)
             keep = index % world == rank
-            yield check_images(x[keep], self.name), None if y is None else y[keep], index[keep]
+            yield check_images(x[keep], self.name), None if y is None else y[:len(x)][keep], index[keep]
+        if self.num_samples and start < self.num_samples:
+            raise UserError(f"{self.name} yielded {start} images, fewer than the num_samples={self.num_samples} "
+                            "it was given: lower num_samples or give more batches")
         self.num_samples = start
 
     def fingerprint(self) -> str:
         if not isinstance(self.data, torch.Tensor):
             raise UserError("a TensorSource over an iterable has no fingerprint: pass one tensor")
         return hashlib.sha256(self.data.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
@@ -361,9 +410,13 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:
 def open_source(spec: str, *, num_samples: int | None = None, resolution: int | None = None, split: str = "train",
                 seed: int = 0, labels="seed", guidance: float | None = None, sampler: str | None = None,
                 steps: int | None = None, device: str | torch.device = "cpu") -> Source:
-    """A checkpoint (.safetensors), an image folder, an ADM .npz, or the bundled `photos[:split[:res]]`; a folder or
-    npz with `resolution` is brought to it by ADM's centre crop (Resized)."""
+    """A checkpoint (.safetensors), an image folder, an ADM .npz, a zip / tar / webdataset shards (eval.stores), or the
+    bundled `photos[:split[:res]]`; a store with `resolution` is brought to it by ADM's centre crop (Resized)."""
+    from eval.stores import ArchiveSource, is_archive_spec
     path = Path(spec)
+    if is_archive_spec(spec):
+        store = ArchiveSource(spec)
+        return (Resized(store, resolution) if resolution else store).limit(num_samples)
     if spec.endswith(".safetensors"):
         from pagoda.generator import load_generator
         if num_samples is None:
@@ -385,8 +438,10 @@ def open_source(spec: str, *, num_samples: int | None = None, resolution: int | 
             raise UserError(f"data set {spec!r} needs a resolution: write {name}:{split_}:16 or pass --resolution")
         return DatasetSource(name, res, split_).limit(num_samples)
     if not path.exists():
-        raise UserError(f"{spec} does not exist: give a .safetensors checkpoint, an image folder, an .npz or photos")
-    raise UserError(f"{spec} is not a .safetensors checkpoint, an image folder, an .npz or photos[:split[:res]]")
+        raise UserError(f"{spec} does not exist: give a .safetensors checkpoint, an image folder, an .npz, a .zip / "
+                        ".tar or photos")
+    raise UserError(f"{spec} is not a .safetensors checkpoint, an image folder, an .npz, a .zip / .tar (webdataset "
+                    "shards: a {000..009} range or a glob) or photos[:split[:res]]")
 
 
 def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> None:

@@ -432,7 +432,8 @@ def _check_resize(ref: Reference, path, expect_resize: str | None) -> None:
     if expect_resize is None or made is None or made == expect_resize:
         return
     raise UserError(f"{path}: its features were made with resize '{made}' but the extractor uses '{expect_resize}'; "
-                    f"features of two image conventions are not comparable: pass --resize {made} (or rebuild the "
+                    f"features of two image conventions are not comparable: pass --resize {made} (eval.run: --extractor "
+                    f"...,resize={made}) (or rebuild the "
                     "reference with the other convention)")
 
 

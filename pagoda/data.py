@@ -18,6 +18,7 @@ import numbers
 import os
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -90,8 +91,8 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully and return it as RGB.
+def load_image(path: str | os.PathLike | BinaryIO, *, name: str | None = None) -> Image.Image:
+    """Decode an image file (a path, or an open binary file named `name` in messages) fully and return it as RGB.
 
     RGB is kept; greyscale (1, L, opaque LA), palette (P), CMYK, YCbCr, LAB and HSV go through
     PIL's `convert("RGB")` (grey replicated to three channels); 16-bit greyscale (I;16, I) is
@@ -101,19 +102,20 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     non-opaque alpha pixel (flatten it yourself: the right background is yours to choose), and
     floating-point images.
     """
+    shown = name or path
     try:
         with Image.open(path) as img:
             img.load()
-            return _to_rgb(img, path)
+            return _to_rgb(img, shown)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist: check the path") from None
     except Image.UnidentifiedImageError:
-        raise UserError(f"{path} is not an image PIL can read: delete it or convert it to PNG/JPEG") from None
+        raise UserError(f"{shown} is not an image PIL can read: delete it or convert it to PNG/JPEG") from None
     except Image.DecompressionBombError:
-        raise UserError(f"image {path} has more pixels than PIL's safety limit allows: downscale it first") from None
+        raise UserError(f"image {shown} has more pixels than PIL's safety limit allows: downscale it first") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"image {path} is truncated or corrupt ({why}): re-download or re-export it") from None
+        raise UserError(f"image {shown} is truncated or corrupt ({why}): re-download or re-export it") from None
 
 
 # ----------------------------------------------------------------------------------------------

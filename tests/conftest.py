@@ -5,6 +5,8 @@ random weights (seeded) and saves it under the official file name in a weights f
 is cached across runs in pytest's cache directory (delete `.pytest_cache` to rebuild).
 """
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.checkpoint import write_atomic
+
+# The project's machines reach no publisher: nothing a test runs may fetch (tests/test_download.py lifts this
+# for its loopback server alone). tox sets it for every environment too.
+os.environ["PAGODA_OFFLINE"] = "1"
+# The feature cache (eval.cache) of everything the tests measure lives in one temporary folder per session.
+os.environ["PAGODA_FEATURES"] = tempfile.mkdtemp(prefix="pagoda-test-features-")
 
 WEIGHTS_VERSION = "v2"  # bump when the way test weights are made changes
 

@@ -298,7 +298,7 @@ def test_bootstrap_intervals(ckpt, ref, weights_dir, tmp_path):
     common = ["--ckpt", ckpt, "--ref", ref, "--extractor", "domain", "--weights-dir", str(weights_dir),
               "--num-samples", "40", "--batch", "20", "--allow-small"]
     rows = {}
-    for name, extra in (("plain", []), ("boot", ["--bootstrap", "50"])):
+    for name, extra in (("plain", []), ("boot", ["--estimator", "bootstrap=50"])):
         assert run_cli(run_main, common + ["--metrics", "fid,pr", "--out", str(tmp_path / f"{name}.jsonl")] + extra) == 0
         rows[name] = {r["metric"]: r for r in read_rows(tmp_path / f"{name}.jsonl")}
     assert rows["plain"].keys() == rows["boot"].keys() == {"fid", "precision", "recall"}
@@ -341,8 +341,8 @@ def test_run_dinov2_and_clip(ckpt, dinov2_weights, clip_weights, extractor_weigh
     assert run_cli(ref_main, ["photos:train:8", "-o", str(ref), "--extractor", "dinov2-vits14",
                               "--max-samples", "30"] + common) == 0
     out = tmp_path / "r.jsonl"
-    assert run_cli(run_main, ["--ckpt", ckpt, "--ref", str(ref), "--metrics", "fd_dinov2,clip", "--dinov2",
-                              "dinov2-vits14", "--clip", "clip-vitb32", "--num-samples", "12",
+    assert run_cli(run_main, ["--ckpt", ckpt, "--ref", str(ref), "--metrics", "fd_dinov2,clip", "--extractor",
+                              "inception,dinov2=dinov2-vits14,clip=clip-vitb32", "--num-samples", "12",
                               "--out", str(out)] + common) == 0
     rows = {r["metric"]: r for r in read_rows(out)}
     assert rows["fd_dinov2"]["extractor"] == "dinov2-vits14" and rows["fd_dinov2"]["value"] > 0

@@ -67,7 +67,7 @@ def test_samples_path_equals_checkpoint_path(ckpt, ref, samples, weights_dir, tm
 
 
 def test_density_coverage_bootstrap_rows(ckpt, ref, weights_dir, tmp_path):
-    assert _run("--ckpt", ckpt, "--ref", ref, "--num-samples", 40, "--metrics", "dc", "--bootstrap", 30,
+    assert _run("--ckpt", ckpt, "--ref", ref, "--num-samples", 40, "--metrics", "dc", "--estimator", "bootstrap=30",
                 *_common(weights_dir, tmp_path / "r.jsonl")) == 0
     rows = {r["metric"]: r for r in read_rows(tmp_path / "r.jsonl")}
     assert rows.keys() == {"density", "coverage"}
@@ -277,8 +277,8 @@ def test_cmmd_and_clip_captions(clip_weights, photo_sets, tmp_path, capsys):
     assert run_cli(ref_main, [str(a), "-o", str(tmp_path / "ref.npz"), "--extractor", "clip-vitb32", *common]) == 0
     ref = load_reference(tmp_path / "ref.npz")
     (tmp_path / "caps.txt").write_text("\n".join(f"a photo number {i}" for i in range(8)))
-    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "cmmd,clip", "--cmmd", "clip-vitb32",
-                "--clip", "clip-vitb32", "--captions", tmp_path / "caps.txt", *common,
+    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "cmmd,clip", "--extractor",
+                "inception,cmmd=clip-vitb32,clip=clip-vitb32", "--prompts", f"captions:{tmp_path / 'caps.txt'}", *common,
                 "--out", tmp_path / "r.jsonl") == 0
     rows = {r["metric"]: r for r in read_rows(tmp_path / "r.jsonl")}
     ex = get_extractor("clip-vitb32", weights_dir=wd)
@@ -287,9 +287,9 @@ def test_cmmd_and_clip_captions(clip_weights, photo_sets, tmp_path, capsys):
     assert rows["cmmd"]["extractor"] == "clip-vitb32" and 0 <= rows["clip"]["value"] <= 100
     assert cmmd(ref.features, ref.features) == pytest.approx(0, abs=1e-9)
     capsys.readouterr()
-    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "clip", "--clip", "clip-vitb32",
-                *common, "--out", tmp_path / "x.jsonl") == 2
-    _one_error_line(capsys, "no class labels", "--captions")
+    assert _run("--images", b, "--ref", tmp_path / "ref.npz", "--metrics", "clip", "--extractor",
+                "inception,clip=clip-vitb32", *common, "--out", tmp_path / "x.jsonl") == 2
+    _one_error_line(capsys, "no class labels", "--prompts captions:FILE")
 
 
 def test_fd_dinov2_conventions_must_match(dinov2_weights, photo_sets, tmp_path, capsys):
@@ -307,16 +307,18 @@ def test_fd_dinov2_conventions_must_match(dinov2_weights, photo_sets, tmp_path, 
     assert ours.provenance["resize"] == "pil-bicubic"
     edm2 = tmp_path / "img64.pkl"  # EDM2's layout: {'fd_dinov2': {'mu', 'sigma'}, ...}
     edm2.write_bytes(pickle.dumps({"fd_dinov2": {"mu": ours.mu, "sigma": ours.sigma}, "num_images": 8}))
-    run = ["--images", b, "--metrics", "fd_dinov2", "--dinov2", "dinov2-vits14", *common]
-    assert _run(*run, "--ref", edm2, "--out", tmp_path / "ok.jsonl") == 0
+    run = ["--images", b, "--metrics", "fd_dinov2", *common]
+    dino, pil = ["--extractor", "inception,dinov2=dinov2-vits14"], ["--extractor", "inception,dinov2=dinov2-vits14,"
+                                                                                    "resize=pil-bicubic"]
+    assert _run(*run, *dino, "--ref", edm2, "--out", tmp_path / "ok.jsonl") == 0
     (row,) = read_rows(tmp_path / "ok.jsonl")
     assert row["extra"]["resize"] == "edm2-torch" and row["value"] > 0
     capsys.readouterr()
-    assert _run(*run, "--ref", edm2, "--resize", "pil-bicubic", "--out", tmp_path / "x.jsonl") == 2
-    _one_error_line(capsys, "img64.pkl", "edm2-torch", "pil-bicubic", "--resize")
-    assert _run(*run, "--ref", tmp_path / "pil.npz", "--out", tmp_path / "x.jsonl") == 2
+    assert _run(*run, *pil, "--ref", edm2, "--out", tmp_path / "x.jsonl") == 2
+    _one_error_line(capsys, "img64.pkl", "edm2-torch", "pil-bicubic", "resize=edm2-torch")
+    assert _run(*run, *dino, "--ref", tmp_path / "pil.npz", "--out", tmp_path / "x.jsonl") == 2
     _one_error_line(capsys, "pil.npz", "'pil-bicubic'", "'edm2-torch'")
-    assert _run(*run, "--ref", tmp_path / "pil.npz", "--resize", "pil-bicubic", "--out", tmp_path / "p.jsonl") == 0
+    assert _run(*run, *pil, "--ref", tmp_path / "pil.npz", "--out", tmp_path / "p.jsonl") == 0
     assert read_rows(tmp_path / "p.jsonl")[0]["extra"]["resize"] == "pil-bicubic"
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -354,7 +356,7 @@ def test_newcomer_findings_are_one_line(case, ckpt, ref, samples, weights_dir, t
         shutil.copy(ref, tmp_path / "copy.npz")
         code, needles = _run(*run, "--ref", tmp_path / "copy.npz", "--out", out), ["copy.npz", "both fit"]
     elif case == "bootstrap_1":
-        code, needles = _run(*run, "--bootstrap", 1, "--out", out), ["--bootstrap 1", "at least 10"]
+        code, needles = _run(*run, "--estimator", "bootstrap=1", "--out", out), ["bootstrap=1", "at least 10"]
     elif case == "estimator_twice":
         code, needles = _run(*run, "--estimator", "kid_subset=5,kid_subset=6", "--out", out), ["twice"]
     elif case == "argparse_one_line":

@@ -155,7 +155,9 @@ def test_pytorch_fid_file_name_and_unfolded_path(inception_weights, inception_fe
 
 
 def test_missing_weights_fail_fast_with_instructions(tmp_path, monkeypatch):
+    """Offline (as every test runs), a missing file is one line: its name, hash, address and where to copy it."""
     monkeypatch.delenv("PAGODA_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.chdir(tmp_path)
 
     def no_network(*args, **kwargs):  # a hub client would open a socket (and retry for ~50 s)
@@ -167,9 +169,10 @@ def test_missing_weights_fail_fast_with_instructions(tmp_path, monkeypatch):
         with pytest.raises(UserError) as e:
             get_extractor(name, weights_dir=tmp_path)
         msg = str(e.value)
-        assert SPECS[name].files[0] in msg and "$PAGODA_WEIGHTS" in msg and "--weights-dir" in msg
+        assert SPECS[name].files[0] in msg and "PAGODA_OFFLINE=1" in msg and str(tmp_path / SPECS[name].files[0]) in msg
         assert SPECS[name].url in msg and "\n" not in msg
-    with pytest.raises(UserError, match="PAGODA_WEIGHTS unset"):
+        assert (SPECS[name].sha256[0] if SPECS[name].sha256 else "no published SHA-256") in msg
+    with pytest.raises(UserError, match=str(tmp_path / "xdg" / "pagoda")):  # the default cache
         get_extractor("inception")
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.errors import UserError
-from pagoda.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights
+from pagoda.weights import SPECS, WeightsSpec, check_sha256, load_state_dict, resolve_weights, verify
 
 PAPER_SIZE = 224  # the paper backbones' input size ...
 RESIZE_BELOW = 256  # ... for images whose short side is below this (METHOD; CTM `get_feature`)
@@ -269,7 +269,8 @@ def _check_hub_name(path: Path, digest: str, spec: WeightsSpec) -> None:
 
 
 def load_timm(key: str, arch: str, weights_dir: str | os.PathLike | None = None, **kwargs) -> tuple[nn.Module, str]:
-    """timm `arch` (random init, never downloads) loaded from the local file of SPECS[key]; returns (net, SHA-256).
+    """timm `arch` (random init; timm itself never downloads) loaded from the file of SPECS[key], fetched on first
+    use (pagoda.weights); returns (net, SHA-256).
 
     UserError naming the file and its source when it is missing, unreadable, or holds another architecture.
     """
@@ -277,7 +278,7 @@ def load_timm(key: str, arch: str, weights_dir: str | os.PathLike | None = None,
 
     spec = SPECS[key]
     path = resolve_weights(spec, weights_dir)
-    digest = check_sha256(path, spec)
+    digest, _ = verify(path, spec)  # a fetched file that changed since its first use is refused
     _check_hub_name(path, digest, spec)
     state = load_state_dict(path, spec)
     net = timm.create_model(arch, pretrained=False, **kwargs)
@@ -329,7 +330,7 @@ def build_backbone(name: str, *, weights_dir: str | os.PathLike | None = None, d
                    seed: int = 0, projection: str = "ccm+csm") -> Backbone:
     """A frozen Backbone by name (see the module docstring), on `device`, in eval mode, no parameter requiring grad.
 
-    weights_dir: the local weights folder (else $PAGODA_WEIGHTS, else ./weights); `random` needs none.
+    weights_dir: the weights folder (else the cache and ./weights, pagoda.weights); `random` needs none.
     seed: draws every random layer (the random net, the projections, DeiT's reassembly); the caller's RNG state
     is left untouched. projection: "ccm+csm" | "ccm" | "none", for the pretrained backbones only.
     UserError: unknown name or projection, weights missing / unreadable / of another architecture.
