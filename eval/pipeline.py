@@ -186,6 +186,9 @@ def _extract_cached(source: Source, extractors: dict, outs: dict, keys: dict, ca
             y = torch.from_numpy(arrays["labels"]) if "labels" in arrays else None
             res = {k: torch.from_numpy(v) for k, v in arrays.items() if k != "labels"}
             _update(outs[name], res, y, index)
+    for name, out in outs.items():
+        print(f"feature cache: {source.name} x {name}: {out.extra['from_cache']} images read, {out.extra['extracted']} "
+              f"extracted ({cache.root / keys[name]}; --no-cache to bypass)", file=sys.stderr)
 
 
 def _finish(out: Extraction) -> None:

@@ -63,18 +63,32 @@ def _total_of(resp, start: int) -> int | None:
     return start + int(length) if length and length.isdigit() else None
 
 
-def _linked_sha256(resp) -> str | None:
+def _linked_sha256(headers) -> str | None:
     """The SHA-256 a Hugging Face LFS file's response names (X-Linked-ETag), when it names one."""
-    tag = (resp.headers.get("X-Linked-ETag") or "").strip().strip('"').removeprefix("W/").strip('"').lower()
+    tag = (headers.get("X-Linked-ETag") or "").strip().removeprefix("W/").strip('"').lower()
     return tag if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag) else None
 
 
-def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = "file") -> str:
+class _LinkedHashRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, keeping the X-Linked-ETag of a redirect (Hugging Face names the LFS
+    file's SHA-256 on its 302 to the storage host, whose final response does not repeat it)."""
+
+    linked: str | None = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.linked = _linked_sha256(headers) or self.linked
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = "file",
+             before_rename=None) -> str:
     """Fetch `url` to `dest` (resuming `dest.part` when the server allows); returns the file's SHA-256.
 
-    sha256: accepted digests (hex); when given, any other content is refused and deleted. A response that
-    names its own SHA-256 (Hugging Face's X-Linked-ETag) is checked against it too. `url` may be http(s)://
-    or file://. UserError (one line) on HTTP errors, unreachable hosts, stalls, truncation and hash mismatch.
+    sha256: accepted digests (hex); when given, any other content is refused and deleted. A response (or a
+    redirect on the way) that names its own SHA-256 (Hugging Face's X-Linked-ETag) is checked against it too.
+    before_rename(digest): called once the file is complete and checked, before it takes its name (a record
+    written there never lags the file). `url` may be http(s):// or file://. UserError (one line) on HTTP
+    errors, unreachable hosts, stalls, truncation and hash mismatch.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +106,9 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
             headers["If-Range"] = meta["validator"]
     req = urllib.request.Request(url, headers=headers)
     again = f"rerun to resume the download, or copy the file to {dest} by hand"
+    redirects = _LinkedHashRedirects()
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout_s())  # noqa: S310 (http/https/file URLs by design)
+        resp = urllib.request.build_opener(redirects).open(req, timeout=timeout_s())
     except urllib.error.HTTPError as e:
         if e.code == 416 and start:  # the range starts at or past the end: the partial file is unusable
             _clear(part, meta_path)
@@ -114,7 +129,7 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
         if validator and validator.startswith("W/"):
             validator = None  # a weak validator cannot guard a byte range
         meta_path.write_text(json.dumps({"url": url, "validator": validator, "size": total}))
-        linked = _linked_sha256(resp)
+        linked = _linked_sha256(resp.headers) or redirects.linked
         h = hashlib.sha256()
         if start:
             with open(part, "rb") as f:
@@ -152,12 +167,15 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
             raise UserError(f"{what}: the file from {url} has SHA-256 {digest[:16]}..., not {source} "
                             f"{expected[0][:16]}...: it was deleted; check the address (and PAGODA_MIRROR) and "
                             "rerun, or report the changed file")
+    if before_rename is not None:
+        before_rename(digest)
     os.replace(part, dest)
     _clear(meta_path)
     return digest
 
 
-def copy_verified(src: Path, dest: Path, *, sha256: tuple[str, ...] = (), what: str = "file") -> str:
+def copy_verified(src: Path, dest: Path, *, sha256: tuple[str, ...] = (), what: str = "file",
+                  before_rename=None) -> str:
     """Copy a file of a mirror folder to `dest` atomically, refusing one whose SHA-256 is not accepted."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -171,6 +189,8 @@ def copy_verified(src: Path, dest: Path, *, sha256: tuple[str, ...] = (), what: 
         _clear(part)
         raise UserError(f"{what}: the mirror's copy {src} has SHA-256 {digest[:16]}..., not the pinned "
                         f"{sha256[0][:16]}...: replace it with the official file")
+    if before_rename is not None:
+        before_rename(digest)
     os.replace(part, dest)
     return digest
 

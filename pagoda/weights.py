@@ -191,22 +191,22 @@ def fetch(spec: WeightsSpec, folder: Path) -> Path:
     what = f"{spec.key} ({name})"
     mirror = _mirror()
     local_mirror = mirror is not None and "://" not in mirror or (mirror or "").startswith("file://")
+    record = None if spec.sha256 else (lambda digest: record_first_use(dest, digest, source))
     if mirror and local_mirror:
         src = Path(mirror.removeprefix("file://")) / name
         if not src.is_file():
             raise UserError(f"{what}: PAGODA_MIRROR={mirror} holds no {name}: copy the file there ({_pin_text(spec)}; "
                             f"published at {spec.url}) or unset PAGODA_MIRROR")
-        digest, source = copy_verified(src, dest, sha256=spec.sha256, what=what), str(src)
+        source = str(src)
+        copy_verified(src, dest, sha256=spec.sha256, what=what, before_rename=record)
     else:
-        url = f"{mirror.rstrip('/')}/{name}" if mirror else publisher_url(spec.url)
+        source = f"{mirror.rstrip('/')}/{name}" if mirror else publisher_url(spec.url)
         if offline():
             raise UserError(f"{what} is not in {', '.join(map(str, search_dirs_of(folder)))} and PAGODA_OFFLINE=1 "
-                            f"forbids the download: copy {name} ({_pin_text(spec)}) from {url} to {dest}, or unset "
-                            "PAGODA_OFFLINE / drop --offline")
-        print(f"fetching {what} from {url} -> {dest}", file=sys.stderr)
-        digest, source = download(url, dest, sha256=spec.sha256, what=what), url
-    if not spec.sha256:
-        record_first_use(dest, digest, source)
+                            f"forbids the download: copy {name} ({_pin_text(spec)}) from {source} to {dest}, or "
+                            "unset PAGODA_OFFLINE / drop --offline")
+        print(f"fetching {what} from {source} -> {dest}", file=sys.stderr)
+        download(source, dest, sha256=spec.sha256, what=what, before_rename=record)
     return dest
 
 

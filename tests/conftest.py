@@ -49,6 +49,33 @@ def real_images() -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
+def save_pngs(folder: Path, images: torch.Tensor) -> Path:
+    """uint8 images [N, 3, H, W] as folder/000000.png ... (EDM2's seed names); returns the folder."""
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_pngs():
+    """`write_pngs(folder, images)`: save_pngs, for tests that need a folder of PNG files."""
+    return save_pngs
+
+
+@pytest.fixture(scope="session")
+def domain_weights(tmp_path_factory) -> Path:
+    """A folder holding a randomly initialised photos classifier where the `domain` extractor looks for it."""
+    from pagoda.data import PHOTO_CLASSES
+    from pagoda.networks.domain import DomainNet, save_domain_net
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("domain-weights")
+    save_domain_net(DomainNet(len(PHOTO_CLASSES)).eval(), folder / "domain-photos.safetensors", {})
+    return folder
+
+
 @pytest.fixture(scope="session")
 def extractor_weights_dir(request, tmp_path_factory) -> Path:
     """Folder holding every test weight file, cached across sessions (a temp folder under -p no:cacheprovider)."""

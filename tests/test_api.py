@@ -17,9 +17,7 @@ from eval.ref import main as ref_main
 from eval.rows import read_rows
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
-from pagoda.data import PHOTO_CLASSES
 from pagoda.errors import UserError, run_cli
-from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.networks.unet import UNet
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,11 +25,8 @@ RES = 16
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("weights")
-    save_domain_net(DomainNet(len(PHOTO_CLASSES)).eval(), folder / "domain-photos.safetensors", {})
-    return folder
+def weights(domain_weights):
+    return domain_weights
 
 
 @pytest.fixture(scope="module")

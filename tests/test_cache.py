@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from eval.cache import FeatureCache
 from eval.pipeline import Want, extract
@@ -21,11 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, real_images):
-    root = tmp_path_factory.mktemp("store")
-    for i in range(N):
-        Image.fromarray(real_images[i].permute(1, 2, 0).numpy()).save(root / f"{i:03d}.png")
-    return root
+def folder(tmp_path_factory, real_images, write_pngs):
+    return write_pngs(tmp_path_factory.mktemp("store"), real_images[:N])
 
 
 @pytest.fixture(scope="module")

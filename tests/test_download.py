@@ -26,7 +26,8 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 class Publisher(http.server.BaseHTTPRequestHandler):
     """GET /MODE/...: `good` serves PAYLOAD with Range support and an ETag; `truncated` promises all of it and
     closes after half; `stall` sends half then goes silent; `404` has nothing; `linked` names a wrong SHA-256 in
-    X-Linked-ETag (as Hugging Face names the LFS hash)."""
+    X-Linked-ETag (as Hugging Face names the LFS hash); `hf` / `hf-wrong` redirect to `good` with the right /
+    a wrong X-Linked-ETag on the 302, as Hugging Face does."""
 
     requests: list = []
     files: dict = {}  # path -> bytes served by `good` instead of PAYLOAD (the end-to-end test)
@@ -40,6 +41,13 @@ class Publisher(http.server.BaseHTTPRequestHandler):
         body = type(self).files.get("/" + rest, PAYLOAD)
         if mode == "404":
             self.send_error(404, "Not Found")
+            return
+        if mode in ("hf", "hf-wrong"):  # Hugging Face: a 302 naming the LFS SHA-256, the storage host has the bytes
+            self.send_response(302)
+            self.send_header("Location", f"/good/{rest}")
+            self.send_header("X-Linked-ETag", '"%s"' % (PAYLOAD_SHA if mode == "hf" else "1" * 64))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         start = 0
         rng = self.headers.get("Range")
@@ -167,6 +175,13 @@ def test_wrong_hash_is_deleted(publisher, monkeypatch, tmp_path):
     with pytest.raises(UserError, match="X-Linked-ETag"):
         resolve_weights(spec(pinned=False))
     assert cache_files(tmp_path) == []
+    use(monkeypatch, base, "hf-wrong")  # the same, named on the redirect to the storage host
+    with pytest.raises(UserError, match="X-Linked-ETag"):
+        resolve_weights(spec(pinned=False))
+    assert cache_files(tmp_path) == []
+    use(monkeypatch, base, "hf")
+    assert resolve_weights(spec(pinned=False)).read_bytes() == PAYLOAD
+    assert cache_files(tmp_path) == ["thing.bin", "thing.bin.sha256"]
 
 
 def test_404_and_stall_and_unreachable(publisher, monkeypatch, tmp_path):

@@ -25,23 +25,18 @@ from eval.sources import DatasetSource, FolderSource, GeneratorSource, RandomOrd
 from eval.stats import Reference, load_reference, save_reference
 from pagoda.checkpoint import load_model, model_meta, save_model
 from pagoda.config import PRESETS
-from pagoda.data import PHOTO_CLASSES
 from pagoda.dist import shutdown
 from pagoda.errors import run_cli
 from pagoda.generator import load_generator
-from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.networks.unet import UNet
 
 RES = 8
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory):
+def weights_dir(domain_weights):
     """A randomly initialised domain classifier where the `domain` extractor looks for it."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("weights")
-    save_domain_net(DomainNet(len(PHOTO_CLASSES)).eval(), folder / "domain-photos.safetensors", {})
-    return folder
+    return domain_weights
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,9 @@ N = 12
 
 
 @pytest.fixture(scope="module")
-def flat(tmp_path_factory, real_images):
+def flat(tmp_path_factory, real_images, write_pngs):
     """A flat folder of N PNGs named as EDM2 names seeds (000000.png ...)."""
-    root = tmp_path_factory.mktemp("flat")
-    for i in range(N):
-        Image.fromarray(real_images[i].permute(1, 2, 0).numpy()).save(root / f"{i:06d}.png")
-    return root
+    return write_pngs(tmp_path_factory.mktemp("flat"), real_images[:N])
 
 
 def png_bytes(flat, i: int) -> bytes:
