@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bench.profile import device_name
 from eval.extractors import (
     InceptionExtractor,
     calibrate_batchnorm,
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = r["rate"]["ours"] / r["rate"]["torch_fidelity"]
     dfid = abs(r["fid"]["ours"] - r["fid"]["torch_fidelity"])
     row = make_row(model="inception", method="extract", metric="extract_speedup", value=ratio, num_samples=2 * args.images,
-                   extractor="inception", extractor_sha256=r["sha256"], batch=args.batch, dtype="float32", device="cpu",
+                   extractor="inception", extractor_sha256=r["sha256"], batch=args.batch, dtype="float32",
+                   device=device_name(torch.device("cpu")),
                    extra={"img_per_s_ours": round(r["rate"]["ours"], 3),
                           "img_per_s_torch_fidelity": round(r["rate"]["torch_fidelity"], 3),
                           "img_per_s_ours_fid_only": round(r["rate"]["ours_fid_only"], 3),
@@ -239,7 +241,7 @@ def folder_main(args) -> int:
     secs, n = r["secs"], args.images
     split = secs.pop("pagoda_split")
     common = dict(model="inception", method="extract-folder", num_samples=n, extractor="inception",
-                  extractor_sha256=r["sha256"], batch=args.batch, dtype="float32", device="cpu")
+                  extractor_sha256=r["sha256"], batch=args.batch, dtype="float32", device=device_name(torch.device("cpu")))
     rows = [make_row(metric="extract_img_per_s", value=n / s, **common,
                      extra={"tool": tool, "seconds": round(s, 3), "threads": r["threads"], "weights": r["weights"],
                             "vs_torch_fidelity": secs["torch_fidelity"] / s, "vs_clean_fid": secs["clean_fid"] / s,

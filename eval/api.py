@@ -134,7 +134,11 @@ class Evaluator:
                          per_class=per_class, class_names=tuple(class_names) if class_names is not None else None,
                          captions=tuple(captions) if captions is not None else None, batch=int(batch),
                          allow_small=allow_small, cache=FeatureCache(cache_root()) if cache else None)
+        from eval.extractors import EXTRACTORS
         for m in self.plan.metrics:  # before loading any weights
+            if self.plan.extractor_of(m) not in EXTRACTORS:
+                raise UserError(f"unknown extractor {self.plan.extractor_of(m)!r} for {m}: choose one of "
+                                f"{', '.join(EXTRACTORS)}")
             check_extractor(m, self.plan.extractor_of(m))
         self.refs = References([ref] if isinstance(ref, (str, os.PathLike)) else list(ref), weights_dir=weights_dir)
         self.refs.check_extractors(self.plan)
@@ -148,6 +152,8 @@ class Evaluator:
         """The Source of `samples` (see the module docstring). num_samples: how many to generate (checkpoints,
         callables; default 50,000) or to use (stores: the first N; iterables: how many they yield). seed, labels,
         guidance, sampler, steps: how a checkpoint or callable samples (labels "seed" | "balanced" | int64 [N])."""
+        if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) < 1):
+            raise UserError(f"num_samples={num_samples!r}: give a positive number of samples (None = all / default)")
         if isinstance(samples, Source):
             return samples
         if isinstance(samples, (str, os.PathLike)):
@@ -165,6 +171,8 @@ class Evaluator:
         if callable(samples):
             gen = CallableGenerator(samples, num_classes=num_classes, name=name)
             return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels, name=gen.name)
+        if isinstance(samples, (list, tuple)) and num_samples is None:  # a list of batches says how many it holds
+            num_samples = sum(len(b[0] if isinstance(b, (tuple, list)) else b) for b in samples) or None
         if isinstance(samples, Iterable):
             return _iterable_source(samples, num_samples, name or "batches")
         raise UserError(f"cannot measure a {type(samples).__name__}: give a path, a uint8 tensor, an iterable of "
@@ -174,11 +182,12 @@ class Evaluator:
         """Every refusal that needs no image: extractors, references, sample counts, labels, prompts."""
         check_cell(self.plan, source, self.extractors, self.refs, what=what or source.name, option=option)
 
-    def measure(self, source: Source, *, seed: int | None = None, on_batch=None) -> list[dict]:
-        """The rows of one sample set (checked first); seed: what the rows record as the seed (generated
-        samples)."""
+    def measure(self, source: Source, *, seed: int | None = None, on_batch=None, check: bool = True) -> list[dict]:
+        """The rows of one sample set (checked first, unless the caller has: check=False); seed: what the rows
+        record as the seed (generated samples)."""
         with source:
-            self.check(source)
+            if check:
+                self.check(source)
             return score_cell(self.plan, source, self.extractors, self.refs, device=self.device, seed=seed,
                               on_batch=on_batch)
 

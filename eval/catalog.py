@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagoda.errors import UserError
-from pagoda.weights import WeightsSpec, resolve_weights, search_dirs
+from pagoda.weights import WeightsSpec, resolve_weights, search_dirs, verify
 
 ADM_BASE = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
 ADM_SOURCE = "openai/guided-diffusion@22e0df8 evaluations/README.md"
@@ -77,15 +77,25 @@ def is_named(ref: str) -> bool:
     return ref in NAMED and not Path(ref).exists()
 
 
-def resolve_ref(ref: str, weights_dir: str | os.PathLike | None = None) -> str:
-    """The local path of `ref`: a named reference fetched on first use (into --weights-dir, else the cache),
-    or the path as given. UserError for a name that is neither (listing the names)."""
+def resolve_ref(ref: str, weights_dir: str | os.PathLike | None = None) -> tuple[str, str | None]:
+    """(local path, trust) of `ref`: a named reference fetched on first use (into --weights-dir, else the cache)
+    and checked against its first-use record ("first use"; a file changed since is refused), or the path as
+    given (trust None). UserError for a name that is neither (listing the names)."""
     if is_named(ref):
-        return str(resolve_weights(NAMED[ref].spec, weights_dir))
+        spec = NAMED[ref].spec
+        path = resolve_weights(spec, weights_dir)
+        _, trust = verify(path, spec)
+        return str(path), trust
     if not Path(ref).exists() and "/" not in ref and "." not in ref:
-        raise UserError(f"--ref {ref}: no such file and not a named reference: use a path, or one of "
+        raise UserError(f"reference {ref!r} is neither a file nor a named reference: give a path, or one of "
                         f"{', '.join(NAMED)} (python -m eval.ref --list)")
-    return ref
+    return ref, None
+
+
+def refetch_hint(ref: str, path: str) -> str:
+    """What to do about a fetched named reference that cannot be read (a damaged download trusted on first use)."""
+    return (f"it was fetched as the named reference {ref}: delete {path} and {path}.sha256 and rerun to fetch it "
+            "again")
 
 
 def format_list(weights_dir: str | os.PathLike | None = None) -> str:

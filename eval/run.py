@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from eval.catalog import resolve_ref
+from eval.catalog import refetch_hint, resolve_ref
 from eval.pipeline import Want, extract, is_main
 from eval.registry import (
     METRICS,
@@ -104,14 +104,30 @@ class References:
     and messages name it as given."""
 
     def __init__(self, paths: list[str], weights_dir=None):
-        self.paths, self.prov = list(paths), {}
-        self.files = {p: resolve_ref(p, weights_dir) for p in self.paths}
+        self.paths, self.prov, self.files, self.trust = list(paths), {}, {}, {}
+        for p in self.paths:
+            self.files[p], self.trust[p] = resolve_ref(p, weights_dir)
         for p in self.paths:  # an ADM batch has no provenance, but its images say their resolution
-            ref = load_reference(self.files[p])
+            try:
+                ref = load_reference(self.files[p])
+            except UserError as e:
+                if self.trust[p] is None:
+                    raise
+                raise UserError(f"{e} ({refetch_hint(p, self.files[p])})") from None
             self.prov[p] = dict(ref.provenance or {})
             if self.prov[p].get("resolution") is None and ref.image_size:
                 self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
+
+    def about(self, path: str | None) -> dict:
+        """Row fields of the reference `path` (as given): its file's SHA-256, and how a named one is trusted."""
+        if path is None:
+            return {}
+        from pagoda.weights import sha256_file
+        out = {"reference_sha256": sha256_file(self.files[path])}
+        if self.trust[path] is not None:
+            out["reference_trust"] = self.trust[path]
+        return out
 
     def check_extractors(self, plan: Plan) -> None:
         """UserError, before any weights are loaded, when no --ref can serve a metric's extractor: every --ref
@@ -303,7 +319,7 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
             made += class_rows(metric, out.store.features(), out.stored_labels(), ref, source.num_classes, plan.est)
         for name, value, lo, hi, extra in made:
             extra = dict(extra, resize=getattr(ex, "resize", None), weights_trust=getattr(ex, "weights_trust", None),
-                         **source.row_extra())
+                         **refs.about(path), **source.row_extra())
             rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=path, extractor=ex.name,
                                  extractor_sha256=getattr(ex, "weights_sha256", None), extra=extra, **base))
     return rows
@@ -446,6 +462,9 @@ def extractor_spec(text: str) -> tuple[dict, str | None]:
         else:
             raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: write NAME[,dinov2=NAME][,clip=NAME]"
                                              "[,cmmd=NAME][,resize=MODE], each once (e.g. domain,dinov2=dinov2-vitb14)")
+    if not roles and resize is None:
+        raise argparse.ArgumentTypeError(f"{text!r} names no extractor: write NAME[,dinov2=NAME][,clip=NAME]"
+                                         "[,cmmd=NAME][,resize=MODE] (e.g. inception or domain)")
     return roles, resize
 
 
@@ -538,11 +557,11 @@ def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, see
         cells.append(Cell(spec, images=True))
     rows = []
     for cell in cells:
-        if cell.images:
-            rows += ev.measure(image_sources[cell.spec])
+        if cell.images:  # every cell was checked above
+            rows += ev.measure(image_sources[cell.spec], check=False)
             continue
         gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=ev.device, dtype=dtype)
-        rows += ev.measure(generator_source(gen, cell), seed=seed)
+        rows += ev.measure(generator_source(gen, cell), seed=seed, check=False)
     return rows
 
 

@@ -37,8 +37,9 @@ def timeout_s() -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise UserError(f"PAGODA_TIMEOUT={text!r} is not a positive number of seconds: set e.g. PAGODA_TIMEOUT=60")
+    if not 0 < value <= 86_400:  # NaN and inf too: a socket timeout must be a finite number of seconds
+        raise UserError(f"PAGODA_TIMEOUT={text!r} is not a number of seconds in (0, 86400]: set e.g. "
+                        "PAGODA_TIMEOUT=60")
     return value
 
 

@@ -194,6 +194,9 @@ def fetch(spec: WeightsSpec, folder: Path) -> Path:
     record = None if spec.sha256 else (lambda digest: record_first_use(dest, digest, source))
     if mirror and local_mirror:
         src = Path(mirror.removeprefix("file://")) / name
+        if not src.parent.is_dir():
+            raise UserError(f"{what}: PAGODA_MIRROR={mirror} is not a folder (nor an http(s):// address): check the "
+                            "path, or unset PAGODA_MIRROR")
         if not src.is_file():
             raise UserError(f"{what}: PAGODA_MIRROR={mirror} holds no {name}: copy the file there ({_pin_text(spec)}; "
                             f"published at {spec.url}) or unset PAGODA_MIRROR")

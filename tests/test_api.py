@@ -53,8 +53,8 @@ def test_every_kind_of_samples_gives_the_clis_numbers(weights, ref, images, tmp_
     (cli,) = read_rows(tmp_path / "cli.jsonl")
     ev = Evaluator(str(ref), "fid", extractor="domain", weights_dir=weights, cache=False)
     for samples, kw in ((str(npz), {}), (images, {}), (images.permute(0, 2, 3, 1).numpy(), {}),
-                        (images.split(64), dict(num_samples=300)), (((x, None) for x in images.split(7)),
-                                                                   dict(num_samples=300))):
+                        (images.split(64), {}), (list(images.split(64)), {}), (((x, None) for x in images.split(7)),
+                                                                              dict(num_samples=300))):
         (row,) = ev.measure(ev.source(samples, **kw))
         assert row["value"] == pytest.approx(cli["value"], rel=1e-9) and row["num_samples"] == 300
     table = images.clone()
@@ -80,7 +80,9 @@ def test_bad_input_is_one_line(weights, ref, images):
         (lambda: ev.source(42), "cannot measure a int"),
         (lambda: Evaluator(str(ref), "fid,nope", extractor="domain", weights_dir=weights), "nope"),
         (lambda: Evaluator(str(ref), "is", extractor="dinov2", weights_dir=weights), "logits"),
-        (lambda: Evaluator("imagenet65", "fid", weights_dir=weights), "not a named reference"),
+        (lambda: Evaluator("imagenet65", "fid", weights_dir=weights), "neither a file nor a named reference"),
+        (lambda: Evaluator(str(ref), "fid", extractor="foo"), "unknown extractor 'foo'"),
+        (lambda: ev.source(images, num_samples=0), "num_samples=0"),
         (lambda: Evaluator(str(ref), "fid", extractor={"bogus": "x"}), "roles bogus"),
         (lambda: Evaluator(str(ref), "fid", estimator="kid_subset=0"), "must be >= 1"),
     ]
@@ -120,3 +122,16 @@ def test_readme_examples_run(weights, ref, images, tmp_path, monkeypatch):
     exec(compile(readme_python(), "README.md", "exec"), scope)  # noqa: S102 (the README's own examples)
     assert scope["rows"][0]["metric"] == "fid" and scope["rows"][1]["metric"] == "is"
     assert scope["rows"][0]["num_samples"] == 500 and scope["rows"][0]["value"] > 0
+
+
+def test_extractor_spec_grammar():
+    import argparse
+
+    from eval.run import extractor_spec
+
+    assert extractor_spec("domain") == ({"main": "domain"}, None)
+    assert extractor_spec("inception,dinov2=dinov2-vitb14,resize=edm2-torch") == (
+        {"main": "inception", "dinov2": "dinov2-vitb14"}, "edm2-torch")
+    for bad in (",", "", "domain,foo=bar", "domain,resize=", "domain,dinov2=a,dinov2=b", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            extractor_spec(bad)

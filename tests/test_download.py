@@ -258,7 +258,7 @@ def test_cli_exits_2_in_one_line(publisher, monkeypatch, tmp_path, capsys):
 
 
 def test_named_reference_and_weights_fetched_verified_cached_then_offline(publisher, monkeypatch, tmp_path,
-                                                                        inception_weights, real_images):
+                                                                        inception_weights, real_images, capsys):
     """`eval.fid --images samples.npz --ref imagenet64` on a machine without the files: the Inception weights and
     the ADM batch come from the (loopback) publisher, are checked and cached, and the FID is measured; a second
     run, offline, fetches nothing and gives the same row."""
@@ -295,4 +295,36 @@ def test_named_reference_and_weights_fetched_verified_cached_then_offline(publis
     assert len(log) == 2  # the second run touched no network
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert rows[0]["value"] == rows[1]["value"] > 0 and rows[0]["reference"] == "imagenet64"
-    assert rows[0]["extra"]["weights_trust"] == "pinned"
+    assert rows[0]["extra"]["weights_trust"] == "pinned" and rows[0]["extra"]["reference_trust"] == "first use"
+    assert rows[0]["extra"]["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    cached = tmp_path / "cache" / "VIRTUAL_imagenet64_labeled.npz"
+    np.savez(cached, arr_0=images[24:], mu=feats.mean(0) + 0.5, sigma=np.cov(feats, rowvar=False))  # still an npz
+    assert run_cli(fid.main, argv) == 2  # a reference changed since its first download is refused
+    assert "changed since its first download" in capsys.readouterr().err
+
+
+def test_damaged_named_reference_says_how_to_fetch_it_again(publisher, monkeypatch, tmp_path, capsys):
+    """A publisher that served a damaged file (whole, as far as HTTP can tell) got it trusted on first use: the
+    reference's reader refuses it, and the message says to delete it and its record to fetch it again."""
+    from eval import fid
+    from eval.catalog import NAMED
+
+    base, _ = publisher
+    use(monkeypatch, base, "good")
+    Publisher.files = {"/" + NAMED["imagenet128"].spec.url.split("://", 1)[1]: b"PK\x03\x04 not really a zip"}
+    code = run_cli(fid.main, ["--images", str(tmp_path), "--ref", "imagenet128", "-o", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "VIRTUAL_imagenet128_labeled.npz.sha256 and rerun to fetch it again" in err
+
+
+def test_bad_timeout_and_mirror_folder(publisher, monkeypatch, tmp_path):
+    base, _ = publisher
+    use(monkeypatch, base, "good")
+    for bad in ("inf", "nan", "0", "1e300", "abc"):
+        monkeypatch.setenv("PAGODA_TIMEOUT", bad)
+        with pytest.raises(UserError, match="PAGODA_TIMEOUT"):
+            resolve_weights(spec())
+    monkeypatch.setenv("PAGODA_TIMEOUT", "1")
+    monkeypatch.setenv("PAGODA_MIRROR", str(tmp_path / "no-such-folder"))
+    with pytest.raises(UserError, match="is not a folder"):
+        resolve_weights(spec())
