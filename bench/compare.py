@@ -32,14 +32,13 @@ from tqdm import tqdm
 from bench.profile import DTYPES, MIN_REPS, network_of, profile, set_network
 from eval.rows import append_rows, check_rows_output, format_table, make_row
 from eval.run import add_weights_args, apply_offline
+from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
-    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     guidance_scale,
     positive_int,
     run_cli,
-    sampler_spec,
 )
 
 COLUMNS = ("model", "resolution", "guidance", "sampler", "steps", "nfe", "batch", "metric", "value")

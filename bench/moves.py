@@ -24,9 +24,8 @@ import argparse
 import torch
 
 from eval.rows import append_rows, check_rows_output, make_row, text_table
-from pagoda.__main__ import int_list
 from pagoda.checkpoint import read_meta
-from pagoda.errors import ArgumentParser, UserError, run_cli
+from pagoda.errors import ArgumentParser, UserError, int_list, run_cli
 from pagoda.generator import load_generator
 from pagoda.weights import sha256_file
 

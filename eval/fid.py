@@ -31,15 +31,14 @@ from eval.run import (
     refuse_checkpoint_options,
 )
 from eval.sources import dist_info, save_samples
+from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
-    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     check_output,
     guidance_scale,
     positive_int,
     run_cli,
-    sampler_spec,
 )
 
 

@@ -111,6 +111,18 @@ class Metric:
     option: str  # the option that fixes a count error
     score: Callable[[Scored], list[Row]]
     frechet: bool = False  # a Frechet distance (the covariance check on sample counts applies)
+    by_class: Callable[[Estimators], ClassSplit] | None = None  # how --per-class splits it (None: it does not)
+
+
+@dataclass(frozen=True)
+class ClassSplit:
+    """How a metric is measured per class: its row names, the fewest samples per class on each side, the function
+    of (fake features, real features) and the extra every row carries."""
+
+    names: tuple[str, ...]
+    min_count: int
+    fn: Callable
+    extra: dict
 
 
 def _frechet(s: Scored, name: str) -> list[Row]:
@@ -166,25 +178,40 @@ _one = lambda e: 1  # noqa: E731
 _two = lambda e: 2  # noqa: E731
 _none = lambda e: 0  # noqa: E731
 
+def _fid_by_class(est: Estimators) -> ClassSplit:
+    return ClassSplit(("fid_class",), 2, fid_from_features, {})
+
+
+def _pr_by_class(est: Estimators) -> ClassSplit:
+    return ClassSplit(("precision_class", "recall_class"), est.pr_k + 1, partial(precision_recall, k=est.pr_k),
+                      {"k": est.pr_k})
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("fid", "main", _store_if_bootstrap, "stats", None, _two, _none, "--num-samples",
-           partial(_frechet, name="fid"), frechet=True),
-    Metric("sfid", "main", lambda e: {"spatial"}, "spatial", "spatial_dim", _two, _none, "--num-samples", _sfid,
-           frechet=True),
-    Metric("kid", "main", lambda e: {"features"}, "features", None, lambda e: e.kid_subset, lambda e: e.kid_subset,
-           "--estimator kid_subset=N", _kid),
-    Metric("is", "main", lambda e: {"logits"}, None, "num_logits", lambda e: e.is_splits, _none,
-           "--estimator is_splits=N", _is),
-    Metric("pr", "main", lambda e: {"features"}, "features", None, lambda e: e.pr_k + 1, lambda e: e.pr_k + 1,
-           "--estimator pr_k=K", partial(_pair, ("precision", "recall"), precision_recall, pr_bootstrap, "pr_k")),
-    Metric("dc", "main", lambda e: {"features"}, "features", None, _one, lambda e: e.dc_k + 1,
-           "--estimator dc_k=K", partial(_pair, ("density", "coverage"), density_coverage, dc_bootstrap, "dc_k")),
-    Metric("fd_dinov2", "dinov2", _store_if_bootstrap, "stats", None, _two, _none, "--num-samples",
-           partial(_frechet, name="fd_dinov2"), frechet=True),
-    Metric("clip", "clip", lambda e: {"cos"}, None, "encode_text", _one, _none, "--num-samples", _clip),
-    Metric("cmmd", "cmmd", lambda e: {"features"}, "features", None, _one, _one, "--num-samples", _cmmd),
+    Metric("fid", role="main", keeps=_store_if_bootstrap, ref="stats", needs=None, min_samples=_two, min_ref=_none,
+           option="--num-samples", score=partial(_frechet, name="fid"), frechet=True, by_class=_fid_by_class),
+    Metric("sfid", role="main", keeps=lambda e: {"spatial"}, ref="spatial", needs="spatial_dim", min_samples=_two,
+           min_ref=_none, option="--num-samples", score=_sfid, frechet=True),
+    Metric("kid", role="main", keeps=lambda e: {"features"}, ref="features", needs=None,
+           min_samples=lambda e: e.kid_subset, min_ref=lambda e: e.kid_subset, option="--estimator kid_subset=N",
+           score=_kid),
+    Metric("is", role="main", keeps=lambda e: {"logits"}, ref=None, needs="num_logits",
+           min_samples=lambda e: e.is_splits, min_ref=_none, option="--estimator is_splits=N", score=_is),
+    Metric("pr", role="main", keeps=lambda e: {"features"}, ref="features", needs=None,
+           min_samples=lambda e: e.pr_k + 1, min_ref=lambda e: e.pr_k + 1, option="--estimator pr_k=K",
+           score=partial(_pair, ("precision", "recall"), precision_recall, pr_bootstrap, "pr_k"),
+           by_class=_pr_by_class),
+    Metric("dc", role="main", keeps=lambda e: {"features"}, ref="features", needs=None, min_samples=_one,
+           min_ref=lambda e: e.dc_k + 1, option="--estimator dc_k=K",
+           score=partial(_pair, ("density", "coverage"), density_coverage, dc_bootstrap, "dc_k")),
+    Metric("fd_dinov2", role="dinov2", keeps=_store_if_bootstrap, ref="stats", needs=None, min_samples=_two,
+           min_ref=_none, option="--num-samples", score=partial(_frechet, name="fd_dinov2"), frechet=True),
+    Metric("clip", role="clip", keeps=lambda e: {"cos"}, ref=None, needs="encode_text", min_samples=_one,
+           min_ref=_none, option="--num-samples", score=_clip),
+    Metric("cmmd", role="cmmd", keeps=lambda e: {"features"}, ref="features", needs=None, min_samples=_one,
+           min_ref=_one, option="--num-samples", score=_cmmd),
 )}
-PER_CLASS = ("fid", "pr")  # the metrics --per-class splits by class
+PER_CLASS = tuple(name for name, m in METRICS.items() if m.by_class is not None)  # what --per-class splits by class
 
 
 def metric_list(text: str) -> list[str]:
@@ -292,11 +319,8 @@ def check_reference(metric: str, ref, path: str, est: Estimators) -> None:
 def class_rows(metric: str, fake, y_fake, ref, num_classes: int, est: Estimators) -> list[Row]:
     """(row metric, value, None, None, extra) for each class with enough samples on both sides; warns about
     the others. A class has fewer samples than dimensions: its FID is biased upwards (compare between models)."""
-    if metric == "fid":
-        names, min_count, fn, extra0 = ("fid_class",), 2, fid_from_features, {}
-    else:
-        names, min_count = ("precision_class", "recall_class"), est.pr_k + 1
-        fn, extra0 = partial(precision_recall, k=est.pr_k), {"k": est.pr_k}
+    split = METRICS[metric].by_class(est)
+    names, min_count, fn, extra0 = split.names, split.min_count, split.fn, split.extra
     with warnings.catch_warnings():  # one class has fewer samples than dimensions: documented
         warnings.filterwarnings("ignore", message=".*< feature dimension")
         values = per_class(fn, fake, y_fake, ref.features, ref.labels, min_count=min_count)

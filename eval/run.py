@@ -62,15 +62,14 @@ from eval.registry import (
 from eval.rows import append_rows, check_rows_output, format_table, make_row
 from eval.sources import GeneratorSource, TensorSource, open_source
 from eval.stats import load_reference
+from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
-    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     guidance_scale,
     positive_int,
     run_cli,
     sample_count,
-    sampler_spec,
 )
 
 DEFAULT_SAMPLES = 50_000

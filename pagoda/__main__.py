@@ -16,15 +16,15 @@ import os
 import sys
 from pathlib import Path
 
+from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
-    SAMPLER_HELP,
     ArgumentParser,
     UserError,
     check_output,
     guidance_scale,
+    int_list,
     positive_int,
     run_cli,
-    sampler_spec,
 )
 
 # stage name -> module with `run(cfg, *, out_dir) -> Path` (the trained model file)
@@ -52,26 +52,6 @@ DELEGATED = {
     "edit": ("pagoda.edit", "reconstruct / super-resolve / inpaint / transfer / interpolate through a G "
                             "(python -m pagoda edit -h)"),
 }
-MAX_SEEDS = 1_000_000
-
-
-def int_list(text: str) -> list[int]:
-    """`0-63` or `1,5,7` or `0-9,20` -> a list of non-negative integers (ranges are inclusive)."""
-    out = []
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            lo, hi = int(lo), int(hi if sep else lo)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0-63 or 1,5,7") from None
-        if lo < 0 or hi < lo:
-            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a range a-b with 0 <= a <= b")
-        if len(out) + hi - lo + 1 > MAX_SEEDS:
-            raise argparse.ArgumentTypeError(f"{text!r} lists more than {MAX_SEEDS} values")
-        out += range(lo, hi + 1)
-    return out
-
-
 def labels_arg(text: str) -> str | list[int]:
     """`seed` (drawn per seed), `uniform` (i mod num_classes) or class ids like `int_list`."""
     return text if text in ("seed", "uniform") else int_list(text)

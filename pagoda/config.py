@@ -7,6 +7,7 @@ result of it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -174,6 +175,20 @@ def split_sampler_spec(spec: str) -> tuple[str, str, float | None]:
         raise UserError(f"sampler {spec!r}: grid {grid!r} is unknown; use {name}, {name}:loguniform or "
                         f"{name}:karras-rhoR (e.g. {name}:karras-rho3)")
     return name, grid, rho
+
+
+SAMPLER_HELP = ("ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m "
+                "(DPM-Solver++(2M)); grid karras (default: the checkpoint's rho, 7 for EDM), karras-rhoR (R in "
+                "[1, 100]) or loguniform, e.g. dpmpp2m:loguniform")
+
+
+def sampler_spec(text: str) -> str:
+    """argparse type: an ODE sampler spec name[:grid] (split_sampler_spec), e.g. dpmpp2m:loguniform."""
+    try:
+        split_sampler_spec(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 @dataclass(frozen=True)

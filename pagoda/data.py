@@ -118,6 +118,18 @@ def load_image(path: str | os.PathLike | BinaryIO, *, name: str | None = None) -
         raise UserError(f"image {shown} is truncated or corrupt ({why}): re-download or re-export it") from None
 
 
+def psnr(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PSNR in dB per image [N] of uint8 images [N, 3, H, W] against `ref`: 10 log10(255^2 / MSE), MSE over the
+    pixels where mask [N or 1, 1, H, W] is 1 (all without a mask); inf for identical images."""
+    err = (x.double() - ref.double()).square()
+    if mask is None:
+        mse = err.mean(dim=(1, 2, 3))
+    else:
+        m = mask.double().expand(x.shape[0], 1, *x.shape[-2:])
+        mse = (err * m).sum(dim=(1, 2, 3)) / (3 * m.sum(dim=(1, 2, 3))).clamp_min(1)
+    return 10 * torch.log10(255.0 ** 2 / mse)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data sets.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,25 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.checkpoint import diffusion_config, read_meta, write_atomic
-from pagoda.data import build_dataset, check_native_resolution, to_model, to_uint8
+from pagoda.data import build_dataset, check_native_resolution, psnr, to_model, to_uint8
 from pagoda.errors import UserError
 from pagoda.samplers import inversion_sigmas
 
-TASKS = ("reconstruct", "superres", "inpaint", "transfer", "interpolate")
 MAX_FRAMES = 64
-TASK_OPTIONS = {"mask": "inpaint", "iterations": "inpaint", "to_class": "transfer", "frames": "interpolate"}
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """PSNR in dB per image [N] of uint8 images [N, 3, H, W] against `ref`: 10 log10(255^2 / MSE), MSE over the
-    pixels where mask [N or 1, 1, H, W] is 1 (all without a mask); inf for identical images."""
-    err = (x.double() - ref.double()).square()
-    if mask is None:
-        mse = err.mean(dim=(1, 2, 3))
-    else:
-        m = mask.double().expand(x.shape[0], 1, *x.shape[-2:])
-        mse = (err * m).sum(dim=(1, 2, 3)) / (3 * m.sum(dim=(1, 2, 3))).clamp_min(1)
-    return 10 * torch.log10(255.0 ** 2 / mse)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -214,77 +201,129 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d(to_model(a), to_model(b), [build_backbone("random", seed=1)])
 
 
-def run_task(task: str, editor: Editor, source: str, items: list[int], *, mask: str = "center",
-             iterations: int = 4, to_class: int | None = None, frames: int = 8) -> tuple[list[list[torch.Tensor]], dict]:
-    """(grid rows, numbers) of one task (module docstring); UserError for inputs the task cannot use."""
-    gen, base = editor.gen, editor.base
-    res = gen.resolution
+@dataclass(frozen=True)
+class Images:
+    """What every task starts from: the items at G's input (base) resolution with their labels, and at its output
+    resolution (the same tensor unless G was grown)."""
+
+    editor: Editor
+    x_low: torch.Tensor  # uint8 [N, 3, base, base]
+    y: torch.Tensor  # int64 [N]
+    x_high: torch.Tensor  # uint8 [N, 3, res, res]
+
+    @property
+    def res(self) -> int:
+        return self.editor.gen.resolution
+
+    def rebuild(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """G(encode(x, y), y): x defaults to the items at base resolution, y to their labels."""
+        x, y = self.x_low if x is None else x, self.y if y is None else y
+        return self.editor.decode(self.editor.encode(x, y), y)
+
+
+def _reconstruct(im: Images) -> tuple[list, dict]:
+    rec = im.rebuild()
+    rows = [[hi, r] for hi, r in zip(im.x_high, rec)]
+    return rows, {"psnr_db": psnr(rec, im.x_high).mean().item(), "d": _distance(rec, im.x_high).mean().item(),
+                  "columns": ["x", "G(z_x)"]}
+
+
+def _superres(im: Images) -> tuple[list, dict]:
+    base = im.editor.base
+    if im.res == base:
+        raise UserError(f"superres needs a grown G (output above its {base} px input); {im.editor.gen.name} outputs "
+                        f"{im.res} px: pass a G from `python -m pagoda grow`")
+    sr = im.rebuild()
+    bicubic = to_uint8(F.interpolate(to_model(im.x_low), size=(im.res, im.res), mode="bicubic", align_corners=False)
+                       .clamp(-1, 1))
+    rows = [list(r) for r in zip(bicubic, sr, im.x_high)]
+    return rows, {"psnr_db": psnr(sr, im.x_high).mean().item(), "psnr_bicubic_db": psnr(bicubic, im.x_high).mean()
+                  .item(), "columns": ["bicubic(x_low)", "G(z_x_low)", "x_high"]}
+
+
+def _inpaint(im: Images, *, mask: str = "center", iterations: int = 4) -> tuple[list, dict]:
+    """Invert the masked image (grey hole), decode, paste the known pixels back; `iterations` rounds."""
+    base, res = im.editor.base, im.res
+    m = load_mask(mask, base)
+    if iterations < 1:
+        raise UserError(f"--iterations {iterations} must be >= 1")
+    masked = torch.where(m.bool(), im.x_low, torch.full_like(im.x_low, 128))
+    current = masked
+    for _ in range(iterations):
+        out = im.rebuild(current)
+        low = out if res == base else to_uint8(F.interpolate(to_model(out), size=(base, base), mode="area"))
+        current = torch.where(m.bool(), im.x_low, low)
+    hole = 1 - (m if res == base else F.interpolate(m, size=(res, res), mode="nearest"))
+    fill = torch.full_like(im.x_high, 128)
+    rows = [list(r) for r in zip(masked, out, im.x_high)]
+    return rows, {"psnr_hole_db": psnr(out, im.x_high, hole).mean().item(),
+                  "psnr_hole_grey_db": psnr(fill, im.x_high, hole).mean().item(), "iterations": iterations,
+                  "columns": ["masked x", "G (inpainted)", "x"]}
+
+
+def _transfer(im: Images, *, to_class: int | None = None) -> tuple[list, dict]:
+    """Decode the item's z with another class."""
+    gen = im.editor.gen
+    if gen.num_classes == 0:
+        raise UserError(f"transfer needs a class-conditional G; {gen.name} is unconditional")
+    if to_class is None:
+        raise UserError(f"transfer needs --to-class C, the class to decode with (0..{gen.num_classes - 1})")
+    if not 0 <= to_class < gen.num_classes:
+        raise UserError(f"--to-class {to_class} must be a class id in [0, {gen.num_classes - 1}]")
+    z = im.editor.encode(im.x_low, im.y)
+    rec, moved = im.editor.decode(z, im.y), im.editor.decode(z, torch.full_like(im.y, to_class))
+    rows = [list(r) for r in zip(im.x_high, rec, moved)]
+    return rows, {"psnr_db": psnr(rec, im.x_high).mean().item(), "to_class": to_class,
+                  "columns": ["x", "G(z_x, y)", "G(z_x, y')"]}
+
+
+def _interpolate(im: Images, *, frames: int = 8) -> tuple[list, dict]:
+    """Decode slerp(z_a, z_b, t) at `frames` points t in [0, 1] (the label switches at t = 0.5)."""
+    if len(im.y) != 2:
+        raise UserError(f"interpolate takes two --items (e.g. 0,5), got {len(im.y)}")
+    if not 2 <= frames <= MAX_FRAMES:
+        raise UserError(f"--frames {frames} must be in [2, {MAX_FRAMES}]")
+    z = im.editor.encode(im.x_low, im.y)
+    ts = [i / (frames - 1) for i in range(frames)]
+    zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
+    ys = torch.stack([im.y[0] if t < 0.5 else im.y[1] for t in ts])
+    out = im.editor.decode(zs, ys)
+    ends = torch.stack([out[0], out[-1]])
+    return [[im.x_high[0], *out, im.x_high[1]]], {"psnr_endpoints_db": psnr(ends, im.x_high).tolist(), "t": ts,
+                                                  "columns": ["x_a", *(f"t={t:.2f}" for t in ts), "x_b"]}
+
+
+# task -> its function (Images, **its own options) -> (grid rows, numbers)
+TASKS: dict[str, Callable[..., tuple[list, dict]]] = {
+    "reconstruct": _reconstruct, "superres": _superres, "inpaint": _inpaint, "transfer": _transfer,
+    "interpolate": _interpolate}
+TASK_OPTIONS = {"mask": "inpaint", "iterations": "inpaint", "to_class": "transfer", "frames": "interpolate"}
+
+
+def check_options(task: str, options: dict) -> None:
+    """UserError for an unknown task or an option (TASK_OPTIONS, as --flag) that belongs to another task: never
+    silently ignored."""
+    if task not in TASKS:
+        raise UserError(f"edit task {task!r} is unknown: use one of {', '.join(TASKS)}")
+    alien = [f"--{k.replace('_', '-')}" for k in options if TASK_OPTIONS.get(k) != task]
+    if alien:
+        raise UserError(f"{', '.join(alien)}: option(s) of another task, not of {task}: drop them")
+
+
+def run_task(task: str, editor: Editor, source: str, items: list[int], **options) -> tuple[list[list[torch.Tensor]],
+                                                                                          dict]:
+    """(grid rows, numbers) of one task (module docstring) with its own options (TASK_OPTIONS); UserError for an
+    unknown task, another task's option, or inputs the task cannot use."""
+    check_options(task, options)
+    base, res = editor.base, editor.gen.resolution
     x_low, y = open_images(source, items, base)
     x_high = open_images(source, items, res, why="ground truth of a grown G")[0] if res != base else x_low
-    if task == "reconstruct":
-        rec = editor.decode(editor.encode(x_low, y), y)
-        p, dist = psnr(rec, x_high), _distance(rec, x_high)
-        rows = [[x_high[i], rec[i]] for i in range(len(items))]
-        return rows, {"psnr_db": p.mean().item(), "d": dist.mean().item(), "columns": ["x", "G(z_x)"]}
-    if task == "superres":
-        if res == base:
-            raise UserError(f"superres needs a grown G (output above its {base} px input); {gen.name} outputs {res} px: "
-                            "pass a G from `python -m pagoda grow`")
-        sr = editor.decode(editor.encode(x_low, y), y)
-        bicubic = to_uint8(F.interpolate(to_model(x_low), size=(res, res), mode="bicubic", align_corners=False)
-                           .clamp(-1, 1))
-        rows = [[bicubic[i], sr[i], x_high[i]] for i in range(len(items))]
-        return rows, {"psnr_db": psnr(sr, x_high).mean().item(), "psnr_bicubic_db": psnr(bicubic, x_high).mean().item(),
-                      "columns": ["bicubic(x_low)", "G(z_x_low)", "x_high"]}
-    if task == "inpaint":
-        m = load_mask(mask, base)
-        if iterations < 1:
-            raise UserError(f"--iterations {iterations} must be >= 1")
-        grey = torch.full_like(x_low, 128)
-        masked = torch.where(m.bool(), x_low, grey)
-        current = masked
-        for _ in range(iterations):
-            out = editor.decode(editor.encode(current, y), y)
-            low = out if res == base else to_uint8(F.interpolate(to_model(out), size=(base, base), mode="area"))
-            current = torch.where(m.bool(), x_low, low)
-        hole = 1 - (m if res == base else F.interpolate(m, size=(res, res), mode="nearest"))
-        fill = torch.full_like(x_high, 128)
-        rows = [[masked[i], out[i], x_high[i]] for i in range(len(items))]
-        return rows, {"psnr_hole_db": psnr(out, x_high, hole).mean().item(),
-                      "psnr_hole_grey_db": psnr(fill, x_high, hole).mean().item(), "iterations": iterations,
-                      "columns": ["masked x", "G (inpainted)", "x"]}
-    if task == "transfer":
-        if gen.num_classes == 0:
-            raise UserError(f"transfer needs a class-conditional G; {gen.name} is unconditional")
-        if to_class is None:
-            raise UserError(f"transfer needs --to-class C, the class to decode with (0..{gen.num_classes - 1})")
-        if not 0 <= to_class < gen.num_classes:
-            raise UserError(f"--to-class {to_class} must be a class id in [0, {gen.num_classes - 1}]")
-        z = editor.encode(x_low, y)
-        rec, moved = editor.decode(z, y), editor.decode(z, torch.full_like(y, to_class))
-        rows = [[x_high[i], rec[i], moved[i]] for i in range(len(items))]
-        return rows, {"psnr_db": psnr(rec, x_high).mean().item(), "to_class": to_class,
-                      "columns": ["x", "G(z_x, y)", "G(z_x, y')"]}
-    if task == "interpolate":
-        if len(items) != 2:
-            raise UserError(f"interpolate takes two --items (e.g. 0,5), got {len(items)}")
-        if not 2 <= frames <= MAX_FRAMES:
-            raise UserError(f"--frames {frames} must be in [2, {MAX_FRAMES}]")
-        z = editor.encode(x_low, y)
-        ts = [i / (frames - 1) for i in range(frames)]
-        zs = torch.stack([slerp(z[0], z[1], t) for t in ts])
-        ys = torch.stack([y[0] if t < 0.5 else y[1] for t in ts])
-        out = editor.decode(zs, ys)
-        ends = torch.stack([out[0], out[-1]])
-        return [[x_high[0], *out, x_high[1]]], {"psnr_endpoints_db": psnr(ends, x_high).tolist(), "t": ts,
-                                                 "columns": ["x_a", *(f"t={t:.2f}" for t in ts), "x_b"]}
-    raise UserError(f"edit task {task!r} is unknown: use one of {', '.join(TASKS)}")
+    return TASKS[task](Images(editor, x_low, y, x_high), **options)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pagoda edit TASK ...` (see the module docstring)."""
-    from pagoda.__main__ import int_list
-    from pagoda.errors import ArgumentParser, check_output, guidance_scale
+    from pagoda.errors import ArgumentParser, check_output, guidance_scale, int_list
 
     p = ArgumentParser(prog="python -m pagoda edit", description="Invert images with the teacher, edit, decode with "
                        "the one-step G; writes a PNG grid (one row per item) and its numbers as JSON beside it.")
@@ -300,17 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=None, help="interpolate: points from t = 0 to 1 (default 8)")
     p.add_argument("--guidance", type=guidance_scale, default=None, help="a guidance-conditioned G's w (default its own)")
     args = p.parse_args(argv)
-    alien = [f"--{k.replace('_', '-')}" for k, task in TASK_OPTIONS.items()
-             if task != args.task and getattr(args, k) is not None]
-    if alien:  # never silently ignored
-        raise UserError(f"{', '.join(alien)}: option(s) of another task, not of {args.task}: drop them")
+    given = {k: getattr(args, k) for k in TASK_OPTIONS if getattr(args, k) is not None}
+    check_options(args.task, given)  # before any model is read
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise UserError(f"-o {out}: the grid must end in .png")
     check_output(out)
     check_output(out.with_suffix(".json"), what=f"-o {out}: its numbers' file")
     editor = open_editor(args.generator, args.teacher, guidance=args.guidance)
-    given = {k: getattr(args, k) for k in TASK_OPTIONS if getattr(args, k) is not None}
     rows, numbers = run_task(args.task, editor, args.data, args.items, **given)
     numbers = {"task": args.task, "generator": str(args.generator), "data": args.data, "items": args.items,
                "resolution": editor.gen.resolution, "base": editor.base, "guidance": editor.guidance, **numbers}

@@ -36,22 +36,6 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 141
 
 
-SAMPLER_HELP = ("ODE sampler of a diffusion checkpoint, name[:grid]: heun, euler (= ddim), dpmpp2m "
-                "(DPM-Solver++(2M)); grid karras (default: the checkpoint's rho, 7 for EDM), karras-rhoR (R in "
-                "[1, 100]) or loguniform, e.g. dpmpp2m:loguniform")
-
-
-def sampler_spec(text: str) -> str:
-    """argparse type: an ODE sampler spec name[:grid] (pagoda.config.split_sampler_spec), e.g. dpmpp2m:loguniform."""
-    from pagoda.config import split_sampler_spec  # pagoda.config imports this module
-
-    try:
-        split_sampler_spec(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one line `error: ...` on stderr and exit status 2 (through
     run_cli), like every other mistake, instead of a usage block."""
@@ -89,6 +73,26 @@ def check_output(path, what: str = "-o") -> None:
             break
     if p.exists() and not p.resolve().is_file():
         raise UserError(f"{what} {p} exists and is not a regular file: choose another path")
+
+
+MAX_SEEDS = 1_000_000
+
+
+def int_list(text: str) -> list[int]:
+    """`0-63` or `1,5,7` or `0-9,20` -> a list of non-negative integers (ranges are inclusive)."""
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0-63 or 1,5,7") from None
+        if lo < 0 or hi < lo:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} in {text!r} must be a range a-b with 0 <= a <= b")
+        if len(out) + hi - lo + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"{text!r} lists more than {MAX_SEEDS} values")
+        out += range(lo, hi + 1)
+    return out
 
 
 def positive_int(text: str) -> int:

@@ -16,10 +16,10 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from pagoda.__main__ import int_list, main
+from pagoda.__main__ import main
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS, SampleConfig, TeacherConfig, UNetConfig, from_dict, to_dict
-from pagoda.errors import run_cli
+from pagoda.errors import int_list, run_cli
 from pagoda.networks.unet import UNet
 
 ROOT = Path(__file__).resolve().parents[1]

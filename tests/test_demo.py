@@ -142,6 +142,29 @@ def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
     assert not imported & {"eval", "bench", "reports"}
 
 
+def test_pagoda_has_no_import_cycles():
+    """No pagoda module imports, even inside a function, one that imports it back (edit once took int_list from
+    __main__, grow took psnr from edit, errors took split_sampler_spec from config, which imports errors)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "pagoda").rglob("*.py")}
+    graph = {m: set() for m in modules}
+    for m, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pagoda"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[m] |= {t for t in targets if t in modules and t != m}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph[start])
+
+    cycles = sorted(m for m in graph if reaches(m, m, set()))
+    assert not cycles, cycles
+
+
 @pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown",
                                   "only_empty", "out_of_other_files"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):

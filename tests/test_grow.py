@@ -19,8 +19,8 @@ from pagoda.__main__ import main
 from pagoda.checkpoint import build_network, load_network, model_meta, save_model
 from pagoda.config import PRESETS, GrowConfig, TrainConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import build_dataset, save_npz
+from pagoda.data import psnr as psnr_fn
 from pagoda.diffusion import one_step
-from pagoda.edit import psnr as psnr_fn
 from pagoda.edit import slerp
 from pagoda.errors import UserError, run_cli
 from pagoda.generator import OneStepGenerator, load_generator

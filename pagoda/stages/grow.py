@@ -184,7 +184,7 @@ def drift(low, high, seeds, *, batch: int = 100) -> dict:
     A grown G that keeps the content of its source scores a small RMS (it only adds detail, which averaging
     removes); one that drifts to other objects scores about the RMS between unrelated images (~60-90 levels).
     """
-    from pagoda.edit import psnr
+    from pagoda.data import psnr
     from pagoda.generator import OneStepGenerator, as_seeds
 
     for g in (low, high):
