@@ -49,10 +49,10 @@ class FeatureCache:
         """The content key of `ex`'s outputs on `source`; None when either cannot be keyed (no content hash, or an
         extractor without a weights hash)."""
         store = source.cache_key()
-        sha = getattr(ex, "weights_sha256", None)
+        sha = ex.weights_sha256
         if store is None or not sha:
             return None
-        what = dict(store=store, extractor=ex.name, weights_sha256=sha, resize=str(getattr(ex, "resize", None)),
+        what = dict(store=store, extractor=ex.name, weights_sha256=sha, resize=str(ex.resize),
                     dtype="float32", version=VERSION)
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 

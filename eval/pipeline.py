@@ -77,7 +77,7 @@ def _start(ex, want: Want, num_samples: int) -> Extraction:
             raise ValueError("Want(labels=True) keeps the labels of stored features: set store > 0 too")
         out.labels = FeatureStore(1, out.store.capacity)
     if want.logits:
-        if not getattr(ex, "num_logits", 0):
+        if not ex.num_logits:
             raise ValueError(f"extractor {ex.name} has no logits")
         out.logits = FeatureStore(ex.num_logits, num_samples)
     if want.texts is not None:
@@ -85,7 +85,7 @@ def _start(ex, want: Want, num_samples: int) -> Extraction:
         out.extra["text_features"] = F.normalize(ex.encode_text(want.texts).double(), dim=-1).cpu()
         out.extra["text_by"] = want.text_by
     if want.spatial:
-        if not getattr(ex, "spatial_dim", 0):
+        if not ex.spatial_dim:
             raise ValueError(f"extractor {ex.name} has no spatial features")
         out.spatial = FeatureStats(ex.spatial_dim)
     return out

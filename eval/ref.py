@@ -33,11 +33,11 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
     """What the statistics depend on; two references with equal provenance are interchangeable."""
     prov = dict(source=spec, source_fingerprint=source.fingerprint(), resolution=source.resolution,
                 num_samples=source.num_samples, extractor=ex.name, feature_dim=ex.feature_dim,
-                extractor_sha256=getattr(ex, "weights_sha256", None), resize=str(getattr(ex, "resize", None)),
+                extractor_sha256=ex.weights_sha256, resize=str(ex.resize),
                 stored_features=min(store, source.num_samples),
                 order=f"random(seed={source.seed})" if isinstance(source, RandomOrder) else "as listed",
                 pagoda_version=__version__)
-    if getattr(ex, "spatial_dim", 0):  # sFID statistics are stored too: a reference made before lacks them
+    if ex.spatial_dim:  # sFID statistics are stored too: a reference made before lacks them
         prov.update(spatial_dim=ex.spatial_dim)
     if source.image_resize:  # brought to the resolution on the way in (eval.ref --resolution on a folder / npz)
         prov.update(image_resize=source.image_resize)
@@ -62,7 +62,7 @@ def stale_reason(path: Path, provenance: dict) -> str | None:
 def build(source, ex, *, batch: int, store: int, device, provenance: dict, cache=None):
     """Stream the source once through the extractor (reading / filling `cache`, an eval.cache.FeatureCache); a
     Reference with mean, covariance and stored features."""
-    want = Want(store=store, labels=bool(store and source.num_classes), spatial=bool(getattr(ex, "spatial_dim", 0)))
+    want = Want(store=store, labels=bool(store and source.num_classes), spatial=bool(ex.spatial_dim))
     out = extract(source, {ex.name: ex}, {ex.name: want}, batch=batch, device=device, cache=cache)[ex.name]
     features = out.store.features() if out.store is not None else None
     spatial = (out.spatial.mean(), out.spatial.cov()) if out.spatial is not None else (None, None)

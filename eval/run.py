@@ -164,8 +164,8 @@ class References:
         path, key = ok[0], (ok[0], ex.name)
         if key not in self.loaded:
             self.loaded[key] = load_reference(self.files[path], expect_extractor=ex.name, expect_dim=ex.feature_dim,
-                                              expect_resize=getattr(ex, "resize", None),
-                                              expect_sha256=getattr(ex, "weights_sha256", None),
+                                              expect_resize=ex.resize,
+                                              expect_sha256=ex.weights_sha256,
                                               metric=_edm2_key(METRICS[metric].role))
         ref = self.loaded[key]
         need = METRICS[metric].ref
@@ -184,9 +184,9 @@ class References:
         spatial statistics when the extractor has them (sFID of a batch without mu_s)."""
         adm = load_reference(path, load_images=True)
         x = torch.from_numpy(adm.images[:STORE_LIMIT]).permute(0, 3, 1, 2)
-        want = Want(store=len(x), spatial=bool(getattr(ex, "spatial_dim", 0)) and ref.mu_s is None)
+        want = Want(store=len(x), spatial=bool(ex.spatial_dim) and ref.mu_s is None)
         out = extract(TensorSource(x, name=path), {ex.name: ex}, {ex.name: want}, batch=250,
-                      device=getattr(ex, "device", "cpu"))[ex.name]
+                      device=ex.device)[ex.name]
         ref.features = out.store.features()
         ref.labels = None if adm.image_labels is None else adm.image_labels[:STORE_LIMIT]
         if out.spatial is not None:
@@ -317,10 +317,10 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
             _, ref = refs.find(ex, source.resolution, metric, plan.est, labels=True)
             made += class_rows(metric, out.store.features(), out.stored_labels(), ref, source.num_classes, plan.est)
         for name, value, lo, hi, extra in made:
-            extra = dict(extra, resize=getattr(ex, "resize", None), weights_trust=getattr(ex, "weights_trust", None),
+            extra = dict(extra, resize=ex.resize, weights_trust=ex.weights_trust,
                          **refs.about(path), **source.row_extra())
             rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=path, extractor=ex.name,
-                                 extractor_sha256=getattr(ex, "weights_sha256", None), extra=extra, **base))
+                                 extractor_sha256=ex.weights_sha256, extra=extra, **base))
     return rows
 
 

@@ -28,7 +28,9 @@ class NoiseSource(Source):
 class PoolExtractor:
     """A fixed random projection of 4x4-pooled pixels: 48 inputs -> 32-d features (cheap, deterministic)."""
 
-    name, feature_dim, num_logits, resize = "pool", 32, 0, "none"
+    name, feature_dim, num_logits, spatial_dim, resize = "pool", 32, 0, 0, "none"
+    weights_sha256 = weights_trust = None  # no weights file: nothing to key a cache on or to trust
+    device = "cpu"
 
     def __init__(self):
         self.w = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
