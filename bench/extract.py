@@ -193,8 +193,7 @@ def run_folder(n: int, batch: int, weights_dir: str | None, threads: int | None)
                                               device=torch.device("cpu"), mode="clean", verbose=False)
         secs["clean_fid"] = time.perf_counter() - t0
         assert len(cf) == n
-        same = np.array_equal(plain.stats.mean(), cold.stats.mean()) or np.allclose(plain.stats.mean(),
-                                                                                   cold.stats.mean(), rtol=1e-12)
+        same = np.allclose(plain.stats.mean(), cold.stats.mean(), rtol=1e-12)  # per batch vs per shard float64 sums
     return {"secs": secs, "same_stats": bool(same), "sha256": ours.weights_sha256, "threads": torch.get_num_threads(),
             "weights": "calibrated-random" if made else str(weights)}
 

@@ -27,13 +27,11 @@ import numpy as np
 import torch
 
 from eval.pipeline import init_distributed
-from eval.registry import Estimators, check_extractor, estimators_arg
+from eval.registry import DEFAULT_ROLES, Estimators, check_extractor, estimators_arg
 from eval.run import DEFAULT_SAMPLES, Plan, References, check_cell, make_extractors, score_cell
 from eval.sources import GeneratorSource, Source, TensorSource, open_source
 from pagoda.errors import UserError
 from pagoda.generator import Generator, as_seeds
-
-DEFAULT_ROLES = {"main": "inception", "dinov2": "dinov2", "clip": "clip", "cmmd": "clip-vitl14-336"}
 
 
 def roles_of(extractor: str | dict | None) -> dict:
@@ -62,7 +60,7 @@ def estimators_of(estimator) -> Estimators:
             raise UserError(f"estimator {estimator}: {e}") from None
     try:
         return estimators_arg(str(estimator))
-    except Exception as e:  # argparse.ArgumentTypeError: its text names the fix
+    except argparse.ArgumentTypeError as e:  # its text names the fix
         raise UserError(f"estimator {estimator!r}: {e}") from None
 
 
@@ -123,7 +121,7 @@ class Evaluator:
                  per_class: bool = False, class_names: Iterable[str] | None = None,
                  captions: Iterable[str] | None = None, batch: int = 250, allow_small: bool = False,
                  weights_dir: str | os.PathLike | None = None, device=None, cache: bool = True):
-        from eval.cache import FeatureCache, cache_root
+        from eval.cache import default_cache
         from eval.registry import metric_list
 
         try:
@@ -133,12 +131,8 @@ class Evaluator:
         self.plan = Plan(metrics=tuple(metrics), roles=roles_of(extractor), est=estimators_of(estimator),
                          per_class=per_class, class_names=tuple(class_names) if class_names is not None else None,
                          captions=tuple(captions) if captions is not None else None, batch=int(batch),
-                         allow_small=allow_small, cache=FeatureCache(cache_root()) if cache else None)
-        from eval.extractors import EXTRACTORS
-        for m in self.plan.metrics:  # before loading any weights
-            if self.plan.extractor_of(m) not in EXTRACTORS:
-                raise UserError(f"unknown extractor {self.plan.extractor_of(m)!r} for {m}: choose one of "
-                                f"{', '.join(EXTRACTORS)}")
+                         allow_small=allow_small, cache=default_cache(cache))
+        for m in self.plan.metrics:  # before loading any weights (an unknown name too)
             check_extractor(m, self.plan.extractor_of(m))
         self.refs = References([ref] if isinstance(ref, (str, os.PathLike)) else list(ref), weights_dir=weights_dir)
         self.refs.check_extractors(self.plan)

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pagoda.weights import cache_home
+
 VERSION = 1
 SHARD = 1024
 ENV = "PAGODA_FEATURES"
@@ -33,9 +35,7 @@ ENV = "PAGODA_FEATURES"
 
 def cache_root() -> Path:
     """$PAGODA_FEATURES, else $XDG_CACHE_HOME/pagoda/features, else ~/.cache/pagoda/features."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pagoda" / "features"
+    return Path(os.environ[ENV]) if os.environ.get(ENV) else cache_home() / "features"
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,11 @@ class FeatureCache:
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
+
+
+def default_cache(enabled: bool = True) -> FeatureCache | None:
+    """The cache the commands and the library use (under cache_root()), None when disabled (--no-cache)."""
+    return FeatureCache(cache_root()) if enabled else None
 
 
 def outputs_of(res: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

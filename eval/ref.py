@@ -20,9 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from eval.cache import default_cache
 from eval.catalog import format_list
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
-from eval.run import add_cache_arg, add_weights_args, apply_offline, feature_cache, make_extractors
+from eval.run import add_cache_arg, add_weights_args, apply_offline, make_extractors
 from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
 from pagoda.errors import ArgumentParser, UserError, check_output, positive_int, run_cli
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     check_sample_count(source.num_samples, ex.feature_dim, allow_small=args.allow_small, what=spec,
                        option="--max-samples (or more images)")
     ref = build(source, ex, batch=args.batch, store=args.store_features, device=device, provenance=provenance,
-                cache=feature_cache(args))
+                cache=default_cache(not args.no_cache))
     if is_main():
         save_reference(out, ref)
         classes = f" with labels of {source.num_classes} classes" if ref.labels is not None else ""

@@ -57,6 +57,13 @@ class Estimators:
     bootstrap: int = 0  # bootstrap rounds of the confidence intervals (0 = none)
 
 
+def bootstrap_error(rounds: int) -> str | None:
+    """Why `rounds` bootstrap rounds cannot give a percentile interval, None when they can (0 = no interval)."""
+    if rounds != 0 and rounds < 10:
+        return "use 0 (no interval) or at least 10 rounds (100+ for a usable 95% CI)"
+    return None
+
+
 def estimators_arg(text: str) -> Estimators:
     """argparse type: `kid_subset=500,is_splits=5,is_style=torch-fidelity,bootstrap=100` -> Estimators (others
     default); bootstrap is 0 (no interval) or at least 10 rounds."""
@@ -77,9 +84,8 @@ def estimators_arg(text: str) -> Estimators:
             values[key] = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r}: {key} must be an integer") from None
-        if key == "bootstrap" and values[key] != 0 and values[key] < 10:
-            raise argparse.ArgumentTypeError(f"{item!r}: use 0 (no interval) or at least 10 rounds (100+ for a "
-                                             "usable 95% CI)")
+        if key == "bootstrap" and bootstrap_error(values[key]):
+            raise argparse.ArgumentTypeError(f"{item!r}: {bootstrap_error(values[key])}")
         if values[key] < (0 if key in ("kid_seed", "bootstrap") else 1):
             raise argparse.ArgumentTypeError(f"{item!r}: {key} must be >= 1")
     return Estimators(**values)
@@ -254,6 +260,10 @@ def wants(metrics: list[str], roles: dict[str, str], est: Estimators, *, num_sam
 # ---------------------------------------------------------------------------------------------
 # Refusing impossible requests before any sampling.
 
+# The extractor of each role when none is named: main (fid, sfid, kid, is, pr, dc), dinov2, clip, cmmd.
+DEFAULT_ROLES = {"main": "inception", "dinov2": "dinov2", "clip": "clip", "cmmd": "clip-vitl14-336"}
+
+
 def role_option(role: str, name: str) -> str:
     """How a command line picks extractor `name` for `role`: `--extractor NAME` for the main role (fid, sfid, kid,
     is, pr, dc), `--extractor ...,ROLE=NAME` for dinov2 / clip / cmmd (eval.run's extractor spec)."""
@@ -264,13 +274,15 @@ CAPABILITY = {"num_logits": "logits", "spatial_dim": "spatial features", "encode
 def check_extractor(metric: str, ex) -> None:
     """UserError when the extractor picked for `metric` cannot measure it (no logits for IS, say). `ex` is a
     built extractor (its attributes are checked), or a registry name (checked against the metrics its entry
-    declares, before any weights are loaded)."""
+    declares, before any weights are loaded; an unknown name is refused there)."""
     from eval.extractors import EXTRACTORS
     m = METRICS[metric]
+    if isinstance(ex, str) and ex not in EXTRACTORS:
+        raise UserError(f"unknown extractor {ex!r} for {metric}: choose one of {', '.join(EXTRACTORS)}")
     if not m.needs:
         return
     if isinstance(ex, str):
-        name, fits = ex, ex not in EXTRACTORS or metric in EXTRACTORS[ex].metrics
+        name, fits = ex, metric in EXTRACTORS[ex].metrics
     else:
         name, fits = ex.name, bool(getattr(ex, m.needs, None))
     if not fits:

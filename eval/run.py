@@ -45,10 +45,12 @@ import torch
 from eval.catalog import refetch_hint, resolve_ref
 from eval.pipeline import Want, extract, is_main
 from eval.registry import (
+    DEFAULT_ROLES,
     METRICS,
     PER_CLASS,
     STORE_LIMIT,
     Estimators,
+    bootstrap_error,
     check_extractor,
     check_reference,
     check_request,
@@ -71,6 +73,7 @@ from pagoda.errors import (
     run_cli,
     sample_count,
 )
+from pagoda.weights import sha256_file
 
 DEFAULT_SAMPLES = 50_000
 
@@ -122,7 +125,6 @@ class References:
         """Row fields of the reference `path` (as given): its file's SHA-256, and how a named one is trusted."""
         if path is None:
             return {}
-        from pagoda.weights import sha256_file
         out = {"reference_sha256": sha256_file(self.files[path])}
         if self.trust[path] is not None:
             out["reference_trust"] = self.trust[path]
@@ -397,12 +399,6 @@ def add_cache_arg(p: argparse.ArgumentParser) -> None:
                    "(default: $PAGODA_FEATURES, else ~/.cache/pagoda/features; keyed by content)")
 
 
-def feature_cache(args):
-    """The FeatureCache the command uses, None with --no-cache."""
-    from eval.cache import FeatureCache, cache_root
-    return None if args.no_cache else FeatureCache(cache_root())
-
-
 def add_weights_args(p: argparse.ArgumentParser) -> None:
     """--weights-dir and --offline: where extractor weights and named references are looked for and fetched."""
     p.add_argument("--weights-dir", default=None, help="folder of extractor weights and named references (default: "
@@ -433,8 +429,8 @@ def make_extractors(names: set[str], *, weights_dir, device, resize: str | None)
 
 def check_bootstrap(rounds: int) -> None:
     """UserError unless --bootstrap is 0 (off) or enough rounds for a percentile interval."""
-    if rounds != 0 and rounds < 10:
-        raise UserError(f"--bootstrap {rounds}: use 0 (no interval) or at least 10 rounds (100+ for a usable 95% CI)")
+    if bootstrap_error(rounds):
+        raise UserError(f"--bootstrap {rounds}: {bootstrap_error(rounds)}")
 
 
 def refuse_checkpoint_options(args, what: str) -> None:
@@ -456,7 +452,7 @@ def extractor_spec(text: str) -> tuple[dict, str | None]:
             roles["main"] = key
         elif key == "resize" and value and resize is None:
             resize = value
-        elif key in ("main", "dinov2", "clip", "cmmd") and value and key not in roles:
+        elif key in DEFAULT_ROLES and value and key not in roles:
             roles[key] = value
         else:
             raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: write NAME[,dinov2=NAME][,clip=NAME]"

@@ -9,6 +9,7 @@ its index only, never on the batch size or the number of processes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -263,7 +264,7 @@ class FolderSource(Source):
         self.class_names, self.files, labels = ([], seeds, [0] * len(seeds)) if seeds else scan_folder(root)
         if not self.files:
             raise UserError(f"image folder {root} holds no images ({' '.join(IMAGE_EXTENSIONS)}): check the path")
-        self.name, self.root, self.num_samples = str(root), root, len(self.files)
+        self.name, self.root, self.num_samples, self._fingerprint = str(root), root, len(self.files), None
         size0 = _image_size(self.files[0])
         for f in self.files[1:]:
             if _image_size(f) != size0:
@@ -278,11 +279,16 @@ class FolderSource(Source):
         return images, None if self.labels is None else self.labels[index]
 
     def fingerprint(self) -> str:
+        """SHA-256 over every file's relative path and bytes, computed once per source (eval.ref's provenance and
+        the feature cache's key both ask for it)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         for f in self.files:
             h.update(str(f.relative_to(self.root)).encode() + b"\0")
             update_sha256(h, f)
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def cache_key(self) -> str:
         return f"folder:{self.fingerprint()}"
@@ -365,7 +371,7 @@ class TensorSource(Source):
             x = first[0] if isinstance(first, (tuple, list)) else first
             check_images(x, name)
             self.resolution = x.shape[-1] if x.shape[-1] == x.shape[-2] else None
-            self.data = _chain(first, items)
+            self.data = itertools.chain([first], items)
 
     def batches(self, batch: int, *, rank: int | None = None, world: int | None = None) -> Iterator[Batch]:
         if rank is None or world is None:
@@ -390,11 +396,6 @@ class TensorSource(Source):
         if not isinstance(self.data, torch.Tensor):
             raise UserError("a TensorSource over an iterable has no fingerprint: pass one tensor")
         return hashlib.sha256(self.data.contiguous().numpy().tobytes()).hexdigest()
-
-
-def _chain(first, rest: Iterator) -> Iterator:
-    yield first
-    yield from rest
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str, int | None]:

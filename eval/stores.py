@@ -85,12 +85,20 @@ class _Archive:
             self._handle = zipfile.ZipFile(self.path) if self.kind == "zip" else tarfile.open(self.path, "r:")
         return self._handle
 
-    def read(self, name: str) -> bytes:
+    def open(self, name: str):
+        """A binary file object reading the member (decompressed as it is read)."""
         try:
             if self.kind == "zip":
-                return self.handle.read(self.members[name])
-            return self.handle.extractfile(self.members[name]).read()
+                return self.handle.open(self.members[name])
+            return self.handle.extractfile(self.members[name])
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError, KeyError) as e:
+            raise UserError(f"{self.path}:{name} could not be read ({type(e).__name__}): the archive is damaged") from None
+
+    def read(self, name: str) -> bytes:
+        try:
+            with self.open(name) as f:
+                return f.read()
+        except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
             raise UserError(f"{self.path}:{name} could not be read ({type(e).__name__}): the archive is damaged") from None
 
     def close(self) -> None:
@@ -149,7 +157,7 @@ class ArchiveSource(Source):
     def _size(self, i: int) -> tuple[int, int]:
         a, member = self.items[i]
         try:
-            with Image.open(io.BytesIO(self.archives[a].read(member))) as im:
+            with self.archives[a].open(member) as f, Image.open(f) as im:  # the header only, as a folder's check
                 return im.size
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise UserError(f"image {self._where(i)} is corrupt or not an image: delete or replace it") from None

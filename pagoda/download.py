@@ -43,6 +43,15 @@ def timeout_s() -> float:
     return value
 
 
+def update_sha256(h, path: str | os.PathLike):
+    """Feed a file's bytes (1 MiB chunks) into the hashlib object `h`; returns h. The project's one file-hashing
+    loop (pagoda.weights.sha256_file caches its digests)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h
+
+
 def _read_meta(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -131,11 +140,7 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
             validator = None  # a weak validator cannot guard a byte range
         meta_path.write_text(json.dumps({"url": url, "validator": validator, "size": total}))
         linked = _linked_sha256(resp.headers) or redirects.linked
-        h = hashlib.sha256()
-        if start:
-            with open(part, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    h.update(chunk)
+        h = update_sha256(hashlib.sha256(), part) if start else hashlib.sha256()
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                    desc=dest.name[-40:], disable=None)
@@ -181,11 +186,7 @@ def copy_verified(src: Path, dest: Path, *, sha256: tuple[str, ...] = (), what: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     shutil.copyfile(src, part)
-    h = hashlib.sha256()
-    with open(part, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = update_sha256(hashlib.sha256(), part).hexdigest()
     if sha256 and digest not in sha256:
         _clear(part)
         raise UserError(f"{what}: the mirror's copy {src} has SHA-256 {digest[:16]}..., not the pinned "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pagoda.download import copy_verified, download, record_first_use, recorded_sha256, update_sha256
 from pagoda.errors import UserError
 
 ENV = "PAGODA_WEIGHTS"
@@ -138,11 +139,14 @@ SPECS: dict[str, WeightsSpec] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where fetched files go: $PAGODA_WEIGHTS, else $XDG_CACHE_HOME/pagoda, else ~/.cache/pagoda."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV])
+def cache_home() -> Path:
+    """pagoda's per-user cache folder: $XDG_CACHE_HOME/pagoda, else ~/.cache/pagoda."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pagoda"
+
+
+def cache_dir() -> Path:
+    """Where fetched files go: $PAGODA_WEIGHTS, else cache_home()."""
+    return Path(os.environ[ENV]) if os.environ.get(ENV) else cache_home()
 
 
 def find_weights_dir(path: str | os.PathLike | None = None) -> Path:
@@ -185,8 +189,6 @@ def fetch(spec: WeightsSpec, folder: Path) -> Path:
     (spec.files[0]); else the publisher's URL. A pinned file must match its pin; an unpinned one gets its
     first-use record (`NAME.sha256`). UserError when offline, unreachable or wrong (see pagoda.download).
     """
-    from pagoda.download import copy_verified, download, record_first_use
-
     name, dest = spec.files[0], folder / spec.files[0]
     what = f"{spec.key} ({name})"
     mirror = _mirror()
@@ -238,14 +240,6 @@ def resolve_weights(spec: WeightsSpec | str, weights_dir: str | os.PathLike | No
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def update_sha256(h, path: str | os.PathLike):
-    """Feed a file's bytes (1 MiB chunks) into the hashlib object `h`; returns h."""
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h
-
-
 def sha256_file(path: str | os.PathLike) -> str:
     """SHA-256 hex digest of a file, cached by (path, size, mtime)."""
     st = os.stat(path)
@@ -265,8 +259,6 @@ def verify(path: Path, spec: WeightsSpec, *, strict: bool = False) -> tuple[str,
 
 def trust_of(path: Path, spec: WeightsSpec, digest: str) -> str:
     """The trust of a file whose SHA-256 is `digest` (no warning); UserError when it changed since its first use."""
-    from pagoda.download import recorded_sha256
-
     if spec.sha256:
         return "pinned" if digest in spec.sha256 else "not official"
     if not spec.downloadable:
