@@ -30,8 +30,11 @@ import torch
 from tqdm import tqdm
 
 from bench.profile import DTYPES, MIN_REPS, network_of, profile, set_network
-from eval.rows import append_rows, check_rows_output, format_table, make_row
-from eval.run import add_weights_args, apply_offline
+from eval.measure import DEFAULT_SAMPLES, cells_of
+from eval.registry import metric_list
+from eval.rows import make_row
+from eval.run import add_weights_args, apply_offline, csv_of
+from eval.run import run as eval_run
 from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
     ArgumentParser,
@@ -40,6 +43,8 @@ from pagoda.errors import (
     positive_int,
     run_cli,
 )
+from pagoda.generator import load_generator
+from pagoda.rows import append_rows, check_rows_output, format_table
 
 COLUMNS = ("model", "resolution", "guidance", "sampler", "steps", "nfe", "batch", "metric", "value")
 QUALITY_OPTIONS = ("metrics", "extractor", "num_samples", "eval_batch", "allow_small")
@@ -81,12 +86,8 @@ def check_quality(quality, gen, cell, num_samples: int) -> None:
         raise UserError(str(e).replace("--ref", "--quality")) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from eval.registry import metric_list
-    from eval.run import DEFAULT_SAMPLES, cells_of, csv_of
-    from eval.run import run as eval_run
-    from pagoda.generator import load_generator
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.compare` (bench.demo builds its steps against it)."""
     p = ArgumentParser(prog="python -m bench.compare", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", default=[], required=True, help="checkpoint (repeatable)")
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-small", action="store_true", default=None,
                    help="quality with fewer samples than feature dimensions")
     p.add_argument("-o", "--out", default="results/bench.jsonl", help="JSONL file the rows are appended to")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     apply_offline(args)
     if args.reps < MIN_REPS:

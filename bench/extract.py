@@ -39,10 +39,11 @@ from eval.extractors import (
     torch_fidelity_inception,
 )
 from eval.metrics import fid_from_features
-from eval.rows import append_rows, check_rows_output, make_row
+from eval.rows import make_row
 from eval.stats import FeatureStats
 from pagoda.checkpoint import write_atomic
 from pagoda.errors import ArgumentParser, UserError, run_cli
+from pagoda.rows import append_rows, check_rows_output
 from pagoda.weights import INCEPTION, load_state_dict, resolve_weights
 
 
@@ -126,21 +127,77 @@ def write_pngs(folder: Path, n: int) -> None:
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
 
 
-def run_folder(n: int, batch: int, weights_dir: str | None, threads: int | None) -> dict:
-    """Seconds of each tool's end-to-end extraction of one folder of n PNGs (see the module docstring)."""
-    import cleanfid.fid
-    import torch_fidelity
+def _timed(fn, split: dict, key: str):
+    """`fn`, adding the seconds of each call to split[key]."""
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        split[key] += time.perf_counter() - t0
+        return out
+    return wrapper
 
+
+def _pagoda_runs(folder: Path, cache_dir: Path, ours, tf_module, batch: int, secs: dict) -> tuple:
+    """Our extraction of `folder`: without the cache (its read / network split kept), cold and warm; returns the
+    first two runs' outputs."""
     from eval.cache import FeatureCache
     from eval.pipeline import extract
     from eval.sources import open_source
 
+    split = {"read_decode": 0.0, "network": 0.0}
+
+    def pagoda(cache):
+        source = open_source(str(folder))
+        source.load = _timed(source.load, split, "read_decode")
+        t0 = time.perf_counter()
+        out = extract(source, {"inception": ours}, batch=batch, cache=cache)["inception"]
+        return time.perf_counter() - t0, out
+
+    warm_up = bench_images(8, seed=2)[0]
+    ours(warm_up), tf_module(warm_up)  # allocator and oneDNN primitive caches, for every tool alike
+    call = type(ours).__call__  # a dunder call is looked up on the class: time it there, restore it after
+    type(ours).__call__ = _timed(call, split, "network")
+    try:
+        secs["pagoda_no_cache"], plain = pagoda(None)
+        secs["pagoda_split"] = dict(split)
+        secs["pagoda_cold"], cold = pagoda(FeatureCache(cache_dir))
+        secs["pagoda_warm"], warm = pagoda(FeatureCache(cache_dir))
+    finally:
+        type(ours).__call__ = call
+    assert warm.extra["extracted"] == 0 and cold.extra["extracted"] == len(list(folder.iterdir()))
+    return plain, cold
+
+
+def _reference_runs(folder: Path, tmp: Path, weights: Path, tf_module, batch: int, n: int, secs: dict) -> None:
+    """torch-fidelity's and clean-fid's end-to-end extraction of `folder`, timed into `secs`."""
+    import cleanfid.fid
+    import torch_fidelity
+
+    safe = tmp / "torch-fidelity-inception.pth"  # torch-fidelity unpickles the path it is given: hand it a file
+    torch.save(inception_state_dict(load_state_dict(weights)), safe)  # of tensors we loaded safely ourselves
+    t0 = time.perf_counter()
+    torch_fidelity.calculate_metrics(input1=str(folder), isc=True, cuda=False, batch_size=batch, cache=False,
+                                     verbose=False, feature_extractor_weights_path=str(safe))
+    secs["torch_fidelity"] = time.perf_counter() - t0
+
+    def cleanfid_model(x):  # clean-fid hands float [B, 3, 299, 299] in 0..255 after its own resize
+        return tf_module(x.round().clamp(0, 255).to(torch.uint8))[0]
+
+    t0 = time.perf_counter()
+    cf = cleanfid.fid.get_folder_features(str(folder), model=cleanfid_model, batch_size=batch,
+                                          device=torch.device("cpu"), mode="clean", verbose=False)
+    secs["clean_fid"] = time.perf_counter() - t0
+    assert len(cf) == n
+
+
+def run_folder(n: int, batch: int, weights_dir: str | None, threads: int | None) -> dict:
+    """Seconds of each tool's end-to-end extraction of one folder of n PNGs (see the module docstring)."""
     if threads:
         torch.set_num_threads(threads)
-    secs, split = {}, {"read_decode": 0.0, "network": 0.0}
+    secs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folder, cache_dir = tmp / "pngs", tmp / "cache"
+        folder = tmp / "pngs"
         folder.mkdir()
         write_pngs(folder, n)
         made = weights_dir is None
@@ -150,49 +207,8 @@ def run_folder(n: int, batch: int, weights_dir: str | None, threads: int | None)
         weights = resolve_weights(INCEPTION, wdir)
         ours = InceptionExtractor(weights_dir=wdir)
         tf_module = torch_fidelity_inception(load_state_dict(weights), features=("2048", "logits_unbiased")).eval()
-
-        def timed(fn, key):
-            def wrapper(*a, **k):
-                t0 = time.perf_counter()
-                out = fn(*a, **k)
-                split[key] += time.perf_counter() - t0
-                return out
-            return wrapper
-
-        def pagoda(cache):
-            source = open_source(str(folder))
-            source.load = timed(source.load, "read_decode")
-            t0 = time.perf_counter()
-            out = extract(source, {"inception": ours}, batch=batch, cache=cache)["inception"]
-            return time.perf_counter() - t0, out
-
-        warm_up = bench_images(8, seed=2)[0]
-        ours(warm_up), tf_module(warm_up)  # allocator and oneDNN primitive caches, for every tool alike
-        call = type(ours).__call__  # a dunder call is looked up on the class: time it there, restore it after
-        type(ours).__call__ = timed(call, "network")
-        try:
-            secs["pagoda_no_cache"], plain = pagoda(None)
-            secs["pagoda_split"] = dict(split)
-            secs["pagoda_cold"], cold = pagoda(FeatureCache(cache_dir))
-            secs["pagoda_warm"], warm = pagoda(FeatureCache(cache_dir))
-        finally:
-            type(ours).__call__ = call
-        assert warm.extra["extracted"] == 0 and cold.extra["extracted"] == n
-        safe = tmp / "torch-fidelity-inception.pth"  # torch-fidelity unpickles the path it is given: hand it a file
-        torch.save(inception_state_dict(load_state_dict(weights)), safe)  # of tensors we loaded safely ourselves
-        t0 = time.perf_counter()
-        torch_fidelity.calculate_metrics(input1=str(folder), isc=True, cuda=False, batch_size=batch, cache=False,
-                                         verbose=False, feature_extractor_weights_path=str(safe))
-        secs["torch_fidelity"] = time.perf_counter() - t0
-
-        def cleanfid_model(x):  # clean-fid hands float [B, 3, 299, 299] in 0..255 after its own resize
-            return tf_module(x.round().clamp(0, 255).to(torch.uint8))[0]
-
-        t0 = time.perf_counter()
-        cf = cleanfid.fid.get_folder_features(str(folder), model=cleanfid_model, batch_size=batch,
-                                              device=torch.device("cpu"), mode="clean", verbose=False)
-        secs["clean_fid"] = time.perf_counter() - t0
-        assert len(cf) == n
+        plain, cold = _pagoda_runs(folder, tmp / "cache", ours, tf_module, batch, secs)
+        _reference_runs(folder, tmp, weights, tf_module, batch, n, secs)
         same = np.allclose(plain.stats.mean(), cold.stats.mean(), rtol=1e-12)  # per batch vs per shard float64 sums
     return {"secs": secs, "same_stats": bool(same), "sha256": ours.weights_sha256, "threads": torch.get_num_threads(),
             "weights": "calibrated-random" if made else str(weights)}

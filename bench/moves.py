@@ -23,10 +23,11 @@ import argparse
 
 import torch
 
-from eval.rows import append_rows, check_rows_output, make_row, text_table
+from eval.rows import make_row
 from pagoda.checkpoint import read_meta
 from pagoda.errors import ArgumentParser, UserError, int_list, run_cli
 from pagoda.generator import load_generator
+from pagoda.rows import append_rows, check_rows_output, text_table
 from pagoda.weights import sha256_file
 
 
@@ -59,7 +60,8 @@ def moves(g, teacher, seeds: torch.Tensor, ws: list[float], batch: int = 64) -> 
                 "cosine": v["cosine"] / n} for w, v in sums.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.moves` (bench.demo builds its steps against it)."""
     p = ArgumentParser(prog="python -m bench.moves", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", help="a guidance-conditioned one-step G (.safetensors, `pagoda distill` on guided pairs)")
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int_list, default=list(range(256)), help="seeds, e.g. 0-255 (default 0-255)")
     p.add_argument("--batch", type=int, default=64, help="seeds per forward (default 64; no effect on the result)")
     p.add_argument("-o", "--out", default=None, help="JSONL file the rows are appended to (default: print only)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.batch < 1 or args.steps < 1:
         p.error("--batch and --steps must be >= 1")

@@ -47,19 +47,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def network_of(gen) -> nn.Module:
-    """The module one NFE evaluates: a diffusion generator's denoiser (EDMPrecond, or a PD student's clamped
-    one) or a one-step generator's UNet. UserError for a generator that holds neither."""
-    for attr in ("denoiser", "net"):
-        module = getattr(gen, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise UserError(f"{getattr(gen, 'name', gen)}: no network found to profile (expected a 'denoiser' or 'net' "
-                    "module): profile a generator loaded by pagoda.generator.load_generator")
+    """The module one NFE evaluates (`Generator.network`). UserError for a generator without one (a callable)."""
+    if not isinstance(gen.network, nn.Module):
+        raise UserError(f"{gen.name}: no network to profile (its images come from a callable): profile a generator "
+                        "loaded by pagoda.generator.load_generator")
+    return gen.network
 
 
 def set_network(gen, module: nn.Module) -> None:
     """Replace the generator's network (e.g. by its torch.compile'd version)."""
-    setattr(gen, "denoiser" if isinstance(getattr(gen, "denoiser", None), nn.Module) else "net", module)
+    gen.network = module
 
 
 def count_params(module: nn.Module) -> int:
@@ -248,7 +245,7 @@ def profile(gen, *, batches: list[int], guidance: float | None = None, reps: int
                 nfe=nfe, dtype=dtype_name(gen.dtype), device=str(gen.device), num_samples=None, seed=0)
     base.update(fields or {})
     extra = dict(device_name=device_name(gen.device), compile=compiled, nfe_declared=gen.nfe_for(guidance))
-    if getattr(gen, "noise_shape", None) and gen.noise_shape[-1] != gen.resolution:
+    if gen.noise_shape[-1] != gen.resolution:
         extra["noise_resolution"] = gen.noise_shape[-1]
     rows = []
     for batch in batches:

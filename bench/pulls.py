@@ -29,16 +29,17 @@ from pathlib import Path
 
 import torch
 
-from eval.rows import append_rows, check_rows_output, make_row, text_table
-from pagoda.checkpoint import load_training_state
+from eval.rows import make_row
+from pagoda.checkpoint import load_teacher, load_training_state
 from pagoda.config import DistillConfig, from_dict
 from pagoda.data import to_model
 from pagoda.errors import ArgumentParser, UserError, run_cli
 from pagoda.losses import adaptive_weight, adaptive_weight_layer, d
 from pagoda.networks.discriminator import augment_params
 from pagoda.pairs import load_pairs, pair_guidance
-from pagoda.stages.distill import DistillStage, load_init, load_teacher, run_inputs
-from pagoda.train import first_difference
+from pagoda.rows import append_rows, check_rows_output, text_table
+from pagoda.rundir import first_difference
+from pagoda.stages.distill import DistillStage, load_init, run_inputs
 from pagoda.weights import sha256_file
 
 TERMS = ("rec", "cfg", "adv")
@@ -55,14 +56,15 @@ def load_run(run_dir: Path, weights_dir=None) -> tuple[DistillStage, object]:
     except UserError:
         raise UserError(f"{run_dir}/config.json is not a `pagoda distill` run's (another stage's, or edited): pass "
                         "the run folder of a guidance-conditioned `pagoda distill`") from None
-    teacher_net, diffusion, meta = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher)
+    teacher_net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
     if not (run_dir / "state.pt").is_file():
         raise UserError(f"{run_dir} holds no state.pt (the run has not taken a step): pass a run that has")
     pairs = load_pairs(cfg.pairs)
     made_from = raw.get("inputs")  # None: a run from before input hashes, taken as it is
     now = {**run_inputs(cfg, pairs), "teacher_sha256": sha256_file(cfg.teacher)}  # the file, not the pairs' record
     changed = None if made_from is None else first_difference(made_from, now, "inputs.")
-    if changed is not None:  # the run's own check (pagoda.train.check_run_config): an input replaced at its path
+    if changed is not None:  # the run's own check (pagoda.rundir.check_run_config): an input replaced at its path
         raise UserError(f"an input named by {run_dir}/config.json is not the one the run was trained with "
                         f"({changed[0]} differs: a file replaced at the same path): restore it, or pass another run")
     if pairs.guidance_range is None:

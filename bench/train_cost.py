@@ -34,13 +34,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tqdm import tqdm
 
 from bench.profile import device_name, flop_counter
-from eval.rows import append_rows, check_rows_output, make_row, text_table
+from eval.rows import make_row
 from eval.run import csv_of
 from pagoda.config import get_preset
 from pagoda.diffusion import EDMPrecond
 from pagoda.errors import ArgumentParser, UserError, positive_int, run_cli
 from pagoda.networks.unet import UNet
 from pagoda.pairs import NUM_POINTS, invert, nfe_per_item
+from pagoda.rows import append_rows, check_rows_output, text_table
 from pagoda.samplers import inversion_sigmas
 from pagoda.stages.teacher import TeacherStage
 
@@ -142,7 +143,8 @@ def num_images(preset, given: int | None) -> int:
                         "pass --num-images N (ImageNet-1k train: 1281167)") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m bench.train_cost` (bench.demo builds its steps against it)."""
     p = ArgumentParser(prog="python -m bench.train_cost", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="photos", help="preset whose teacher is measured (default photos)")
@@ -158,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="attention of the scaled UNet at the same depths (default; its token count grows with the "
                         "resolution) or at the same resolutions as the base's")
     p.add_argument("-o", "--out", default="results/train_cost.jsonl", help="JSONL file the rows are appended to")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.factors = sorted(set(args.factors))
     if 1 not in args.factors:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from eval.measure import DEFAULT_SAMPLES, Plan, References, check_cell, make_extractors, score_cell
 from eval.pipeline import init_distributed
 from eval.registry import DEFAULT_ROLES, Estimators, check_extractor, estimators_arg
-from eval.run import DEFAULT_SAMPLES, Plan, References, check_cell, make_extractors, score_cell
 from eval.sources import GeneratorSource, Source, TensorSource, open_source
 from pagoda.errors import UserError
 from pagoda.generator import Generator, as_seeds

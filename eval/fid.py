@@ -20,11 +20,10 @@ import sys
 
 import numpy as np
 
+from eval.measure import DEFAULT_SAMPLES
 from eval.pipeline import extract, is_main
 from eval.registry import Estimators, score, wants
-from eval.rows import append_rows, check_rows_output, format_table
 from eval.run import (
-    DEFAULT_SAMPLES,
     add_common_args,
     apply_offline,
     check_bootstrap,
@@ -40,6 +39,7 @@ from pagoda.errors import (
     positive_int,
     run_cli,
 )
+from pagoda.rows import append_rows, check_rows_output, format_table
 
 
 def measure(source, ex, ref, *, batch: int, device, bootstrap: int = 0) -> tuple[float, tuple]:

@@ -36,9 +36,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
-from pagoda.checkpoint import write_atomic
-from pagoda.errors import ArgumentParser, UserError, check_output, run_cli
+from pagoda.errors import ArgumentParser, UserError, check_output, run_cli, write_atomic
+from pagoda.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
 
 # +1: lower is better (a rise is a regression); -1: higher is better.
 LOWER_IS_BETTER = ("fid", "sfid", "kid", "fd_", "cmmd", "latency", "memory", "nfe")
@@ -93,17 +92,23 @@ def parse_tolerances(text: str) -> dict[str, Tolerance]:
                             "(e.g. fid=+0.05,is=-1%)")
         metric, sign, num, exp, pct = m.groups()
         amount = float(num) * 10 ** int(exp or 0)
-        direction = {"+": 1, "-": -1}.get(sign) or known_direction(metric)
-        if sign and known_direction(metric) not in (None, direction):
-            better = "lower" if known_direction(metric) > 0 else "higher"
-            raise UserError(f"--tolerance {item!r}: {better} {metric} is better, so a regression is a "
-                            f"{'rise' if better == 'lower' else 'fall'}: write {metric}="
-                            f"{'+' if better == 'lower' else '-'}{num}{pct} (or no sign)")
-        if direction is None:
-            raise UserError(f"--tolerance {item!r}: the better direction of {metric!r} is unknown: "
-                            f"give a sign ({metric}=+{num}{pct} if lower is better, -{num}{pct} if higher)")
-        out[metric] = Tolerance(direction, amount / 100 if pct else amount, bool(pct))
+        out[metric] = Tolerance(_direction(item, metric, sign, num + pct), amount / 100 if pct else amount, bool(pct))
     return out
+
+
+def _direction(item: str, metric: str, sign: str | None, amount: str) -> int:
+    """+1 when a rise of `metric` is a regression, -1 for a fall: the item's sign, else the metric's known one;
+    UserError for a sign against the metric's known direction, or no sign for a metric of unknown direction."""
+    direction = {"+": 1, "-": -1}.get(sign) or known_direction(metric)
+    if sign and known_direction(metric) not in (None, direction):
+        better = "lower" if known_direction(metric) > 0 else "higher"
+        raise UserError(f"--tolerance {item!r}: {better} {metric} is better, so a regression is a "
+                        f"{'rise' if better == 'lower' else 'fall'}: write {metric}="
+                        f"{'+' if better == 'lower' else '-'}{amount} (or no sign)")
+    if direction is None:
+        raise UserError(f"--tolerance {item!r}: the better direction of {metric!r} is unknown: "
+                        f"give a sign ({metric}=+{amount} if lower is better, -{amount} if higher)")
+    return direction
 
 
 def _latest(rows: list[dict]) -> dict[tuple, dict]:
@@ -178,7 +183,7 @@ def read_all(paths: list[str], what: str) -> list[dict]:
         if not files:
             raise UserError(f"{what} {path} is a folder without .jsonl files: give a file or folder of result rows")
         for f in files:
-            rows += read_rows(f, what)
+            rows += read_rows(f, what, nonfinite=True)  # a failed (NaN) measurement is a regression
     return rows
 
 

@@ -80,10 +80,10 @@ def _start(ex, want: Want, num_samples: int) -> Extraction:
         if not ex.num_logits:
             raise ValueError(f"extractor {ex.name} has no logits")
         out.logits = FeatureStore(ex.num_logits, num_samples)
-    if want.texts is not None:
+    if want.texts is not None:  # CLIP score: the prompts' unit text features, and one cosine per image
         out.cos = FeatureStore(1, num_samples)
-        out.extra["text_features"] = F.normalize(ex.encode_text(want.texts).double(), dim=-1).cpu()
-        out.extra["text_by"] = want.text_by
+        out.extra.update(text_features=F.normalize(ex.encode_text(want.texts).double(), dim=-1).cpu(),
+                         text_by=want.text_by)
     if want.spatial:
         if not ex.spatial_dim:
             raise ValueError(f"extractor {ex.name} has no spatial features")

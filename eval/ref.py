@@ -22,8 +22,9 @@ from pathlib import Path
 
 from eval.cache import default_cache
 from eval.catalog import format_list
+from eval.measure import make_extractors
 from eval.pipeline import Want, check_sample_count, extract, init_distributed, is_main
-from eval.run import add_cache_arg, add_weights_args, apply_offline, make_extractors
+from eval.run import add_cache_arg, add_weights_args, apply_offline
 from eval.sources import RandomOrder, open_source
 from eval.stats import Reference, check_fresh, load_reference, save_reference
 from pagoda.errors import ArgumentParser, UserError, check_output, positive_int, run_cli
@@ -71,7 +72,8 @@ def build(source, ex, *, batch: int, store: int, device, provenance: dict, cache
                      provenance=provenance, labels=out.stored_labels(), mu_s=spatial[0], sigma_s=spatial[1])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m eval.ref` (bench.demo builds its steps against it)."""
     p = ArgumentParser(prog="python -m eval.ref", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", nargs="?", help="an image folder, an ADM .npz, or photos[:split[:resolution]]")
@@ -92,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-small", action="store_true", help="accept fewer images than feature dimensions")
     p.add_argument("--force", action="store_true", help="rebuild an existing output whose provenance differs")
     add_cache_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.list:
         print(format_list(args.weights_dir))

@@ -52,6 +52,7 @@ class Source:
     num_classes: int = 0
     class_names: list[str] | None = None  # where known (photos, class folders)
     image_resize: str | None = None  # how images were brought to `resolution` (Resized), None = as stored
+    dtype: str = "float32"  # the dtype the images were made in (a generator's; stored images: float32, as rows say)
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -135,6 +136,7 @@ class GeneratorSource(Source):
     def __init__(self, generator, num_samples: int, *, seed: int = 0, labels="seed", guidance: float | None = None,
                  name: str | None = None):
         self.generator, self.seed, self.guidance = generator, int(seed), guidance
+        self.dtype = str(generator.dtype).removeprefix("torch.")
         self.num_samples, self.resolution = int(num_samples), int(generator.resolution)
         self.num_classes = int(generator.num_classes or 0)
         self.name = name or generator.name
@@ -147,7 +149,8 @@ class GeneratorSource(Source):
             perm = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed))
             self._balanced = perm % self.num_classes
         self._bad: list[int] = []  # positions in the current batch with non-finite network output
-        self._hooks = [m.register_forward_hook(self._watch) for m in _modules_of(generator)]
+        network = generator.network  # its outputs are watched for NaN / inf, which uint8 images no longer show
+        self._hooks = [network.register_forward_hook(self._watch)] if isinstance(network, torch.nn.Module) else []
 
     def close(self) -> None:
         """Remove the NaN watch hooks from the generator's modules."""
@@ -159,12 +162,12 @@ class GeneratorSource(Source):
         g, extra = self.generator, {}
         if self.labels is not None:
             extra["labels"] = self.labels if isinstance(self.labels, str) else "given"
-        if getattr(g, "grid", None):
+        if g.grid:
             extra["grid"] = g.grid  # the sampler's sigma grid: "karras rho=7", "loguniform", "given" (a PD student)
-        w = self.guidance if self.guidance is not None else getattr(g, "guidance", 1.0)
+        w = self.guidance if self.guidance is not None else g.guidance
         if g.sampler is not None and w not in (None, 1, 1.0) and g.num_classes > 0:
             extra["cfg_calls"] = "batched"  # cond + uncond rows in one call of 2N rows: nfe counts both
-        if getattr(g, "guidance_range", None):
+        if g.guidance_range:
             extra["guidance_range"] = list(g.guidance_range)  # w is an input of the network (one call, nfe 1)
         extra.update(g.training)  # its budget: steps, images seen, displacement in lr units
         return extra
@@ -202,20 +205,6 @@ class GeneratorSource(Source):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.name}|{self.seed}|{self.num_samples}|{self.guidance}".encode()).hexdigest()
-
-
-def _modules_of(obj, depth: int = 3) -> list[torch.nn.Module]:
-    """The outermost nn.Modules a Generator holds, also inside plain wrappers (e.g. an NFECounter around the
-    denoiser). Their outputs are watched for NaN/inf, which the uint8 images a Generator returns can no
-    longer show."""
-    if isinstance(obj, torch.nn.Module):
-        return [obj]
-    if depth == 0 or not hasattr(obj, "__dict__") or isinstance(obj, (type, torch.Tensor)):
-        return []
-    found = []
-    for v in vars(obj).values():
-        found += [m for m in _modules_of(v, depth - 1) if all(m is not f for f in found)]
-    return found
 
 
 class Resized(Source):

@@ -47,8 +47,6 @@ FLAGS = {"source": "from"}  # config field -> option name where they differ
 DELEGATED = {
     "domain": ("pagoda.networks.domain", "train the photos domain classifier (python -m pagoda domain -h)"),
     "import-edm": ("pagoda.importers", "import the public EDM ImageNet-64 teacher (python -m pagoda import-edm -h)"),
-    "demo": ("pagoda.demo", "the whole pipeline on the bundled photos: teacher -> pairs -> G -> grown G, PD, eval, "
-                            "cost, report (python -m pagoda demo -h)"),
     "edit": ("pagoda.edit", "reconstruct / super-resolve / inpaint / transfer / interpolate through a G "
                             "(python -m pagoda edit -h)"),
 }

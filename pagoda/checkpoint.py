@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 
 from pagoda.config import DiffusionConfig, UNetConfig, from_dict, to_dict
+from pagoda.diffusion import EDMPrecond
 from pagoda.errors import UserError, write_atomic
 from pagoda.version import __version__, git_commit
 
@@ -201,10 +202,8 @@ def diffusion_config(path: str | os.PathLike, meta: dict) -> DiffusionConfig:
 
 def load_network(path: str | os.PathLike, *, kind: str | None = None, resolution: int | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
-    """(net, meta): the network rebuilt from the file's meta with its weights (strict), in eval mode.
-
-    Floating tensors are cast to `dtype` (None keeps the stored dtype, e.g. an fp16 import).
-    """
+    """(net, meta): the network rebuilt from the file's meta with its weights (strict), in eval mode; floating
+    tensors cast to `dtype` (None keeps the stored dtype, e.g. an fp16 import)."""
     state_dict, meta = load_model(path, kind=kind, resolution=resolution)
     with torch.device("meta"):  # no time spent on random init of weights about to be overwritten
         net = build_network(meta, where=f"checkpoint {path}")
@@ -220,6 +219,33 @@ def load_network(path: str | os.PathLike, *, kind: str | None = None, resolution
     if left:
         raise UserError(f"checkpoint {path} lacks tensors {left[:3]}: use another snapshot")
     return net.to(device).eval(), meta
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """A diffusion teacher as read from its file: the UNet F (eval mode), its EDM constants, the file's meta."""
+
+    net: torch.nn.Module
+    diffusion: DiffusionConfig
+    meta: dict
+
+    def denoiser(self) -> EDMPrecond:
+        """D(x, sigma, labels) = EDMPrecond(F) with the file's sigma_data (METHOD §1), eval mode, no gradients."""
+        return EDMPrecond(self.net, sigma_data=self.diffusion.sigma_data).eval().requires_grad_(False)
+
+
+def load_teacher(path: str | os.PathLike, *, kind: str = "teacher", device: str | torch.device = "cpu") -> Teacher:
+    """The one teacher loader (distillation, progressive distillation with kind "pd" for a previous round's
+    student, inversion pairs, editing, sampling). UserError for no path, a file of another kind, or diffusion
+    constants no model was trained with."""
+    if not str(path):
+        raise UserError("no teacher given: pass --teacher T.safetensors (the Stage-1 checkpoint)")
+    found = read_meta(path).get("kind")
+    if found != kind:
+        raise UserError(f"checkpoint {path} holds kind={found!r} but a {kind!r} checkpoint is needed here (it is not "
+                        "a diffusion teacher): pass the Stage-1 checkpoint (python -m pagoda teacher ...)")
+    net, meta = load_network(path, kind=kind, device=device)
+    return Teacher(net, diffusion_config(path, meta), meta)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -434,16 +434,18 @@ def native_side(dataset) -> tuple[int, str] | None:
         files = dataset.files
         if len(files) > NATIVE_CHECK_FILES:
             files = [files[i * len(files) // NATIVE_CHECK_FILES] for i in range(NATIVE_CHECK_FILES)]
-        sides = []
-        for f in files:
-            try:
-                with Image.open(f) as img:
-                    sides.append(min(img.size))
-            except (OSError, Image.DecompressionBombError):
-                raise UserError(f"{f} is not a readable image: remove it from {dataset.root}") from None
         what = f"{'all ' if len(files) == len(dataset.files) else ''}{len(files)} of its {len(dataset.files)} images"
-        return min(sides), what
+        return min(_smaller_side(f, dataset.root) for f in files), what
     return None
+
+
+def _smaller_side(path: Path, root) -> int:
+    """The smaller side of an image file, from its header; UserError naming it when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except (OSError, Image.DecompressionBombError):
+        raise UserError(f"{path} is not a readable image: remove it from {root}") from None
 
 
 def check_native_resolution(dataset, source: str, resolution: int, why: str) -> None:

@@ -109,30 +109,10 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
     start = part.stat().st_size if resumable else 0
     if start == 0:
         _clear(part, meta_path)
-    headers = {"User-Agent": USER_AGENT}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    req = urllib.request.Request(url, headers=headers)
-    again = f"rerun to resume the download, or copy the file to {dest} by hand"
     redirects = _LinkedHashRedirects()
-    try:
-        resp = urllib.request.build_opener(redirects).open(req, timeout=timeout_s())
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # the range starts at or past the end: the partial file is unusable
-            _clear(part, meta_path)
-            raise UserError(f"{what}: the server refused to resume {url} (HTTP 416): the partial file was "
-                            "deleted; rerun to fetch it from the start") from None
-        raise UserError(f"{what}: {url} answered HTTP {e.code} {e.reason}: check the address (and PAGODA_MIRROR), "
-                        f"or copy the file to {dest} by hand") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"{what}: cannot reach {url} ({reason}): check the network (or set PAGODA_MIRROR to a "
-                        f"reachable copy), or copy the file to {dest} by hand") from None
+    resp = _open(url, start, meta, redirects, dest, what, (part, meta_path))
     with resp:
-        status = getattr(resp, "status", 200) or 200
-        if start and status != 206:  # the server ignored the range (or the file changed): start over
+        if start and (getattr(resp, "status", 200) or 200) != 206:  # the range was ignored (or the file changed)
             start = 0
         total = _total_of(resp, start)
         validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
@@ -140,31 +120,9 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
             validator = None  # a weak validator cannot guard a byte range
         meta_path.write_text(json.dumps({"url": url, "validator": validator, "size": total}))
         linked = _linked_sha256(resp.headers) or redirects.linked
-        h = update_sha256(hashlib.sha256(), part) if start else hashlib.sha256()
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                   desc=dest.name[-40:], disable=None)
-        done = start
-        try:
-            with open(part, "ab" if start else "wb") as f:
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-        except TimeoutError:
-            raise UserError(f"{what}: {url} stalled (no data for {timeout_s():g} s, PAGODA_TIMEOUT) after "
-                            f"{done} bytes: {again}") from None
-        except (OSError, http.client.HTTPException) as e:  # connection reset, IncompleteRead
-            raise UserError(f"{what}: the transfer of {url} broke after {done} bytes ({type(e).__name__}): "
-                            f"{again}") from None
-        finally:
-            bar.close()
+        h, done = _receive(resp, part, start, total, url, dest, what)
     if total is not None and done != total:
-        raise UserError(f"{what}: {url} ended after {done} of {total} bytes (truncated): {again}")
+        raise UserError(f"{what}: {url} ended after {done} of {total} bytes (truncated): {_again(dest)}")
     digest = h.hexdigest()
     for expected, source in ((sha256, "the pinned SHA-256"), ((linked,) if linked else (), "the SHA-256 the server "
                                                                                             "names (X-Linked-ETag)")):
@@ -178,6 +136,57 @@ def download(url: str, dest: Path, *, sha256: tuple[str, ...] = (), what: str = 
     os.replace(part, dest)
     _clear(meta_path)
     return digest
+
+
+def _again(dest: Path) -> str:
+    return f"rerun to resume the download, or copy the file to {dest} by hand"
+
+
+def _open(url: str, start: int, meta: dict, redirects, dest: Path, what: str, partial: tuple[Path, Path]):
+    """The response to a GET of `url` from byte `start` (Range, guarded by If-Range with the kept validator);
+    UserError on HTTP errors and unreachable hosts (a refused range deletes the partial files)."""
+    headers = {"User-Agent": USER_AGENT, **({"Range": f"bytes={start}-"} if start else {}),
+               **({"If-Range": meta["validator"]} if start and meta.get("validator") else {})}
+    try:
+        return urllib.request.build_opener(redirects).open(urllib.request.Request(url, headers=headers),
+                                                           timeout=timeout_s())
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # the range starts at or past the end: the partial file is unusable
+            _clear(*partial)
+            raise UserError(f"{what}: the server refused to resume {url} (HTTP 416): the partial file was "
+                            "deleted; rerun to fetch it from the start") from None
+        raise UserError(f"{what}: {url} answered HTTP {e.code} {e.reason}: check the address (and PAGODA_MIRROR), "
+                        f"or copy the file to {dest} by hand") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"{what}: cannot reach {url} ({reason}): check the network (or set PAGODA_MIRROR to a "
+                        f"reachable copy), or copy the file to {dest} by hand") from None
+
+
+def _receive(resp, part: Path, start: int, total: int | None, url: str, dest: Path, what: str):
+    """(SHA-256 state of the whole file, bytes it holds): the body appended to `part` (written afresh when start
+    is 0), hashed on the way, with a progress bar; UserError on a stall or a broken transfer."""
+    from tqdm import tqdm
+    h = update_sha256(hashlib.sha256(), part) if start else hashlib.sha256()
+    bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               desc=dest.name[-40:], disable=None)
+    done = start
+    try:
+        with open(part, "ab" if start else "wb") as f:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+    except TimeoutError:
+        raise UserError(f"{what}: {url} stalled (no data for {timeout_s():g} s, PAGODA_TIMEOUT) after "
+                        f"{done} bytes: {_again(dest)}") from None
+    except (OSError, http.client.HTTPException) as e:  # connection reset, IncompleteRead
+        raise UserError(f"{what}: the transfer of {url} broke after {done} bytes ({type(e).__name__}): "
+                        f"{_again(dest)}") from None
+    finally:
+        bar.close()
+    return h, done
 
 
 def copy_verified(src: Path, dest: Path, *, sha256: tuple[str, ...] = (), what: str = "file",

@@ -168,7 +168,7 @@ def open_editor(generator: str, teacher: str, *, guidance: float | None = None) 
     if want and sha256_file(teacher) != want:
         raise UserError(f"--teacher {teacher} is not the teacher {generator} was trained with (its pairs came from "
                         f"{meta.get('teacher')}): pass that teacher, so the inversion matches G's latents")
-    denoiser, _ = load_teacher(teacher)
+    denoiser = load_teacher(teacher).denoiser()
     if tmeta.get("resolution") != gen.noise_shape[-1]:
         raise UserError(f"--teacher {teacher} is at {tmeta.get('resolution')} px but {generator} takes "
                         f"{gen.noise_shape[-1]} px latents: pass its own teacher")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pagoda.checkpoint import diffusion_config, load_network, read_meta
+from pagoda.checkpoint import diffusion_config, load_network, load_teacher, read_meta
 from pagoda.config import SampleConfig, from_dict, split_sampler_spec
 from pagoda.data import to_uint8
 from pagoda.diffusion import EDMPrecond, one_step, sigma_grid
@@ -86,6 +86,11 @@ class Generator(abc.ABC):
     supports_guidance: bool = False  # whether a CFG scale w != 1 means anything to this model
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    # The module one NFE evaluates (a diffusion generator's denoiser, a one-step generator's UNet); assignable, e.g.
+    # by its torch.compile'd version; None where the images come from elsewhere (a callable)
+    network: nn.Module | None = None
+    grid: str | None = None  # a multi-step sampler's sigma grid: "karras rho=7", "loguniform", "given" (a PD student)
+    guidance_range: tuple[float, float] | None = None  # [lo, hi] of a guidance-conditioned one-step G (w is an input)
     # The training budget its file records (train_step, train_images, displacement_lr: TRAINING_KEYS), for rows
     training: dict = {}
 
@@ -214,6 +219,14 @@ class DiffusionGenerator(Generator):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    @property
+    def network(self) -> nn.Module:
+        return self.denoiser
+
+    @network.setter
+    def network(self, module: nn.Module) -> None:
+        self.denoiser = module
+
     @torch.no_grad()
     def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
         """Images of the seeds. To count NFE, wrap the denoiser: `gen.denoiser = NFECounter(gen.denoiser)`."""
@@ -258,6 +271,14 @@ class OneStepGenerator(Generator):
         self.supports_guidance = guided
         lo, hi = self.guidance_range or (1.0, 1.0)
         self.guidance = 1.0 if lo <= 1.0 <= hi else lo
+
+    @property
+    def network(self) -> nn.Module:
+        return self.net
+
+    @network.setter
+    def network(self, module: nn.Module) -> None:
+        self.net = module
 
     def check_guidance(self, guidance: float | None) -> float:
         """The CFG scale w a sample() call uses (None = the default), refused outside the trained range."""
@@ -309,19 +330,27 @@ class OneStepGenerator(Generator):
 def _load_teacher(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
                   dtype: torch.dtype) -> DiffusionGenerator:
     """A teacher file -> DiffusionGenerator with the file's `sample` settings unless overridden."""
-    net, meta = load_network(path, kind="teacher", device=device)
-    diffusion = diffusion_config(path, meta)
+    teacher = load_teacher(path, device=device)
+    net, meta, diffusion = teacher.net, teacher.meta, teacher.diffusion
     sample = from_dict(SampleConfig, meta.get("sample", {}), where=f"checkpoint {path} sample")
     steps = sample.steps if steps is None else int(steps)
     if steps < 1:
         raise UserError(f"steps={steps} must be >= 1 for {path}")
     # CFG needs a teacher trained with label dropout; the imported EDM teacher (no 'diffusion' entry) was not.
     label_dropout = meta.get("diffusion", {}).get("label_dropout", 0.0)
-    return DiffusionGenerator(EDMPrecond(net, sigma_data=diffusion.sigma_data), resolution=meta.get("resolution", net.resolution),
+    return DiffusionGenerator(teacher.denoiser(), resolution=meta.get("resolution", net.resolution),
                               num_classes=net.num_classes, sampler=sampler or sample.sampler, steps=steps,
                               sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max, rho=diffusion.rho,
                               guidance=sample.guidance, supports_guidance=net.num_classes > 0 and label_dropout > 0,
                               name=Path(path).stem, device=device, dtype=dtype)
+
+
+def _check_guidance_range(path: str, g) -> None:
+    """UserError unless a G file's guidance_range is None or [lo, hi] with 0 <= lo <= hi <= MAX_GUIDANCE."""
+    if g is not None and not (isinstance(g, list) and len(g) == 2 and all(isinstance(v, (int, float)) for v in g)
+                              and 0 <= g[0] <= g[1] <= MAX_GUIDANCE):
+        raise UserError(f"{path}: its guidance_range {g!r} is not [lo, hi] with 0 <= lo <= hi <= {MAX_GUIDANCE:g}: "
+                        "the file was edited or is damaged; use the G.safetensors a distill run wrote")
 
 
 def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | None, device,
@@ -332,11 +361,7 @@ def _load_one_step(path: str, meta: dict, *, sampler: str | None, steps: int | N
                         "drop --sampler / --steps for it")
     net, meta = load_network(path, device=device)
     diffusion = diffusion_config(path, meta)
-    g = meta.get("guidance_range")
-    if g is not None and not (isinstance(g, list) and len(g) == 2 and all(isinstance(v, (int, float)) for v in g)
-                              and 0 <= g[0] <= g[1] <= MAX_GUIDANCE):
-        raise UserError(f"{path}: its guidance_range {g!r} is not [lo, hi] with 0 <= lo <= hi <= {MAX_GUIDANCE:g}: "
-                        "the file was edited or is damaged; use the G.safetensors a distill run wrote")
+    _check_guidance_range(path, meta.get("guidance_range"))
     res = meta.get("resolution", net.resolution)
     if not isinstance(res, int) or res != net.output_resolution:
         raise UserError(f"{path}: its resolution {res!r} is not its network's output size {net.output_resolution}: "
@@ -389,7 +414,7 @@ def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps
 
 
 # What a model file says of its training, as row `extra` keys: optimizer steps, images seen, and how far the
-# trainable weights moved from their start in learning-rate units (pagoda.train.displacement_lr).
+# trainable weights moved from their start in learning-rate units (pagoda.schedule.displacement_lr).
 TRAINING_KEYS = {"step": "train_step", "train_images": "train_images", "displacement_lr": "displacement_lr"}
 
 

@@ -59,9 +59,8 @@ import safetensors.torch
 import torch
 
 from pagoda import dist
-from pagoda.checkpoint import check_meta, diffusion_config, load_network, read_meta, write_atomic
+from pagoda.checkpoint import check_meta, diffusion_config, load_teacher, read_meta, write_atomic
 from pagoda.data import build_dataset, check_native_resolution, to_model
-from pagoda.diffusion import EDMPrecond
 from pagoda.errors import UserError
 from pagoda.samplers import MAX_GUIDANCE, ddim_invert, inversion_sigmas
 from pagoda.weights import sha256_file
@@ -115,13 +114,6 @@ def pair_batch(dataset, items) -> tuple[torch.Tensor, torch.Tensor]:
 def invert(denoiser, x: torch.Tensor, labels: torch.Tensor | None, sigmas: torch.Tensor,
            guidance: torch.Tensor | float | None = None) -> torch.Tensor:
     return ddim_invert(denoiser, to_model(x), sigmas, labels=labels, guidance=guidance, clamp=True)
-
-
-def load_teacher(path: str | os.PathLike, *, device="cpu") -> tuple[EDMPrecond, dict]:
-    """(EDM denoiser D(x, sigma, labels), meta) of a teacher checkpoint; UserError for any other file."""
-    net, meta = load_network(path, kind="teacher", device=device)
-    diffusion = diffusion_config(path, meta)
-    return EDMPrecond(net, sigma_data=diffusion.sigma_data).eval().requires_grad_(False), meta
 
 
 
@@ -394,7 +386,7 @@ def _run_shards(teacher, out: Path, index: dict, dataset, *, device, progress: b
     rank, world = dist.rank(), dist.world_size()
     mine = [rec for s, rec in enumerate(index["shards"]) if s % world == rank]
     todo = [rec for rec in mine if not (out / rec["file"]).is_file()]
-    denoiser, _ = load_teacher(teacher, device=device)
+    denoiser = load_teacher(teacher, device=device).denoiser()
     total = sum(rec["stop"] - rec["start"] for rec in todo)
     bar = tqdm(total=total, unit="img", desc=f"pairs (rank {rank}/{world})", mininterval=2.0,
                disable=None if progress and dist.is_main() else True)

@@ -20,10 +20,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from pagoda.errors import ArgumentParser, UserError, run_cli, writable_dir
 from reports.html import page
 from reports.paper import paper_rows
 from reports.plots import PLOTS, make_plots
-from reports.rows import ReportError, latest, load
+from reports.rows import latest, load
 from reports.tables import TABLE_METRICS, all_tables, latex, markdown
 
 MARKER = ".pagoda-report"  # marks a folder this command made, which the next build may replace
@@ -33,15 +34,9 @@ REPORT_FILES = {"index.html", "tables.md", "tables.tex", "plots/"} | {
     f"plots/{stem}.{ext}" for stem, _, _ in PLOTS for ext in ("png", "pdf")}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are ReportErrors (one line, exit status 2)."""
-
-    def error(self, message):
-        raise ReportError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m reports.build` (bench.demo builds its step against it)."""
+    p = ArgumentParser(prog="python -m reports.build", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", metavar="PATH",
                    help="a directory of *.jsonl result files (searched recursively) or a .jsonl file; "
                         "several allowed")
@@ -50,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-published", action="store_true",
                    help="leave out the published reference numbers (reports/paper.py)")
     p.add_argument("--title", default="PaGoDA report", help="title of index.html (default: %(default)s)")
-    return p.parse_args(argv)
+    return p
 
 
 def entries(folder: Path) -> list[str]:
@@ -87,44 +82,32 @@ def written_before(out: Path) -> set[str]:
 
 
 def check_output(out: Path) -> None:
-    """ReportError unless a report folder can be written at `out`: not a file, not a non-empty folder this
+    """UserError unless a report folder can be written at `out`: not a file, not a non-empty folder this
     command did not make, not a report folder holding anything its build did not write (a rebuild would
     delete it), and its nearest existing parent a writable folder."""
     if out.exists() and not out.is_dir():
-        raise ReportError(f"-o {out} is a file: give a folder path for the report")
+        raise UserError(f"-o {out} is a file: give a folder path for the report")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise ReportError(f"-o {out} is a folder that holds other files: give a new or empty folder (only a "
+        raise UserError(f"-o {out} is a folder that holds other files: give a new or empty folder (only a "
                           "folder made by reports.build is replaced)")
     if out.is_dir() and (out / MARKER).exists():
         before = written_before(out)
         added = [e for e in entries(out) if e not in before]
         if added:
             more = f" (and {len(added) - 1} more)" if len(added) > 1 else ""
-            raise ReportError(f"-o {out} holds {added[0]}{more}, which the previous report build did not "
+            raise UserError(f"-o {out} holds {added[0]}{more}, which the previous report build did not "
                               f"write, and a rebuild replaces the whole folder: move it out of {out} or give "
                               "another -o")
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
-        raise ReportError(f"-o {out}: {parent} is a file, not a folder: choose another path")
-    if not creatable(parent):
-        raise ReportError(f"-o {out}: folder {parent} is not writable: choose another path")
-
-
-def creatable(folder: Path) -> bool:
-    """Whether a folder can be made in `folder`, tried (os.access says yes for root on /proc, /sys and read-only
-    mounts). The twin of pagoda.errors.writable_dir, which reports may not import."""
-    if not os.access(folder, os.W_OK):
-        return False
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".pagoda-probe-", dir=folder))
-    except OSError:
-        return False
-    return True
+        raise UserError(f"-o {out}: {parent} is a file, not a folder: choose another path")
+    if not writable_dir(parent):
+        raise UserError(f"-o {out}: folder {parent} is not writable: choose another path")
 
 
 def write_report(out: Path, fill: Callable[[Path], None]) -> None:
     """Run `fill(folder)` on a new temporary folder beside `out`, then move it to `out` (replacing a previous
-    report), with a marker file listing what it holds. ReportError (check_output) before and after the fill
+    report), with a marker file listing what it holds. UserError (check_output) before and after the fill
     if `out` cannot be replaced; if anything fails the temporary folder is removed and `out` is left as it
     was."""
     check_output(out)
@@ -184,8 +167,8 @@ def published_text(paper: list[dict], shown: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Build the report that the command line `argv` asks for; ReportError on bad input or output path."""
-    args = parse_args(argv)
+    """Build the report that the command line `argv` asks for; UserError on bad input or output path."""
+    args = build_parser().parse_args(argv)
     check_output(args.out)
     read, files = load(args.inputs)
     rows, paper = latest(read), [] if args.no_published else paper_rows()
@@ -202,19 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, fill)
     print(f"report: {args.out / 'index.html'} ({summary[0]}); tables.md, tables.tex and plots/ beside it")
     return 0
-
-
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run `main(argv)`; a ReportError becomes one line `error: ...` on stderr and exit status 2 (any other
-    exception is a bug and keeps its traceback)."""
-    try:
-        return int(main(argv) or 0)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -127,11 +127,16 @@ def _curves(ax, rows: list[dict], x: str, key: tuple[str, ...] = SERIES, annotat
         ax.plot([r[x] for r in rs], [r["value"] for r in rs], label=text, ms=4, lw=1, color=f"C{i % 10}",
                 **style)  # 10 colours x 4 markers tell 40 curves apart
         if annotate and len({r.get(annotate) for r in rs}) > 1:
-            for r in rs:
-                ax.annotate(label(r.get(annotate)) or "?", (r[x], r["value"]), xytext=(3, 3), fontsize=6,
-                            textcoords="offset points", color=f"C{i % 10}")
+            _annotate(ax, rs, x, annotate, f"C{i % 10}")
             labelled = True
     return labelled
+
+
+def _annotate(ax, rows: list[dict], x: str, field: str, color: str) -> None:
+    """Label each point (x, value) of `rows` with its `field`."""
+    for r in rows:
+        ax.annotate(label(r.get(field)) or "?", (r[x], r["value"]), xytext=(3, 3), fontsize=6,
+                    textcoords="offset points", color=color)
 
 
 def _front(ax, points: list[tuple[float, float]], text: str = "Pareto front (ours)") -> None:
@@ -149,6 +154,16 @@ def _logx(ax, label: str) -> None:
     ax.set_xlabel(label)
 
 
+def _nfe_panel(ax, rows: list[dict], resolution: int) -> None:
+    """One resolution's FID-vs-NFE curves (log x) with our Pareto front."""
+    _curves(ax, rows, "nfe")
+    _front(ax, [(r["nfe"], r["value"]) for r in rows if not r.get("published")])
+    _logx(ax, "NFE per image (log scale)")
+    ax.set(ylabel=YLABEL["fid"])
+    _title(ax, res_text(resolution))
+    ax.legend(fontsize=6)
+
+
 def fid_vs_nfe(rows: list[dict], paper: list[dict]) -> Figure:
     """FID against NFE (log x), one panel per resolution, published rows beside ours, our Pareto front."""
     fid = [r for r in rows if r["metric"] == "fid" and r.get("nfe")]
@@ -159,12 +174,7 @@ def fid_vs_nfe(rows: list[dict], paper: list[dict]) -> Figure:
         raise Unavailable("no fid rows with an nfe at two or more NFE values of one resolution")
     fig, axes = _grid(len(res))
     for ax, R in zip(axes, res):
-        _curves(ax, at[R], "nfe")
-        _front(ax, [(r["nfe"], r["value"]) for r in at[R] if not r.get("published")])
-        _logx(ax, "NFE per image (log scale)")
-        ax.set(ylabel=YLABEL["fid"])
-        _title(ax, res_text(R))
-        ax.legend(fontsize=6)
+        _nfe_panel(ax, at[R], R)
     single = ", ".join(res_text(R) for R in at if R not in res)
     shown = any(r.get("published") for R in res for r in at[R])
     _suptitle(fig, "FID vs NFE", n_text(fid), "hollow, dashed: published (ImageNet, n = 50k)" * shown,

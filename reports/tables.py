@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from reports.rows import COST_METRICS, TRAIN_METRICS
+from pagoda.rows import SAMPLING_COST_METRICS, TRAIN_METRICS
 
 MISSING = "—"
 QUALITY = ("fid", "is", "precision", "recall")
@@ -134,7 +134,7 @@ LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "Train
 
 def trained(row: dict) -> str:
     """What training a row's model had, from its `extra`: optimizer steps and the RMS weight change from the start
-    in lr units (pagoda.train.displacement_lr), e.g. "256 / 29.6"; "" where the row does not say."""
+    in lr units (pagoda.schedule.displacement_lr), e.g. "256 / 29.6"; "" where the row does not say."""
     extra = row.get("extra") or {}
     step, disp = extra.get("train_step"), extra.get("displacement_lr")
     if step is None:
@@ -272,7 +272,7 @@ def split_tables(rows: list[dict], line_of: tuple[str, ...], metrics: tuple[str,
 
 
 def cost_tables(rows: list[dict]) -> list[Table]:
-    """The sampling-cost tables (one per device/dtype/compile) of the COST_METRICS rows."""
+    """The sampling-cost tables (one per device/dtype/compile) of the SAMPLING_COST_METRICS rows."""
     def notes(group: list[dict]) -> list[str]:
         kinds = sorted({(r.get("extra") or {}).get("mem_kind") or "kind not recorded" for r in group
                         if r["metric"] == "peak_mem_mb"})
@@ -281,7 +281,7 @@ def cost_tables(rows: list[dict]) -> list[Table]:
                 "multiply-add; NFE, params and GFLOPs do not depend on the batch: a line without its own row "
                 "shows that of another batch"] + ([f"peak memory: {', '.join(kinds)}"] if kinds else [])
 
-    cost = [r for r in rows if r["metric"] in COST_METRICS]
+    cost = [r for r in rows if r["metric"] in SAMPLING_COST_METRICS]
     return split_tables(cost, COST_LINE, ("nfe", "latency_ms", "img_per_s", "params", "gflops_per_image",
                                           "peak_mem_mb"), "Sampling cost", notes)
 
@@ -316,7 +316,7 @@ def drift_table(rows: list[dict]) -> Table:
 DRIFT_METRICS = ("drift_rms", "drift_psnr_db", "frame_rms")
 DRIFT_LINE = ("model", "method", "resolution", "source")
 # Every metric some table shows (plots also show fid_class).
-TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + COST_METRICS + TRAIN_METRICS + DRIFT_METRICS
+TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + SAMPLING_COST_METRICS + TRAIN_METRICS + DRIFT_METRICS
 
 
 def all_tables(rows: list[dict], paper: list[dict]) -> list[Table]:

@@ -14,11 +14,11 @@ from PIL import Image
 from eval import Evaluator, evaluate
 from eval.fid import main as fid_main
 from eval.ref import main as ref_main
-from eval.rows import read_rows
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.errors import UserError, run_cli
 from pagoda.networks.unet import UNet
+from pagoda.rows import read_rows
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 RES = 16

@@ -7,8 +7,8 @@ Only the plumbing is checked here (a handful of images); the speed figure itself
 import pytest
 
 from bench.extract import main as bench_main
-from eval.rows import ROW_KEYS, read_rows
 from pagoda.errors import run_cli
+from pagoda.rows import ROW_KEYS, read_rows
 
 
 def test_bench_row(inception_weights, tmp_path, capsys):

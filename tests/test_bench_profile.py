@@ -22,7 +22,7 @@ from bench.profile import (
 from bench.train_cost import main as train_cost_main
 from bench.train_cost import nfe_flops, step_flops
 from eval.ref import main as ref_main
-from eval.rows import ROW_KEYS, make_row, read_rows, row_key
+from eval.rows import make_row
 from pagoda.checkpoint import model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import PHOTO_CLASSES, PhotosDataset
@@ -30,6 +30,7 @@ from pagoda.errors import UserError, run_cli
 from pagoda.generator import load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.networks.unet import UNet
+from pagoda.rows import ROW_KEYS, read_rows, row_key
 from pagoda.stages.teacher import TeacherStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""`python -m pagoda demo` (step bookkeeping, bad input) and the CI gate on metrics (a planted regression fails it).
+"""`python -m bench.demo` (step bookkeeping, bad input) and the CI gate on metrics (a planted regression fails it).
 
 The whole smoke pipeline and its gate run under the `slow` marker (and in CI through `tox -e gate`)."""
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagoda import demo
+from bench import demo, pipeline, steps
+from bench.steps import Step, StepFailed
 from pagoda.checkpoint import load_model, save_model
-from pagoda.errors import run_cli
+from pagoda.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 GATE = ROOT / "tests" / "data" / "gate"
@@ -28,6 +29,9 @@ def _demo(*argv) -> int:
 # ---------------------------------------------------------------------------------------------
 # Bookkeeping: skip when up to date, start afresh when inputs change, resume when interrupted.
 
+PRESETS = steps.Tool("pagoda", "presets", lambda: pipeline._pagoda("presets").parser(), None)
+
+
 class _Pipe:
     """A two-step pipeline over real subprocesses (`python -m pagoda presets`) with files written after each."""
 
@@ -36,9 +40,9 @@ class _Pipe:
         self.src = out / "src.txt"
         self.calls = []
 
-    def env(self):
+    def run(self, only=None):
         import os
-        return dict(os.environ)
+        return steps.run(self.steps(), self.out, dict(os.environ), only=only)
 
     def steps(self):
         a, b = self.out / "a.txt", self.out / "b.txt"
@@ -48,34 +52,34 @@ class _Pipe:
                 self.calls.append(path.name)
                 path.write_text(text)
             return f
-        return [demo.Step("a", "first", ["pagoda", "presets"], [a], [self.src], fresh=[a],
-                          after=make(a, self.src.read_text())),
-                demo.Step("b", "second", [], [b], [a], fresh=[b], after=make(b, "b"))]
+        return [Step("a", "first", [PRESETS.command()], [a], [self.src], fresh=[a],
+                     after=make(a, self.src.read_text())),
+                Step("b", "second", [], [b], [a], fresh=[b], after=make(b, "b"))]
 
 
 def test_steps_skip_when_up_to_date_and_rerun_when_inputs_change(tmp_path, capsys):
     pipe = _Pipe(tmp_path)
     pipe.src.write_text("one")
-    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "ran"]
-    assert [s for _, s, _ in demo.run(pipe)] == ["up to date", "up to date"] and pipe.calls == ["a.txt", "b.txt"]
+    assert [s for _, s, _ in pipe.run()] == ["ran", "ran"]
+    assert [s for _, s, _ in pipe.run()] == ["up to date", "up to date"] and pipe.calls == ["a.txt", "b.txt"]
     pipe.src.write_text("two")  # an input changed: a reruns, and so does b (its input a.txt changed)
-    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "ran"] and (tmp_path / "a.txt").read_text() == "two"
+    assert [s for _, s, _ in pipe.run()] == ["ran", "ran"] and (tmp_path / "a.txt").read_text() == "two"
     (tmp_path / "b.txt").unlink()  # an output lost: that step reruns
-    assert [s for _, s, _ in demo.run(pipe)] == ["up to date", "ran"]
+    assert [s for _, s, _ in pipe.run()] == ["up to date", "ran"]
     (tmp_path / ".steps" / "a.json").unlink()  # interrupted before its stamp: it runs again (resumes)
-    assert [s for _, s, _ in demo.run(pipe)] == ["ran", "up to date"]
+    assert [s for _, s, _ in pipe.run()] == ["ran", "up to date"]
     assert "[ 1/2] a: first ... up to date" in capsys.readouterr().out
-    assert [s for _, s, _ in demo.run(pipe, only={"b"})] == ["left", "ran"]  # --only reruns b, leaves a
+    assert [s for _, s, _ in pipe.run(only={"b"})] == ["left", "ran"]  # --only reruns b, leaves a
 
 
 def test_a_failing_step_names_its_log_and_leaves_no_stamp(tmp_path):
     pipe = _Pipe(tmp_path)
     pipe.src.write_text("x")
-    bad = demo.Step("bad", "fails", ["pagoda", "info", "--ckpt", str(tmp_path / "none.safetensors")],
-                    [tmp_path / "never"])
+    bad = Step("bad", "fails", [pipeline._pagoda("info").command(ckpt=tmp_path / "none.safetensors")],
+               [tmp_path / "never"])
     pipe.steps = lambda: [bad]
-    with pytest.raises(demo.StepFailed) as e:
-        demo.run(pipe)
+    with pytest.raises(StepFailed) as e:
+        pipe.run()
     assert e.value.code == 2 and "logs/bad.log" in str(e.value) and "none.safetensors" in str(e.value)
     assert not (tmp_path / ".steps" / "bad.json").exists()
 
@@ -98,7 +102,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path, capsys):
 def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_path):
     """The summary's growth line names each grown G's FD and drift and the no-L_rec ablation's, and its guidance
     line the guided G's FD at every w beside the teacher's CFG in the plan's cell (not in another cell)."""
-    pipe = demo.Pipeline(demo.PLANS["photos"], tmp_path, GATE)
+    pipe = pipeline.Pipeline(pipeline.PLANS["photos"], tmp_path, GATE)
     pipe.results.mkdir(parents=True)
 
     def row(model, metric, value, **kw):
@@ -117,7 +121,9 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
                                                                                                   (3.0, 38.0))]
     rows += [row("G16-cfg", "guidance_move_cosine", v, guidance=w) for w, v in ((2.0, 0.7), (3.0, 0.654))]
     (pipe.results / "rows.jsonl").write_text("".join(rows))
-    lines = demo.summary(pipe)
+    from reports.rows import load
+    from reports.summary import summary
+    lines = summary(load([str(pipe.results)])[0], pipe.facts())
     assert "grown: G32 FD 30.00 (drift 20.0 levels); without L_rec FD 33.00 (drift 31.0), G64 FD 40.00 (drift " \
            "25.0 levels) (each FD against held-out photos of its own size; the domain features see every size at " \
            "32 px)" in lines, lines
@@ -127,7 +133,7 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
     assert "what w does (RMS uint8 levels of X(w) - X(1), 256 seeds) at w = 2 / 3: G16-cfg 10.5 / 17.2, teacher " \
            "euler-4 22.0 / 38.0; cosine of G's move with the teacher's 0.70 / 0.65" in lines, lines
     # PD-1 against G at one budget: the same updates of the same batch, said in the line
-    plan = demo.PLANS["photos"]
+    plan = pipeline.PLANS["photos"]
     assert plan.pd_steps * 4 == plan.g_steps  # 16 -> 8 -> 4 -> 2 -> 1: four rounds share G's updates
     assert f"at NFE 1 and an equal budget ({plan.g_steps} updates of 32 images for G, 4 rounds x {plan.pd_steps} of 32 " \
            "for PD; G also needs the inversion of its 384 items): PaGoDA G16 FD 18.00 vs progressive distillation " \
@@ -135,11 +141,42 @@ def test_summary_reads_growth_ablation_and_guidance_curves_from_the_rows(tmp_pat
     assert any(line.startswith("trained (") and "G16 29.6 (256 steps)" in line for line in lines), lines
 
 
-def test_pagoda_demo_runs_eval_bench_reports_only_as_subprocesses():
-    tree = ast.parse((ROOT / "pagoda" / "demo.py").read_text())
-    imported = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | \
-        {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not imported & {"eval", "bench", "reports"}
+def _imported(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {m for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+            for m in (n.module, *(f"{n.module}.{a.name}" for a in n.names))} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_pagoda_never_imports_eval_bench_or_reports():
+    for path in (ROOT / "pagoda").rglob("*.py"):
+        assert not {m.split(".")[0] for m in _imported(path)} & {"eval", "bench", "reports"}, path
+
+
+def test_the_pipeline_imports_the_tools_it_drives_and_writes_no_command_line():
+    """bench.pipeline imports every tool it runs and builds each command against the tool's parser: no `python -m`
+    argv is written as strings (no string literal there is a tool's module name or one of its options)."""
+    imported = _imported(ROOT / "bench" / "pipeline.py")
+    tools = {"pagoda.__main__", "pagoda.networks.domain", "eval.ref", "eval.run", "bench.moves", "bench.compare",
+             "bench.train_cost", "reports.build"}
+    assert tools <= imported, tools - imported
+    flags = {o for t in (pipeline.EVAL_RUN, pipeline.EVAL_REF, pipeline.COMPARE, pipeline.MOVES, pipeline.TRAIN_COST, pipeline.REPORT,
+                         pipeline.TEACHER, pipeline.DISTILL, pipeline.GROW, pipeline.PD, pipeline.PAIRS, pipeline.DRIFT, pipeline.SAMPLE)
+             for a in t.parser()._actions for o in a.option_strings}
+    strings = {n.value for n in ast.walk(ast.parse((ROOT / "bench" / "pipeline.py").read_text()))
+               if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not strings & (flags | tools | {"-m"}), strings & (flags | tools)
+    for preset in pipeline.PLANS:  # every command of both plans is accepted by its tool's parser
+        cmds = [c for s in pipeline.Pipeline(pipeline.PLANS[preset], ROOT / "runs" / "x", GATE).steps() for c in s.commands]
+        assert len(cmds) > 20 and all(c.module in ("pagoda", "eval.ref", "eval.run", "bench.moves", "bench.compare",
+                                                   "bench.train_cost", "reports.build") for c in cmds)
+
+
+def test_a_renamed_option_fails_when_the_pipeline_is_built():
+    with pytest.raises(UserError, match="no option for 'num_sampels'"):
+        pipeline.EVAL_RUN.command(num_sampels=5)
+    with pytest.raises(UserError, match="--num-samples"):  # a value the tool's own type refuses
+        pipeline.EVAL_RUN.command(ckpt=["a"], num_samples=0)
 
 
 def test_pagoda_has_no_import_cycles():
@@ -284,7 +321,7 @@ def test_smoke_demo_end_to_end_passes_the_gate(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gate: pass" in proc.stdout
     assert (out / "report" / "index.html").is_file()
-    rerun = subprocess.run([sys.executable, "-m", "pagoda", "demo", "--preset", "smoke", "--out", str(out),
+    rerun = subprocess.run([sys.executable, "-m", "bench.demo", "--preset", "smoke", "--out", str(out),
                             "--weights-dir", str(GATE)], capture_output=True, text=True, cwd=ROOT)
     assert rerun.returncode == 0 and rerun.stdout.count("up to date") >= 20, rerun.stdout
     shutil.rmtree(out)
@@ -292,7 +329,7 @@ def test_smoke_demo_end_to_end_passes_the_gate(tmp_path):
 
 def test_drift_rows_are_result_rows_the_report_and_gate_read():
     from pagoda.__main__ import drift_rows
-    from reports.rows import check_row
+    from pagoda.rows import check_row
     row = {"drift_rms": 12.5, "drift_psnr_db": None, "num_samples": 300, "low": "G8", "high": "G16",
            "low_resolution": 8, "high_resolution": 16}
     rows = drift_rows(row, "G8.safetensors", "G16.safetensors")
@@ -300,3 +337,30 @@ def test_drift_rows_are_result_rows_the_report_and_gate_read():
     r = check_row(rows[0], "drift")
     assert (r["model"], r["resolution"], r["value"], r["extra"]["source"]) == ("G16.safetensors", 16, 12.5,
                                                                              "G8.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# The house rules on size (issue 26): short functions, and files over 400 lines named with a reason.
+
+PACKAGES = ("pagoda", "eval", "bench", "reports", "tools")
+
+
+def test_every_function_is_under_60_lines_and_the_training_loop_under_80():
+    lengths = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lengths[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert lengths["pagoda/train.py:train"] < 80
+    long = {k: n for k, n in lengths.items() if n >= 60}
+    assert not long, long
+
+
+def test_files_over_400_lines_are_the_ones_the_readme_explains():
+    big = {str(p.relative_to(ROOT)) for package in PACKAGES for p in (ROOT / package).rglob("*.py")
+           if len(p.read_text().splitlines()) > 400}
+    design = (ROOT / "README.md").read_text().split("- **Files over 400 lines**")[1].split("\n- ")[0]
+    named = set(re.findall(r"`([\w/]+\.py)`", design))
+    assert big <= named, sorted(big - named)  # a file grew past 400 lines: split it, or say why not
+    assert named <= big | {"tests/test_demo.py"}, sorted(named - big)  # one shrank: take it off the list

@@ -13,6 +13,7 @@ from test_pairs import _save_teacher as save_tiny_teacher
 from eval.fid import main as fid_main
 from eval.ref import main as ref_main
 from pagoda.__main__ import main
+from pagoda.checkpoint import load_teacher
 from pagoda.config import PRESETS
 from pagoda.data import build_dataset, save_npz
 from pagoda.diffusion import edm_scalings
@@ -21,7 +22,7 @@ from pagoda.errors import run_cli
 from pagoda.generator import OneStepGenerator, load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.pairs import make_pairs, pair_batch
-from pagoda.stages.distill import DistillStage, load_teacher
+from pagoda.stages.distill import DistillStage
 
 RES = 8
 
@@ -48,7 +49,8 @@ def _distill(files, out, *more):
 
 
 def test_g_starts_as_the_teacher_raw_output_at_sigma_max(files):
-    net, diffusion, meta = load_teacher(files["teacher"])
+    teacher = load_teacher(files["teacher"])
+    net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
     stage = DistillStage(PRESETS["smoke"].distill, net, diffusion, network=meta["network"])
     z = 80 * torch.randn(4, 3, RES, RES, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 3, 5, 15])

@@ -19,7 +19,6 @@ from eval.extractors import get_extractor
 from eval.fid import main as fid_main
 from eval.fid import measure
 from eval.ref import main as ref_main
-from eval.rows import ROW_KEYS, read_rows
 from eval.run import main as run_main
 from eval.sources import DatasetSource, FolderSource, GeneratorSource, RandomOrder
 from eval.stats import Reference, load_reference, save_reference
@@ -29,6 +28,7 @@ from pagoda.dist import shutdown
 from pagoda.errors import run_cli
 from pagoda.generator import load_generator
 from pagoda.networks.unet import UNet
+from pagoda.rows import ROW_KEYS, read_rows
 
 RES = 8
 

@@ -17,11 +17,11 @@ from eval.gate import main as gate_main
 from eval.metrics import inception_score
 from eval.ref import main as ref_main
 from eval.registry import METRICS, Estimators, estimators_arg
-from eval.rows import read_rows
 from eval.run import main as run_main
 from eval.sources import GeneratorSource, NpzSource
 from pagoda.errors import UserError, run_cli
-from pagoda.generator import load_generator, seeded_draws
+from pagoda.generator import Generator, load_generator, seeded_draws
+from pagoda.rows import read_rows
 
 
 def _run(*argv):
@@ -117,11 +117,14 @@ def test_is_does_not_depend_on_generation_order():
     every split exactly class-balanced and inflated IS (the control)."""
     C, N = 100, 5000
 
-    class Toy:
+    class Toy(Generator):
         resolution, num_classes, name, method, sampler, steps, guidance = 8, C, "toy", "toy", None, None, 1.0
 
         def seed_labels(self, seeds):
             return seeded_draws(seeds, (1, 1, 1), "cpu", C)[1]
+
+        def sample(self, seeds, labels=None, guidance=None):  # only its labels are read here
+            raise AssertionError("not sampled")
 
     def is_of(labels):
         logits = _peaked_logits(labels, C)

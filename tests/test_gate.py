@@ -5,8 +5,9 @@ import json
 import pytest
 
 from eval.gate import main, parse_tolerances
-from eval.rows import append_rows, make_row, read_rows
+from eval.rows import make_row
 from pagoda.errors import UserError, run_cli
+from pagoda.rows import append_rows, read_rows
 
 
 def _rows(fid, is_, precision=0.7, std=0.5):

@@ -209,10 +209,12 @@ def test_guided_g_trains_its_fresh_w_embedding_faster_and_logs_the_cfg_term(file
 def test_cfg_target_is_the_guided_teacher_solution(files):
     """cfg_target(z, y, w) is the w-guided teacher's ODE solution at each item's own w (batched per-item scales equal
     one call per scale); control: the unguided solution differs from the w = 2 one by far more than the tolerance."""
+    from pagoda.checkpoint import load_teacher
     from pagoda.samplers import dpmpp_2m
-    from pagoda.stages.distill import DistillStage, load_teacher
+    from pagoda.stages.distill import DistillStage
 
-    net, diffusion, meta = load_teacher(files["teacher"])
+    teacher = load_teacher(files["teacher"])
+    net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
     stage = DistillStage(PRESETS["smoke"].distill, net, diffusion, network=meta["network"], guided=True)
     z, y = _z(4)
     w = torch.tensor([1.0, 2.0, 1.0, 2.0])
@@ -244,10 +246,12 @@ def test_adv_real_teacher_shows_d_the_guided_teachers_samples(files, tmp_path):
     """loss.adv_real = teacher: D's real images are the teacher's samples at the items' labels and w from fresh noise
     (the generator's draw after the fakes' noise), not the pairs' photos; control: with data they are the photos,
     which differ from the teacher's samples by far more than the tolerance. A run trains with it and records it."""
+    from pagoda.checkpoint import load_teacher
     from pagoda.data import to_model
-    from pagoda.stages.distill import DistillStage, load_teacher
+    from pagoda.stages.distill import DistillStage
 
-    net, diffusion, meta = load_teacher(files["teacher"])
+    teacher = load_teacher(files["teacher"])
+    net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
     pairs = load_pairs(files["gpairs"])
     batch = [torch.stack([pairs[j][k] for j in range(4)]) for k in range(4)]
     seen = {}
@@ -306,10 +310,12 @@ def test_moves_measure_gs_and_the_teachers_guidance_moves(files, tmp_path, capsy
 def test_guided_g_from_init_starts_as_the_plain_g_at_every_w(files, tmp_path):
     """--init: the guided G starts from the plain G (its weights copied, the w-embedding fresh and zero), so
     G_0(z, y, w) = G_plain(z, y) at every w; the run records the init file and its hash."""
+    from pagoda.checkpoint import load_teacher
     from pagoda.pairs import load_pairs as load
-    from pagoda.stages.distill import DistillStage, load_init, load_teacher
+    from pagoda.stages.distill import DistillStage, load_init
 
-    net, diffusion, meta = load_teacher(files["teacher"])
+    teacher = load_teacher(files["teacher"])
+    net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
     init, network = load_init(files["g"], net, load(files["gpairs"]), True, meta["network"])
     stage = DistillStage(PRESETS["smoke"].distill, net, diffusion, network=network, guided=True, init=init)
     plain, _ = load_network(files["g"])

@@ -25,14 +25,14 @@ import torch.multiprocessing as mp
 from test_eval_cli import _one_error_line
 
 from pagoda.__main__ import main
-from pagoda.checkpoint import model_meta, save_model
+from pagoda.checkpoint import load_teacher, model_meta, save_model
 from pagoda.config import PRESETS
 from pagoda.data import build_dataset, save_npz, to_model, to_uint8
 from pagoda.diffusion import karras_sigmas
 from pagoda.dist import shutdown
 from pagoda.errors import UserError, run_cli
 from pagoda.networks.unet import UNet
-from pagoda.pairs import INDEX, invert, load_pairs, load_teacher, make_pairs, pair_batch, shard_name
+from pagoda.pairs import INDEX, invert, load_pairs, make_pairs, pair_batch, shard_name
 from pagoda.samplers import heun, inversion_sigmas
 from pagoda.weights import sha256_file
 
@@ -102,7 +102,7 @@ def test_gaussian_teacher_round_trip_is_exact_in_uint8(files, tmp_path):
     # That is below half a uint8 step (1/255 in [-1, 1] units; measured 1.0e-3 / 1.3e-3), so decoding the
     # stored latent returns the uint8 image exactly.
     a = math.sqrt((0.25 + 80.0**2) / (0.25 + 0.002**2))
-    D, _ = load_teacher(files["gauss"])
+    D = load_teacher(files["gauss"]).denoiser()
     sizes = {}
     for dtype in ("float32", "float16"):
         out = tmp_path / dtype
@@ -124,7 +124,7 @@ def test_gaussian_teacher_round_trip_is_exact_in_uint8(files, tmp_path):
 
 def test_random_teacher_latents_are_the_conditioned_inversion(files, ref):
     pairs = load_pairs(ref)
-    D, _ = load_teacher(files["teacher"])
+    D = load_teacher(files["teacher"]).denoiser()
     sigmas = torch.tensor(pairs.index["sigmas"], dtype=torch.float64)
     assert sigmas.shape == (40,) and sigmas[0] == pytest.approx(0.002) and sigmas[-1] == pytest.approx(80.0)
     x, y, z, _ = (torch.stack(t) for t in zip(*(pairs[j] for j in range(len(pairs)))))
@@ -161,7 +161,7 @@ def test_unconditional_teacher_and_shard_size(files, tmp_path):
     assert a.num_classes == 0 and len(a.index["shards"]) == 3 and len(b.index["shards"]) == 2
     za, zb = (torch.stack([p[j][2] for j in range(12)]) for p in (a, b))
     assert torch.equal(za, zb)
-    D, _ = load_teacher(files["uncond"])
+    D = load_teacher(files["uncond"]).denoiser()
     x, _ = pair_batch(a.dataset, range(2, 4))
     assert torch.equal(za[2:4], invert(D, x, None, torch.tensor(a.index["sigmas"], dtype=torch.float64)))
 

@@ -106,7 +106,7 @@ def test_the_rounds_target_is_the_ideal_students_output(formulation):
 
 
 def test_learning_rate_decays_linearly_within_a_round():
-    from pagoda.train import learning_rate
+    from pagoda.schedule import learning_rate
     cfg = TrainConfig(lr=1e-4, lr_warmup=0, lr_decay="linear", steps=100)
     assert [learning_rate(cfg, k) for k in (0, 50, 99)] == pytest.approx([1e-4, 5e-5, 1e-6])
     warm = TrainConfig(lr=1e-4, lr_warmup=10, lr_decay="linear", steps=110)
@@ -190,10 +190,10 @@ def test_one_round_on_the_gaussian_teacher_lowers_the_students_error(formulation
             return (pd_sample(student, n, formulation, x_T) - teacher_out).square().mean().sqrt().item()
 
     before = error()
-    opt = stage.optimizer(list(stage.net.parameters()), "net")
+    opt = stage.optimizer(list(stage.net.parameters()), cfg.train)
     g = torch.Generator().manual_seed(0)
     for k in range(500):
-        for group in opt.param_groups:  # the rounds' linear decay (pagoda.train.learning_rate)
+        for group in opt.param_groups:  # the rounds' linear decay (pagoda.schedule.learning_rate)
             group["lr"] = cfg.train.lr * (1 - k / 500)
         x = MU + S0 * torch.randn(SHAPE, generator=g)
         loss, stats = stage.step(stage.net, [x, torch.zeros(SHAPE[0], dtype=torch.int64)], g)
@@ -235,9 +235,10 @@ def test_pd_rounds_make_generators_and_resume(smoke_teacher, formulation, tmp_pa
 
 
 def test_round_one_student_starts_as_its_teacher_without_dropout(smoke_teacher):
-    from pagoda.baselines.progressive_distillation import load_teacher
+    from pagoda.checkpoint import load_teacher
     from pagoda.diffusion import EDMPrecond
-    net, diffusion, _ = load_teacher(smoke_teacher)
+    teacher = load_teacher(smoke_teacher)
+    net, diffusion = teacher.net, teacher.diffusion
     for m in net.modules():  # a teacher trained with dropout (the imagenet64 preset and the EDM import have 0.1)
         if isinstance(m, nn.Dropout):
             m.p = 0.5

@@ -20,7 +20,6 @@ from eval.extractors import get_extractor
 from eval.metrics import fid_from_features, frechet_distance, gaussian_stats
 from eval.pipeline import Want, extract
 from eval.ref import main as ref_main
-from eval.rows import ROW_KEYS, read_rows
 from eval.run import main as run_main
 from eval.sources import DatasetSource, GeneratorSource
 from eval.stats import Reference, load_reference, save_reference
@@ -32,6 +31,7 @@ from pagoda.errors import UserError, run_cli
 from pagoda.generator import load_generator
 from pagoda.networks.domain import DomainNet, save_domain_net
 from pagoda.networks.unet import UNet
+from pagoda.rows import ROW_KEYS, read_rows
 
 RES, C = 8, len(PHOTO_CLASSES)
 

@@ -32,7 +32,7 @@ class ToyGenerator(Generator):
 
     def __init__(self, resolution=8, num_classes=4, broken=False):
         self.resolution, self.num_classes, self.name, self.nfe = resolution, num_classes, "toy", 1
-        self.net = torch.nn.Linear(3, 3)
+        self.net = self.network = torch.nn.Linear(3, 3)
         if broken:
             torch.nn.init.constant_(self.net.weight, float("nan"))
 

@@ -21,13 +21,14 @@ import torch
 from eval.ref import main as ref_main
 from eval.run import main as run_main
 from pagoda.__main__ import main
+from pagoda.checkpoint import load_teacher
 from pagoda.data import build_dataset, save_npz, to_model
 from pagoda.diffusion import karras_sigmas, one_step
 from pagoda.errors import run_cli
 from pagoda.generator import load_generator
 from pagoda.losses import d
 from pagoda.networks.features import build_backbone
-from pagoda.pairs import load_pairs, load_teacher, pair_batch
+from pagoda.pairs import load_pairs, pair_batch
 from pagoda.samplers import euler
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def test_stage2_on_photos_beats_the_teacher_at_one_and_two_steps(tmp_path):
     g_path = tmp_path / "g" / "G.safetensors"
 
     # Reconstructions of 64 training items: G(z_x) against the teacher's one Euler step from the same z_x.
-    den, _ = load_teacher(teacher)
+    den = load_teacher(teacher).denoiser()
     pairs = load_pairs(tmp_path / "p")
     items = [pairs[j] for j in range(0, len(pairs), len(pairs) // 64)][:64]
     xh, yh, z = (torch.stack([it[k] for it in items]) for k in range(3))
@@ -100,7 +101,7 @@ def test_stage2_generalises_to_held_out_digits(tmp_path):
     assert run("distill", "--preset", "photos", "--teacher", teacher, "--pairs", tmp_path / "p-train",
                "--out", tmp_path / "g") == 0
 
-    den, _ = load_teacher(teacher)
+    den = load_teacher(teacher).denoiser()
     g = load_generator(tmp_path / "g" / "G.safetensors")
     backbone = build_backbone("random", seed=1)
     result = {}

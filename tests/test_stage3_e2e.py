@@ -1,6 +1,6 @@
 """Stage 3 and the guided G end to end on `photos` (slow: the photos demo, about 18 minutes on 2 CPU cores).
 
-`python -m pagoda demo --preset photos` as a new user runs it (the domain classifier trained afresh): a 16 px
+`python -m bench.demo --preset photos` as a new user runs it (the domain classifier trained afresh): a 16 px
 teacher, pairs, G, grown 16 -> 32 -> 64 (with the first growth repeated without L_rec), the guided G, eval at 500
 samples. Checked on its
 result rows: one FD per resolution, each against the reference of its own resolution; the drift of paper Fig. 3
@@ -35,7 +35,7 @@ def path_over_span(gen, seeds) -> float:
 
 def test_photos_demo_grows_with_less_drift_under_l_rec_and_its_guided_g_follows_w(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "pagoda", "demo", "--preset", "photos", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "bench.demo", "--preset", "photos", "--out", str(out),
                            "--weights-dir", str(tmp_path / "weights")], capture_output=True, text=True, cwd=ROOT)
     (tmp_path / "demo.out").write_text(proc.stdout)  # step times and the summary, for a look after the run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -21,18 +21,10 @@ from pagoda.config import PRESETS, TrainConfig, to_dict
 from pagoda.data import to_model
 from pagoda.dist import shutdown
 from pagoda.errors import UserError
+from pagoda.rundir import first_difference, truncate_log
+from pagoda.schedule import displacement_lr, ema_beta, learning_rate
 from pagoda.stages.teacher import TeacherStage
-from pagoda.train import (
-    StepSampler,
-    displacement_lr,
-    ema_beta,
-    first_difference,
-    learning_rate,
-    micro_batching,
-    step_indices,
-    train,
-    truncate_log,
-)
+from pagoda.train import Stage, StepSampler, micro_batching, step_indices, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-6
 
 
-class ToyStage:
+class ToyStage(Stage):
     """A deterministic stage (no noise): a two-layer conv net regressing a label-dependent target."""
 
     name = "toy"
@@ -52,7 +44,7 @@ class ToyStage:
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
 
-    def step(self, net, batch, generator):
+    def step(self, net, batch, generator, phase=None):
         x, y = batch
         x = to_model(x)
         target = x.flip(-1) * (y.float().view(-1, 1, 1, 1) + 1) / 4
@@ -338,7 +330,7 @@ class NaNStage(ToyStage):
         super().__init__()
         self.calls = 0
 
-    def step(self, net, batch, generator):
+    def step(self, net, batch, generator, phase=None):
         loss, stats = super().step(net, batch, generator)
         self.calls += 1
         return (loss * float("nan") if self.calls > 2 else loss), stats

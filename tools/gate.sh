@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gate on metrics (`tox -e gate`, run by .ci/run): the smoke pipeline (python -m pagoda demo --preset smoke:
+# The gate on metrics (`tox -e gate`, run by .ci/run): the smoke pipeline (python -m bench.demo --preset smoke:
 # teacher, pairs, G, guided G, grown G, PD, eval, cost; fixed seeds) from an empty folder, then its rows against
 # the committed baseline with `python -m eval.gate`. Exit 0 pass, 1 regression, 2 bad input.
 #
@@ -17,7 +17,7 @@ baseline="$root/tests/data/gate/smoke-baseline.jsonl"
 metrics="fid,kid,is,precision,recall,drift_rms,nfe"
 tolerance="${PAGODA_GATE_TOLERANCE:-fid=+6%,kid=+14%,is=-4%,precision=-0.04,recall=-0.14,drift_rms=+2%}"
 rm -rf "$out"
-"$py" -m pagoda demo --preset smoke --out "$out" --weights-dir "$root/tests/data/gate"
+"$py" -m bench.demo --preset smoke --out "$out" --weights-dir "$root/tests/data/gate"
 if [ "${1:-}" = "--update" ]; then
   exec "$py" -m eval.gate --results "$out/results" --metrics "$metrics" --write-baseline "$baseline"
 fi

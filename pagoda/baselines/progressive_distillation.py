@@ -41,12 +41,13 @@ import torch
 from torch import nn
 
 from pagoda import dist
-from pagoda.checkpoint import diffusion_config, load_network, read_meta
+from pagoda.checkpoint import load_teacher
 from pagoda.config import DiffusionConfig, PDConfig, to_dict
 from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond, karras_sigmas
 from pagoda.errors import UserError
-from pagoda.train import check_run_config, refuse_foreign_files, train
+from pagoda.rundir import check_run_config, refuse_foreign_files
+from pagoda.train import Stage, train
 from pagoda.weights import sha256_file
 
 # ---------------------------------------------------------------------------------------------
@@ -108,8 +109,9 @@ def loss_weight(sigma: torch.Tensor, loss: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # One round as a stage of the training loop.
 
-class PDRound:
-    """Student (a copy of the round's teacher network) trained to match the teacher's two DDIM half-steps."""
+class PDRound(Stage):
+    """Student (a copy of the round's teacher network) trained to match the teacher's two DDIM half-steps; the
+    loop's default Adam (no weight decay in the presets) with the per-round linear decay of the learning rate."""
 
     kind = "pd"
 
@@ -130,11 +132,6 @@ class PDRound:
         self.teacher.to(device)
         return self
 
-    def optimizer(self, params: list, which: str) -> torch.optim.Optimizer:
-        """Adam without weight decay (the loop sets the per-round linear decay of the learning rate)."""
-        t = self.cfg.train
-        return torch.optim.Adam(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-
     @torch.no_grad()
     def target(self, x_t: torch.Tensor, i: torch.Tensor, labels) -> torch.Tensor:
         """x~ of the student's interval i [N] from x_t: two teacher DDIM steps on the 2N grid, then pd_target.
@@ -151,7 +148,7 @@ class PDRound:
         x_next = ddim_step(teacher, x_mid, s_mid, s_next, labels)
         return pd_target(x_t, x_next, s, s_next).float()
 
-    def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator):
+    def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator, phase=None):
         """Mean weighted squared error of the student's D(x_t, s_i) against x~; i ~ U{0..N-1} per sample."""
         x, y = batch
         x = to_model(x) if x.dtype == torch.uint8 else x.float()  # images, or float data in [-1, 1] (tests)
@@ -169,17 +166,6 @@ class PDRound:
 
 # ---------------------------------------------------------------------------------------------
 # The rounds.
-
-def load_teacher(path: str | os.PathLike, kind: str = "teacher") -> tuple[nn.Module, DiffusionConfig, dict]:
-    """(network, diffusion config, meta) of a Stage-1 teacher (or, kind "pd", of a previous round's student);
-    UserError for any other file."""
-    meta = read_meta(path)
-    if meta.get("kind") != kind:
-        raise UserError(f"{path} holds kind={meta.get('kind')!r}, not a diffusion teacher: pass the Stage-1 "
-                        "checkpoint (python -m pagoda teacher ...) as --teacher")
-    net, meta = load_network(path, kind=kind)
-    return net, diffusion_config(path, meta), meta
-
 
 def data_source(cfg: PDConfig, meta: dict) -> tuple[str, bool]:
     """(source, xflip) of the training images: cfg.data, else the teacher's own training data; mirrored as the
@@ -218,7 +204,8 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
     if not cfg.teacher:
         raise UserError("no teacher given: pass --teacher T.safetensors (the Stage-1 teacher)")
     with dist.session():
-        teacher_net, diffusion, meta = load_teacher(cfg.teacher)
+        teacher = load_teacher(cfg.teacher)
+        teacher_net, diffusion, meta = teacher.net, teacher.diffusion, teacher.meta
         source, xflip = data_source(cfg, meta)
         dataset = build_dataset(source, teacher_net.resolution, xflip=xflip)
         if dataset.num_classes != teacher_net.num_classes:
@@ -231,7 +218,7 @@ def run(cfg: PDConfig, *, out_dir: str | os.PathLike) -> Path:
         path, teacher_path, round_sha = None, Path(cfg.teacher), teacher_sha
         for n in rounds(cfg):
             if teacher_path != Path(cfg.teacher):
-                teacher_net, _, _ = load_teacher(teacher_path, kind="pd")
+                teacher_net = load_teacher(teacher_path, kind="pd").net
                 round_sha = sha256_file(teacher_path)
             stage = PDRound(cfg, teacher_net, diffusion, n).to(dist.device())
             extra = dict(network=meta["network"], diffusion=meta.get("diffusion", {}),

@@ -4,6 +4,7 @@
   2022, `pg_modules/discriminator.py`) and CTM (PaGoDA's code base) runs it: one mini-discriminator per backbone map, each a
   stack of down-blocks (spectral-norm conv 4x4/2, BatchNorm, LeakyReLU(0.2)) and a final spectral-norm 4x4 conv
   to a map of patch logits; class conditioning by projection (Miyato & Koyama 2018): <f, e(y)> / sqrt(cond_dim).
+- `DiscPair`: Stage 3's samples' and reconstructions' discriminators together.
 - DiffAugment (Zhao et al., NeurIPS 2020): colour, translation, cutout, drawn once (`augment_params`) and applied
   to any batch (`apply_augment`), so real_i and fake_i of a D step, or both images of L_rec, share a draw.
 """
@@ -161,6 +162,24 @@ class ProjectedDiscriminator(nn.Module):
             if para is not None and "weight" in para:
                 sn = para.weight[0]
                 sn._power_method(sn._reshape_weight_to_matrix(para.weight.original), n)
+
+
+class DiscPair(nn.Module):
+    """Stage 3 from 8x on (METHOD §2; sony/pagoda `train_util.py`): the discriminator on samples (`main`) and a
+    second one on reconstructions (`rec`), trained and stepped together."""
+
+    def __init__(self, main: ProjectedDiscriminator, rec: ProjectedDiscriminator):
+        super().__init__()
+        self.main, self.rec = main, rec
+
+    def requires_grad_(self, requires_grad: bool = True) -> DiscPair:
+        self.main.requires_grad_(requires_grad)  # each keeps its backbone frozen
+        self.rec.requires_grad_(requires_grad)
+        return self
+
+    def power_iteration(self, n: int = 1) -> None:
+        self.main.power_iteration(n)
+        self.rec.power_iteration(n)
 
 
 def _drop_backbone(module, state_dict, prefix, local_metadata) -> None:

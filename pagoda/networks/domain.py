@@ -9,6 +9,7 @@ discriminator). It owns its preprocessing, so any uint8 image of any size can be
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -211,14 +212,20 @@ def load_domain_net(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device).eval().requires_grad_(False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pagoda domain`: train the photos classifier and write it."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m pagoda domain` (bench.demo builds its steps against it)."""
     p = ArgumentParser(prog="python -m pagoda domain", description="Train the domain classifier on "
                                 "the bundled photos data set (8..64 px) and write it as safetensors.")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file, e.g. weights/domain-photos.safetensors")
     p.add_argument("--epochs", type=int, default=4, help="passes over all train crops at all resolutions (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pagoda domain`: train the photos classifier and write it."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))

@@ -270,10 +270,8 @@ def _check_hub_name(path: Path, digest: str, spec: WeightsSpec) -> None:
 
 def load_timm(key: str, arch: str, weights_dir: str | os.PathLike | None = None, **kwargs) -> tuple[nn.Module, str]:
     """timm `arch` (random init; timm itself never downloads) loaded from the file of SPECS[key], fetched on first
-    use (pagoda.weights); returns (net, SHA-256).
-
-    UserError naming the file and its source when it is missing, unreadable, or holds another architecture.
-    """
+    use (pagoda.weights); returns (net, SHA-256). UserError naming the file and its source when it is missing,
+    unreadable, or holds another architecture."""
     import timm
 
     spec = SPECS[key]

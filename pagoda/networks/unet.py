@@ -202,33 +202,10 @@ class UNet(nn.Module):
         def attn(ch, ds):
             return [AttentionBlock(ch, num_head_channels)] if resolution // ds in attention_resolutions else []
 
-        # Encoder: a stem conv, num_res_blocks blocks per level, a down-block between levels.
-        ch = model_channels * channel_mult[0]
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skips, ds = [ch], 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(res(ch, model_channels * mult), *attn(model_channels * mult, ds)))
-                ch = model_channels * mult
-                skips.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skips.append(ch)
-                ds *= 2
-
+        widths = [model_channels * m for m in channel_mult]
+        ch, skips, ds = self._encoder(in_channels, widths, num_res_blocks, resblock_updown, res, attn)
         self.middle_block = TimestepEmbedSequential(res(ch, ch), AttentionBlock(ch, num_head_channels), res(ch, ch))
-
-        # Decoder: num_res_blocks + 1 blocks per level, each eating one skip; an up-block ends each level but the last.
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
-                layers = [res(ch + skips.pop(), model_channels * mult), *attn(model_channels * mult, ds)]
-                ch = model_channels * mult
-                if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        ch = self._decoder(ch, skips, ds, widths, num_res_blocks, resblock_updown, res, attn)
 
         # Stage 3 (METHOD §2): per 2x, an up-ResBlock (nearest) and two ResBlocks at the head's width, no attention,
         # no skips, output convs zero-initialised (ResBlock's default), so a fresh stage passes h on upsampled. Their
@@ -249,6 +226,40 @@ class UNet(nn.Module):
         # a freshly grown G is exactly up(G). Without it the kept head `out` reads the last grown block (the paper's).
         self.grow_skip = grow_skip and grow_stages > 0
         self.grow_out = nn.ModuleList(head() for _ in range(grow_stages)) if self.grow_skip else None
+
+    def _encoder(self, in_channels: int, widths: list[int], num_res_blocks: int, resblock_updown: bool, res, attn
+                 ) -> tuple[int, list[int], int]:
+        """input_blocks: a stem conv, num_res_blocks blocks per level, a down-block between levels (ADM's order, so
+        a seeded init is ADM's). Returns (channels at the bottom, the skips' channels, the bottom's downsampling)."""
+        ch = widths[0]
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                self.input_blocks.append(TimestepEmbedSequential(res(ch, width), *attn(width, ds)))
+                ch = width
+                skips.append(ch)
+            if level != len(widths) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(res(ch, ch, down=True) if resblock_updown
+                                                                 else Downsample(ch)))
+                skips.append(ch)
+                ds *= 2
+        return ch, skips, ds
+
+    def _decoder(self, ch: int, skips: list[int], ds: int, widths: list[int], num_res_blocks: int,
+                 resblock_updown: bool, res, attn) -> int:
+        """output_blocks: num_res_blocks + 1 blocks per level, each eating one skip; an up-block ends each level but
+        the last. Returns the channels at the head."""
+        self.output_blocks = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skips.pop(), width), *attn(width, ds)]
+                ch = width
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        return ch
 
     def embed(self, c_noise: torch.Tensor, labels: torch.Tensor | None, guidance: torch.Tensor | None,
               N: int) -> torch.Tensor:

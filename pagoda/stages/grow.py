@@ -40,10 +40,11 @@ from pagoda.checkpoint import diffusion_config, load_network, read_meta, rebuild
 from pagoda.config import GrowConfig, UNetConfig, from_dict, to_dict
 from pagoda.data import to_model
 from pagoda.errors import UserError
-from pagoda.networks.discriminator import ProjectedDiscriminator
+from pagoda.networks.discriminator import DiscPair, ProjectedDiscriminator
 from pagoda.networks.features import build_backbone
-from pagoda.stages.distill import DiscPair, OneStepStage
-from pagoda.train import check_run_config, train
+from pagoda.rundir import check_run_config
+from pagoda.stages.onestep import OneStepStage
+from pagoda.train import train
 from pagoda.weights import sha256_file
 
 
@@ -133,6 +134,7 @@ class GrowStage(OneStepStage):
                             "at zero and must be trained; drop them")
         self.num_classes, self.resolution = self.net.num_classes, self.net.output_resolution
         self.backbone = build_backbone(cfg.loss.backbone, weights_dir=weights_dir, seed=1)
+        self.w_rec = cfg.loss.w_rec
         self.phases = None
         if stage_index >= cfg.loss.split_from:  # two updates per step; an absent loss has none
             self.phases = tuple(p for p, w in (("rec", cfg.loss.w_rec), ("adv", cfg.loss.w_adv)) if w > 0)

@@ -19,10 +19,10 @@ from pagoda.data import build_dataset, to_model
 from pagoda.diffusion import EDMPrecond, edm_loss
 from pagoda.errors import UserError
 from pagoda.networks.unet import UNet
-from pagoda.train import train
+from pagoda.train import Stage, train
 
 
-class TeacherStage:
+class TeacherStage(Stage):
     """The UNet F and one training step of the EDM loss (the loop in pagoda.train does the rest)."""
 
     name = "teacher"
@@ -32,7 +32,7 @@ class TeacherStage:
         self.cfg = cfg
         self.net = UNet(**dataclasses.asdict(cfg.network))
 
-    def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator):
+    def step(self, net: nn.Module, batch: list[torch.Tensor], generator: torch.Generator, phase=None):
         """Mean EDM loss of a micro-batch (x uint8 [N,3,R,R], y int64 [N]); no extra statistics."""
         x, y = batch
         d, num_classes = self.cfg.diffusion, self.cfg.network.num_classes
