@@ -149,6 +149,12 @@ class Generator(abc.ABC):
             yield self.sample(seeds[i:i + batch], None if labels is None else labels[i:i + batch], guidance)
 
 
+def _alias(name: str) -> property:
+    """A read-write property for the attribute `name` under another name (a subclass's `network`)."""
+    return property(lambda self: getattr(self, name), lambda self, value: setattr(self, name, value),
+                    doc=f"the module one NFE evaluates: self.{name}")
+
+
 class Clamped(nn.Module):
     """A denoiser whose output is clipped to [-1, 1] at every call (the original PD sampler's clip_x)."""
 
@@ -170,6 +176,7 @@ class DiffusionGenerator(Generator):
     """
 
     kind = "teacher"
+    network = _alias("denoiser")
 
     def __init__(self, denoiser: EDMPrecond, *, resolution: int, num_classes: int, sampler: str = "heun",
                  steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -219,14 +226,6 @@ class DiffusionGenerator(Generator):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    @property
-    def network(self) -> nn.Module:
-        return self.denoiser
-
-    @network.setter
-    def network(self, module: nn.Module) -> None:
-        self.denoiser = module
-
     @torch.no_grad()
     def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
         """Images of the seeds. To count NFE, wrap the denoiser: `gen.denoiser = NFECounter(gen.denoiser)`."""
@@ -253,6 +252,7 @@ class OneStepGenerator(Generator):
 
     kind = method = "pagoda"
     nfe = 1.0
+    network = _alias("net")
 
     def __init__(self, net: nn.Module, *, resolution: int, num_classes: int, sigma_max: float = 80.0,
                  sigma_data: float = 0.5, noise_resolution: int | None = None, name: str = "pagoda",
@@ -271,14 +271,6 @@ class OneStepGenerator(Generator):
         self.supports_guidance = guided
         lo, hi = self.guidance_range or (1.0, 1.0)
         self.guidance = 1.0 if lo <= 1.0 <= hi else lo
-
-    @property
-    def network(self) -> nn.Module:
-        return self.net
-
-    @network.setter
-    def network(self, module: nn.Module) -> None:
-        self.net = module
 
     def check_guidance(self, guidance: float | None) -> float:
         """The CFG scale w a sample() call uses (None = the default), refused outside the trained range."""
