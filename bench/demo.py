@@ -51,6 +51,10 @@ def _folders(args) -> tuple[Path, Path]:
         check_output(folder / "x", what)
     if out.is_dir() and not (out / ".steps").is_dir():  # not a demo run's folder (run() makes .steps first)
         refuse_foreign_files(out, what="a demo run")
+    made = out / ".steps" / "preset"
+    if made.is_file() and made.read_text().strip() != args.preset:  # its steps would overwrite the other run's
+        raise UserError(f"--out {out} holds a demo run of --preset {made.read_text().strip()}: pass another --out "
+                        f"for --preset {args.preset}, or delete {out}")
     return out, weights
 
 
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     weights.mkdir(parents=True, exist_ok=True)
     pipeline.results.mkdir(parents=True, exist_ok=True)
+    (out / ".steps").mkdir(exist_ok=True)
+    (out / ".steps" / "preset").write_text(plan.preset + "\n")
     print(f"demo {plan.preset}: {len(steps)} steps into {out} (sized for ~{plan.budget_min} min on 2 CPU cores, up to "
           f"~2x on a slow host; logs in {out / 'logs'})", flush=True)
     t0 = time.perf_counter()

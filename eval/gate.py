@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.write_baseline is None) == (not args.baseline):
         raise UserError("give --baseline FILE to compare with, or --write-baseline FILE to write one (not both)")
     results = read_all(args.results, "--results")
+    no_rows = UserError(f"--results {', '.join(args.results)} holds no rows: the run wrote none; rerun it, or name "
+                        "the file or folder its rows went to")
     keep = None
     if args.metrics is not None:
         keep = {m.strip() for m in args.metrics.split(",") if m.strip()}
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{sorted({r['metric'] for r in results})}")
         results = [r for r in results if r["metric"] in keep]
     if args.write_baseline is not None:
+        if not results:
+            raise no_rows
         latest = list(_latest(results).values())
         write_baseline(latest, args.write_baseline)
         print(f"gate: wrote {len(latest)} baseline rows to {args.write_baseline}")
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if not baseline:
         raise UserError(f"--baseline {', '.join(args.baseline)} holds no rows{' of --metrics' if keep else ''}: "
                         "nothing to compare against; give the rows of a reference measurement")
+    if not results:
+        raise no_rows
     present = {r["metric"] for r in results + baseline}
     absent = sorted(set(tolerances) - present)
     if absent:

@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{spec} names its split / resolution itself: drop --split / --resolution, or write "
                         "photos:SPLIT:RES")
     device = init_distributed()
-    (ex,) = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device,
-                            resize=args.resize).values()
     if ":" not in spec and spec == "photos":
         spec = f"photos:{args.split}"
-    source = open_source(spec, resolution=args.resolution, split=args.split)
+    source = open_source(spec, resolution=args.resolution, split=args.split)  # a missing data set: said first
+    (ex,) = make_extractors({args.extractor}, weights_dir=args.weights_dir, device=device,
+                            resize=args.resize).values()
     if min(args.max_samples or source.num_samples, args.store_features) < source.num_samples:
         source = RandomOrder(source, seed=0)  # a subset is kept: make it a random one, not the first classes
     source = source.limit(args.max_samples)

@@ -572,7 +572,11 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 
 def _set_path(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    """A copy of the config `obj` with the dotted `path` set to `value`; UserError for a path that names no field
+    (including one that goes below a plain value, e.g. train.steps.x)."""
     name = path[0]
+    _check(is_dataclass(obj), f"--set {full}: {name!r} goes below a plain value ({type(obj).__name__}): set the "
+                              f"value itself, e.g. --set {full.split('=')[0].rsplit('.', len(path))[0]}=...")
     names = [f.name for f in fields(obj)]
     _check(name in names, f"--set {full}: {name!r} is not a field here; choose one of {names}")
     if len(path) == 1:

@@ -38,6 +38,8 @@ def test_override_types_and_nesting():
         (["train.dtype=\"fp8\""], "train.dtype"),
         (["train.lr=1e400"], "train.lr=1e400 must be a finite number"),  # JSON reads 1e400 and Infinity as inf
         (["train.lr=-Infinity"], "must be a finite number, got -inf"),
+        (["train.steps.x=1"], "'x' goes below a plain value (int): set the value itself, e.g. --set train.steps="),
+        (["network.channel_mult.0=3"], "--set network.channel_mult=..."),
     ],
 )
 def test_bad_overrides_are_one_line_user_errors(overrides, needle):

@@ -203,18 +203,22 @@ def test_pagoda_has_no_import_cycles():
 
 
 @pytest.mark.parametrize("case", ["out_is_file", "weights_is_file", "only_unknown", "preset_unknown",
-                                  "only_empty", "out_of_other_files"])
+                                  "only_empty", "out_of_other_files", "out_of_another_preset"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
+    photos = tmp_path / "photos-run"
+    (photos / ".steps").mkdir(parents=True)
+    (photos / ".steps" / "preset").write_text("photos\n")
     argv = {"out_is_file": ["--out", str(f)], "weights_is_file": ["--out", str(tmp_path / "o"), "--weights-dir", str(f)],
             "out_of_other_files": ["--out", str(other), "--weights-dir", str(tmp_path / "o")],
             "only_unknown": ["--out", str(tmp_path / "o"), "--only", "teacher,nope"],
             "preset_unknown": ["--preset", "imagenet", "--out", str(tmp_path / "o")],
-            "only_empty": ["--out", str(tmp_path / "o"), "--only", " , "]}[case]
+            "only_empty": ["--out", str(tmp_path / "o"), "--only", " , "],
+            "out_of_another_preset": ["--preset", "smoke", "--out", str(photos), "--dry-run"]}[case]
     assert _demo(*argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err

@@ -96,3 +96,12 @@ def test_append_is_whole_lines(tmp_path):
     rows = read_rows(path)
     assert len(rows) == 4 and all(set(r) >= {"model", "metric", "value", "extra"} for r in rows)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_empty_results_are_bad_input_not_a_table_of_missing_rows(files, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base, _ = files
+    assert run_cli(main, ["--results", str(empty), "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no rows" in err[0]
