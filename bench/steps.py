@@ -59,15 +59,16 @@ class Tool:
         flag; a list for a repeatable option, or for one that takes a comma list); `in_process` runs it by its
         main() in the pipeline's process. UserError for an option the tool does not have, or a value its parser
         refuses."""
-        actions = {a.dest: a for a in self.parser()._actions if a.option_strings}
+        parser = self.parser()
+        actions = {a.dest: a for a in parser._actions if a.option_strings}
         argv = [str(v) for v in positional]
         for dest, value in options.items():
             if dest not in actions:
                 raise UserError(f"python -m {self.module} {self.subcommand or ''}: no option for {dest!r} (renamed "
-                                "or removed?): update the pipeline (bench/demo.py) to its options")
+                                "or removed?): update the pipeline (bench/pipeline.py) to its options")
             argv += _option_argv(actions[dest], value)
         prefix = (self.subcommand,) if self.subcommand else ()
-        self.parser().parse_args(argv)  # the tool's own types and choices check every value now
+        parser.parse_args(argv)  # the tool's own types and choices check every value now
         return Command(self.module, prefix + tuple(argv), self.main if in_process else None)
 
 

@@ -244,7 +244,7 @@ def load_teacher(path: str | os.PathLike, *, kind: str = "teacher", device: str 
     if found != kind:
         raise UserError(f"checkpoint {path} holds kind={found!r} but a {kind!r} checkpoint is needed here (it is not "
                         "a diffusion teacher): pass the Stage-1 checkpoint (python -m pagoda teacher ...)")
-    net, meta = load_network(path, kind=kind, device=device)
+    net, meta = load_network(path, device=device)  # its kind is checked above, with the message for teachers
     return Teacher(net, diffusion_config(path, meta), meta)
 
 
