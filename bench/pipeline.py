@@ -88,7 +88,7 @@ class Plan:
     guided_set: tuple[str, ...] = ("train.lr=1e-3", "guidance_lr_mult=20", "loss.adv_real=teacher")
     moves_seeds: int = 256  # seeds of bench.moves (the guided G's and the teacher's moves with w)
     grid_seeds: int = 64
-    metrics: str = "fid,kid,is,pr"
+    metrics: str = "fid,fdr,kid,is,pr"
     eval_batch: int = 250
 
     @property
@@ -157,6 +157,7 @@ class Pipeline:
         self.data = o / "data" / f"photos-train-{self.top}px-{plan.pairs_images}.npz"
         self.data_guided = o / "data" / f"photos-train-{self.top}px-{plan.guided_images}.npz"
         self.refs = {r: o / "refs" / f"photos-heldout-{r}px-domain.npz" for r in self.resolutions}
+        self.train_refs = {r: o / "refs" / f"photos-train-{r}px-domain.npz" for r in self.resolutions}  # FDr's
         self.domain = self.weights / "domain-photos.safetensors"
 
     def model(self, name: str) -> Path:
@@ -180,10 +181,15 @@ class Pipeline:
                           [self.teacher, self.model("teacher")], fresh=[o / "teacher"],
                           after=lambda: _link(self.teacher, self.model("teacher"))))
         for r in self.resolutions:
-            steps.append(Step(f"ref{r}", f"reference statistics of the held-out photos at {r} px",
-                              [EVAL_REF.command(f"photos:heldout:{r}", extractor="domain", out=self.refs[r],
-                                                weights_dir=self.weights, force=True)],
+            steps.append(Step(f"ref{r}", f"reference statistics of the held-out photos at {r} px (FD; FDr's "
+                              "validation set)", [EVAL_REF.command(f"photos:heldout:{r}", extractor="domain",
+                                                                   out=self.refs[r], weights_dir=self.weights,
+                                                                   force=True)],
                               [self.refs[r]], [self.domain], fresh=[self.refs[r]]))
+            steps.append(Step(f"train-ref{r}", f"statistics of the training photos at {r} px (FDr's training set)",
+                              [EVAL_REF.command(f"photos:train:{r}", extractor="domain", out=self.train_refs[r],
+                                                weights_dir=self.weights, store_features=0, force=True)],
+                              [self.train_refs[r]], [self.domain], fresh=[self.train_refs[r]]))
         steps.append(Step("subset", f"{p.pairs_images} training photos at {self.top} px (Stage 2a/3 data)", [],
                           [self.data, self.data_guided],
                           after=lambda: (subset_npz(self.data, p.pairs_images, self.top),
@@ -229,7 +235,7 @@ class Pipeline:
 
     def _row_files(self) -> list[Path]:
         names = [f"quality-teacher{i or ''}" for i in range(len(self.plan.teacher_cells))] + \
-            ["quality-onestep", "quality-guidance", "cost", "train-cost", "samples"]
+            ["quality-onestep", "quality-guidance", "quality-validation", "cost", "train-cost", "samples"]
         return [self.results / f"{n}.jsonl" for n in names] + \
             [self.results / f"drift-{r}.jsonl" for r in self.resolutions[1:]] + \
             [self.results / f"drift-{self.resolutions[1]}-norec.jsonl"]
@@ -250,12 +256,30 @@ class Pipeline:
                     [out], [m(low), m(high)], fresh=[out], cwd=self.models)
 
     def _eval(self, name: str, title: str, ckpts: list[Path], out: Path, refs: list[int], **cell) -> Step:
+        """eval.run of `ckpts` against the held-out photos (FD, KID, IS, P/R) and FDr against the training photos,
+        in units of the held-out set's own FD to them."""
         p = self.plan
+        fdr = self._fdr_refs(refs)
         cmd = EVAL_RUN.command(ckpt=[c.name for c in ckpts], ref=[self.refs[r] for r in refs], extractor="domain",
                                metrics=p.metrics, num_samples=p.num_samples, batch=p.eval_batch,
                                weights_dir=self.weights, allow_small=True,
-                               estimator=f"kid_subset={min(1000, p.num_samples)}", **cell, out=out)
-        return Step(name, title, [cmd], [out], [*ckpts, *(self.refs[r] for r in refs)], fresh=[out], cwd=self.models)
+                               estimator=f"kid_subset={min(1000, p.num_samples)}", **fdr, **cell, out=out)
+        return Step(name, title, [cmd], [out], [*ckpts, *(self.refs[r] for r in refs), *fdr["train_ref"]],
+                    fresh=[out], cwd=self.models)
+
+    def _fdr_refs(self, refs: list[int]) -> dict:
+        """eval.run's FDr references at the resolutions `refs`: training photos, held-out photos as validation."""
+        return dict(train_ref=[self.train_refs[r] for r in refs], val_ref=[self.refs[r] for r in refs])
+
+    def _validation(self) -> Step:
+        """FDr of the held-out photos themselves, the validation line (= 1) of every table that shows FDr."""
+        out = self.results / "quality-validation.jsonl"
+        cmd = EVAL_RUN.command(images=[f"photos:heldout:{r}" for r in self.resolutions],
+                               ref=[self.refs[r] for r in self.resolutions], extractor="domain", metrics="fdr",
+                               batch=self.plan.eval_batch, weights_dir=self.weights, allow_small=True,
+                               **self._fdr_refs(self.resolutions), out=out)
+        return Step("eval-validation", "FDr of the held-out photos themselves (the validation line: 1)", [cmd], [out],
+                    [*self.refs.values(), *self.train_refs.values()], fresh=[out])
 
     def _onestep(self, *, norec: bool) -> list[Path]:
         """G at every resolution (and the no-L_rec ablation), then the PD students PD-4, PD-2, PD-1 there are."""
@@ -277,6 +301,7 @@ class Pipeline:
         steps.append(self._eval("eval-guidance", f"quality vs CFG scale w = {p.guidance}: teacher {sampler}-{nsteps}, "
                                 "guided G", [t, m(f"{g}-cfg")], res / "quality-guidance.jsonl", [self.base],
                                 guidance=p.guidance, sampler=sampler, steps=nsteps))
+        steps.append(self._validation())
         out, ws = res / "moves.jsonl", ",".join(w for w in p.guidance.split(",") if float(w) != 1)
         steps.append(Step("moves", f"guidance moves: G(w) - G(1) against the teacher's {sampler}-{nsteps} at w = {ws}",
                           [MOVES.command(m(f"{g}-cfg").name, teacher=t.name, sampler=sampler, steps=nsteps, w=ws,

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from eval.fdr import FDR, spaces_of
 from eval.measure import DEFAULT_SAMPLES, Plan, References, check_cell, make_extractors, score_cell
 from eval.pipeline import init_distributed
 from eval.registry import DEFAULT_ROLES, Estimators, check_extractor, estimators_arg
@@ -70,6 +71,7 @@ class CallableGenerator(Generator):
 
     kind = method = "callable"
     nfe = None  # unknown: the callable does not say how it makes its images
+    space = uint8 = feature_nets = None  # unknown too (the callable quantises its own images)
 
     def __init__(self, fn: Callable, *, num_classes: int = 0, name: str | None = None):
         self.fn, self.num_classes = fn, int(num_classes)
@@ -112,7 +114,9 @@ class Evaluator:
     samples' resolution). metrics: names or a comma list. extractor: the main extractor's name, or a dict over
     the roles main / dinov2 / clip / cmmd. resize: the image convention of extractors that offer one. estimator:
     Estimators, a dict or `kid_subset=500,bootstrap=100`. class_names / captions: CLIP prompts. cache: read and
-    write the feature cache of sample stores (eval.cache). UserError for every impossible request, before any
+    write the feature cache of sample stores (eval.cache). val_ref: validation statistics for metric fdr (eval.fdr),
+    whose spaces are `fdr_extractors` (default: the extractors the val_ref files were built with); train_ref: its
+    training statistics (default: `ref`). UserError for every impossible request, before any
     weights are loaded where the names alone show it.
     """
 
@@ -120,7 +124,9 @@ class Evaluator:
                  extractor: str | dict | None = None, resize: str | None = None, estimator=None,
                  per_class: bool = False, class_names: Iterable[str] | None = None,
                  captions: Iterable[str] | None = None, batch: int = 250, allow_small: bool = False,
-                 weights_dir: str | os.PathLike | None = None, device=None, cache: bool = True):
+                 weights_dir: str | os.PathLike | None = None, device=None, cache: bool = True,
+                 val_ref: str | list[str] | tuple = (), train_ref: str | list[str] | tuple = (),
+                 fdr_extractors: Iterable[str] | None = None):
         from eval.cache import default_cache
         from eval.registry import metric_list
 
@@ -128,16 +134,24 @@ class Evaluator:
             metrics = metric_list(metrics if isinstance(metrics, str) else ",".join(metrics))
         except argparse.ArgumentTypeError as e:
             raise UserError(f"metrics {metrics!r}: {e}") from None
-        self.plan = Plan(metrics=tuple(metrics), roles=roles_of(extractor), est=estimators_of(estimator),
+        self.val_refs, train_refs = (References([r] if isinstance(r, (str, os.PathLike)) else list(r),
+                                                weights_dir=weights_dir) for r in (val_ref, train_ref))
+        fdr = spaces_of(self.val_refs, list(fdr_extractors or ())) if FDR in metrics else ()
+        if (self.val_refs.paths or train_refs.paths) and not fdr:
+            raise UserError("--val-ref and --train-ref are read by metric fdr only: add fdr to the metrics, or drop "
+                            "them")
+        self.plan = Plan(metrics=tuple(m for m in metrics if m != FDR), roles=roles_of(extractor),
+                         est=estimators_of(estimator), fdr=fdr,
                          per_class=per_class, class_names=tuple(class_names) if class_names is not None else None,
                          captions=tuple(captions) if captions is not None else None, batch=int(batch),
                          allow_small=allow_small, cache=default_cache(cache))
         for m in self.plan.metrics:  # before loading any weights (an unknown name too)
             check_extractor(m, self.plan.extractor_of(m))
         self.refs = References([ref] if isinstance(ref, (str, os.PathLike)) else list(ref), weights_dir=weights_dir)
+        self.train_refs = train_refs if train_refs.paths else self.refs  # fdr's training statistics
         self.refs.check_extractors(self.plan)
         self.device = torch.device(device) if device is not None else init_distributed()
-        self.extractors = make_extractors({self.plan.extractor_of(m) for m in self.plan.metrics},
+        self.extractors = make_extractors({self.plan.extractor_of(m) for m in self.plan.metrics} | set(fdr),
                                           weights_dir=weights_dir, device=self.device, resize=resize)
 
     def source(self, samples, *, num_samples: int | None = None, seed: int = 0, labels="seed",
@@ -174,7 +188,8 @@ class Evaluator:
 
     def check(self, source: Source, *, what: str | None = None, option: str = "num_samples") -> None:
         """Every refusal that needs no image: extractors, references, sample counts, labels, prompts."""
-        check_cell(self.plan, source, self.extractors, self.refs, what=what or source.name, option=option)
+        check_cell(self.plan, source, self.extractors, self.refs, what=what or source.name, option=option,
+                   fdr_refs=(self.train_refs, self.val_refs))
 
     def measure(self, source: Source, *, seed: int | None = None, on_batch=None, check: bool = True) -> list[dict]:
         """The rows of one sample set (checked first, unless the caller has: check=False); seed: what the rows
@@ -183,7 +198,7 @@ class Evaluator:
             if check:
                 self.check(source)
             return score_cell(self.plan, source, self.extractors, self.refs, device=self.device, seed=seed,
-                              on_batch=on_batch)
+                              on_batch=on_batch, fdr_refs=(self.train_refs, self.val_refs))
 
 
 def evaluate(samples, ref: str | list[str] | tuple = (), metrics: str | Iterable[str] = ("fid",), *,

@@ -71,6 +71,7 @@ class Extractor:
     weights_path: Path | None
     weights_sha256: str | None
     weights_trust: str | None  # "pinned", "first use", "unverified" or "not official" (pagoda.weights)
+    feature_dtype: str = "float32"  # every output is cast to float32 (__call__); statistics sum it in float64
 
     def __init__(self, net: nn.Module, spec: WeightsSpec, path: Path | None, sha: str | None, device: str):
         self.net = net.to(device).eval().requires_grad_(False)

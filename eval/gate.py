@@ -10,9 +10,11 @@
 way to update a committed baseline on purpose.
 
 Rows are matched on (model, method, resolution, guidance, sampler, steps, metric) and the class of a
-per-class row; two matched rows measured with different estimator parameters (extra: KID subset size
-and count, IS splits and style, k of P/R and D/C, bootstrap rounds, resize, labels) or extractors are
-refused (exit 2) rather than compared; when a
+per-class row; two matched rows measured under different protocols (pagoda.rows.PROTOCOL: the reference,
+the extractor and its weights, resize and uint8 conventions, N and seeds, labels, estimator parameters such as
+KID subsets or IS splits, the selection rule, how guidance is paid for) are refused (exit 2) rather than
+compared; a reference whose statistics differ only in their bits (rebuilt on another machine) and other package
+versions are noted, not refused. When a
 file holds the same key twice the last row wins (the latest measurement). A tolerance names the
 direction that is worse and how far a value may move that way: `fid=+0.05` = FID may rise by at
 most 0.05 (absolute), `is=-1%` = IS may fall by at most 1% of the baseline (relative). Without a
@@ -23,7 +25,7 @@ not named are shown as `unchecked` and never fail.
 Exit status: 0 all pass; 1 a regression, or a baseline row missing from the results (unless
 --allow-missing); 2 malformed input: a bad JSONL line, a tolerance that does not parse, or a
 tolerance for a metric that appears in neither file (most likely a typo), or rows measured with
-different estimator parameters.
+different protocols.
 """
 
 from __future__ import annotations
@@ -37,21 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagoda.errors import ArgumentParser, UserError, check_output, run_cli, write_atomic
-from pagoda.rows import MATCH_KEYS, estimator_params, read_rows, row_key, text_table
-
-# +1: lower is better (a rise is a regression); -1: higher is better.
-LOWER_IS_BETTER = ("fid", "sfid", "kid", "fd_", "cmmd", "latency", "memory", "nfe")
-HIGHER_IS_BETTER = ("is", "precision", "recall", "density", "coverage", "clip", "img_per_s", "throughput")
-
-
-def known_direction(metric: str) -> int | None:
-    """+1 if a larger value of `metric` is worse, -1 if a smaller one is worse, None if unknown."""
-    m = metric.lower()
-    if any(m == p or m.startswith(p) for p in LOWER_IS_BETTER):
-        return +1
-    if any(m == p or m.startswith(p + "_") for p in HIGHER_IS_BETTER):
-        return -1
-    return None
+from pagoda.rows import (
+    MATCH_KEYS,
+    PROTOCOL,
+    PROTOCOL_NOTES,
+    known_direction,
+    protocol_diff,
+    read_rows,
+    row_key,
+    text_table,
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +116,8 @@ def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tol
             allow_missing: bool = False) -> list[dict]:
     """One verdict per key of either file: baseline, new, delta, allowed bound and status."""
     new, base = _latest(results), _latest(baseline)
-    check_estimators(new, base)
+    for note in check_protocol(new, base):
+        print(note, file=sys.stderr)
     verdicts = []
     for key in list(base) + [k for k in new if k not in base]:
         b, n = base.get(key), new.get(key)
@@ -144,17 +142,23 @@ def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tol
     return verdicts
 
 
-def check_estimators(new: dict[tuple, dict], base: dict[tuple, dict]) -> None:
-    """UserError when a row and its baseline were measured with different estimator parameters or extractors."""
+def check_protocol(new: dict[tuple, dict], base: dict[tuple, dict]) -> list[str]:
+    """UserError when a row and its baseline were measured under different protocols (pagoda.rows.protocol_diff:
+    reference, extractor and its weights, image conventions, N, seeds, labels, estimator parameters, selection,
+    guidance cost, ...); a field one side does not record (an older baseline) is not compared. The notes: rows
+    whose PROTOCOL_NOTES fields differ (a reference rebuilt on another machine, other package versions)."""
+    notes = set()
     for key in base.keys() & new.keys():
         b, n = base[key], new[key]
-        same = ("extractor", "extractor_sha256", "num_samples")  # a FID's bias depends on the sample count
-        pb, pn = ({**estimator_params(r), **{k: r.get(k) for k in same}} for r in (b, n))
-        diff = sorted(k for k in pb.keys() | pn.keys() if pb.get(k) != pn.get(k))
-        if diff:
-            what = ", ".join(f"{k} {pb.get(k)!r} in the baseline vs {pn.get(k)!r} in the results" for k in diff)
-            raise UserError(f"{b['metric']} of {b['model']} was measured with different estimator parameters "
-                            f"({what}): measure both with the same parameters, or update the baseline on purpose")
+        diff = protocol_diff(b, n)
+        refused = {k: v for k, v in diff.items() if k not in PROTOCOL_NOTES}
+        if refused:
+            what = ", ".join(f"{k} {vb!r} in the baseline vs {vn!r} in the results" for k, (vb, vn) in refused.items())
+            raise UserError(f"{b['metric']} of {b['model']} was measured under a different protocol ({what}): "
+                            "measure both the same way, or update the baseline on purpose")
+        notes.update(diff)
+    return [f"note: {k} differs between baseline and results for some rows ({PROTOCOL[k]}); compared anyway"
+            for k in sorted(notes)]
 
 
 def failed(verdicts: list[dict]) -> bool:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from eval.catalog import refetch_hint, resolve_ref
-from eval.pipeline import Want, extract
+from eval.fdr import FDR, check_fdr, fdr_row
+from eval.pipeline import Want, check_sample_count, extract
 from eval.registry import (
     METRICS,
     PER_CLASS,
@@ -25,11 +28,11 @@ from eval.registry import (
     score,
     wants,
 )
-from eval.rows import make_row
+from eval.rows import make_row, versions
 from eval.sources import TensorSource
 from eval.stats import load_reference
 from pagoda.errors import UserError
-from pagoda.weights import sha256_file
+from pagoda.rows import known_direction
 
 DEFAULT_SAMPLES = 50_000
 
@@ -51,6 +54,7 @@ class Plan:
     batch: int = 250
     allow_small: bool = False
     cache: object = None  # eval.cache.FeatureCache for sample stores, None = extract every time (--no-cache)
+    fdr: tuple[str, ...] = ()  # the extractors FDr_k averages over (eval.fdr); () = no fdr row
 
     def extractor_of(self, metric: str) -> str:
         return self.roles[METRICS[metric].role]
@@ -77,11 +81,20 @@ class References:
                 self.prov[p]["resolution"] = ref.image_size
         self.loaded = {}  # (path, extractor) -> Reference, read (and for ADM batches, extracted) once per run
 
-    def about(self, path: str | None) -> dict:
-        """Row fields of the reference `path` (as given): its file's SHA-256, and how a named one is trusted."""
+    def name(self, path: str | None) -> str | None:
+        """The name rows give the reference `path` (as given), never a path of the machine that made it: a catalog
+        name as is, the data-set spec it was built from (photos:heldout:16), else its file's name."""
+        if path is None or self.trust[path] is not None:
+            return path
+        source = str(self.prov[path].get("source") or "")
+        return source if source.split(":")[0] == "photos" else Path(path).name
+
+    def about(self, path: str | None, ref) -> dict:
+        """Row `extra` of the reference `path` (as given) as loaded (`ref`): the SHA-256 of its statistics (mu,
+        sigma: eval.stats.Reference.stats_sha256), and how a named one is trusted."""
         if path is None:
             return {}
-        out = {"reference_sha256": sha256_file(self.files[path])}
+        out = {"reference_sha256": ref.stats_sha256()}
         if self.trust[path] is not None:
             out["reference_trust"] = self.trust[path]
         return out
@@ -107,6 +120,9 @@ class References:
         ones are refused as ambiguous."""
         ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
               and self.prov[p].get("resolution") in (None, resolution)]
+        # refs of both image conventions may be given (eval.diff --measure): take the extractor's; with none of
+        # it, load_reference below names the mismatch
+        ok = [p for p in ok if self.prov[p].get("resize") in (None, str(ex.resize))] or ok
 
         def rank(p):
             return (self.prov[p].get("extractor") is None, self.prov[p].get("resolution") is None)
@@ -222,8 +238,15 @@ def prompts_of(plan: Plan, source) -> tuple[list[str], str] | None:
 # Checking a cell before sampling, and scoring it.
 
 
-def check_cell(plan: Plan, source, extractors: dict, refs: References, what: str, option: str) -> None:
-    """Every refusal that does not need the images: extractors, references, counts, labels, prompts."""
+def check_cell(plan: Plan, source, extractors: dict, refs: References, what: str, option: str,
+               fdr_refs: tuple[References, References] | None = None) -> None:
+    """Every refusal that does not need the images: extractors, references, counts, labels, prompts. fdr_refs:
+    the training and validation references of metric fdr."""
+    if plan.fdr:
+        check_fdr(plan.fdr, extractors, source.resolution, *fdr_refs, plan.est)
+        for name in plan.fdr:
+            check_sample_count(source.num_samples, extractors[name].feature_dim, allow_small=plan.allow_small,
+                               what=what, option=option, metric="FDR")
     for m in plan.metrics:
         check_extractor(m, extractors[plan.extractor_of(m)])
         if METRICS[m].ref is not None:
@@ -256,10 +279,13 @@ def check_per_class(plan: Plan, source, extractors: dict, refs: References, what
 
 
 def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device, seed: int | None,
-               on_batch=None) -> list[dict]:
-    """Stream the source once through every needed extractor and turn the outputs into rows."""
+               on_batch=None, fdr_refs: tuple[References, References] | None = None) -> list[dict]:
+    """Stream the source once through every needed extractor and turn the outputs into rows (fdr's last, against
+    fdr_refs: its training and validation references)."""
     need = wants(list(plan.metrics), plan.roles, plan.est, num_samples=source.num_samples,
                  per_class=plan.per_class, prompts=prompts_of(plan, source))
+    for name in plan.fdr:  # its spaces need the mean / covariance sums only, which every extraction keeps
+        need.setdefault(name, Want())
     outs = extract(source, {n: extractors[n] for n in need}, need, batch=plan.batch, device=device,
                    on_batch=on_batch, cache=plan.cache)
     base = dict(source.row_fields(), batch=plan.batch, dtype=source.dtype, device=str(device), seed=seed)
@@ -274,11 +300,51 @@ def score_cell(plan: Plan, source, extractors: dict, refs: References, *, device
             _, ref = refs.find(ex, source.resolution, metric, plan.est, labels=True)
             made += class_rows(metric, out.store.features(), out.stored_labels(), ref, source.num_classes, plan.est)
         for name, value, lo, hi, extra in made:
-            extra = dict(extra, resize=ex.resize, weights_trust=ex.weights_trust,
-                         **refs.about(path), **source.row_extra())
-            rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=path, extractor=ex.name,
-                                 extractor_sha256=ex.weights_sha256, extra=extra, **base))
+            extra = dict(extra, **protocol_extra(source, ex), **refs.about(path, ref), **source.row_extra())
+            rows.append(make_row(metric=name, value=value, ci_low=lo, ci_high=hi, reference=refs.name(path),
+                                 extractor=ex.name, extractor_sha256=ex.weights_sha256, extra=extra, **base))
+    if plan.fdr:
+        value, fields, extra = fdr_row(plan.fdr, outs, extractors, source.resolution, *fdr_refs, plan.est)
+        extra = {**protocol_extra(source, extractors[plan.fdr[0]], plan.fdr), **source.row_extra(), **extra}
+        rows.append(make_row(metric=FDR, value=value, **fields, extra=extra, **base))
     return rows
+
+
+def protocol_extra(source, ex, spaces: tuple[str, ...] = ()) -> dict:
+    """The protocol entries (pagoda.rows.PROTOCOL) a row gets from its extractor and the model behind the samples:
+    image convention, feature dtype, how far the weights are trusted, the selection (one run: single; eval.run
+    --repeat writes the others), whether the model trained on these features (on any of `spaces` for FDr; unknown
+    for stored samples), and the package versions."""
+    extra = dict(resize=ex.resize, feature_dtype=ex.feature_dtype, weights_trust=ex.weights_trust,
+                 selection="single", versions=versions())
+    if source.feature_nets is not None:
+        extra["trained_on_evaluator"] = any(name in source.feature_nets for name in spaces or (ex.name,))
+    return extra
+
+
+def repeat_rows(runs: list[list[dict]]) -> list[dict]:
+    """eval.run --repeat K: the rows of K disjoint seed ranges (`runs`, one list of rows per range, in range order,
+    each from score_cell), each marked with its range (extra.repeat), then per metric of the cell a mean-of-K row
+    (extra.repeat_std: sample std, ddof 1; extra.repeat_values) and a min-of-K row (max-of-K where higher is
+    better), labelled by extra.selection, as EDM2 reports the minimum over 3 seed ranges and SiD the mean of 10
+    trials. Per-class rows stay in their range's rows only. A metric of unknown direction gets no min row."""
+    k, out = len(runs), []
+    for i, rows in enumerate(runs):
+        out += [dict(r, extra=dict(r["extra"], repeat=i)) for r in rows]
+    for group in zip(*([r for r in rows if "class" not in r["extra"]] for rows in runs)):
+        first, values = group[0], [r["value"] for r in group]
+        if len({(r["metric"], r["extractor"]) for r in group}) != 1:
+            raise AssertionError("--repeat ranges made different rows")  # score_cell makes one order
+        extra = {key: v for key, v in first["extra"].items() if key not in ("std", "repeat")}
+        extra.update(seeds=f"{first['extra']['seeds'].split('-')[0]}-{group[-1]['extra']['seeds'].split('-')[1]}",
+                     repeat_values=values, repeat_std=float(np.std(values, ddof=1)) if k > 1 else 0.0)
+        base = dict(first, ci_low=None, ci_high=None)
+        out.append(dict(base, value=float(np.mean(values)), extra=dict(extra, selection=f"mean-of-{k}")))
+        direction = known_direction(first["metric"])
+        if direction is not None:
+            best = min(values) if direction > 0 else max(values)
+            out.append(dict(base, value=best, extra=dict(extra, selection=f"{'min' if direction > 0 else 'max'}-of-{k}")))
+    return out
 
 
 def worst_classes(rows: list[dict], n: int = 5) -> list[dict]:

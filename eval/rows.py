@@ -6,8 +6,10 @@ reports/ shares.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -22,6 +24,23 @@ def run_id() -> str:
 
 
 _RUN_ID = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + socket.gethostname()
+
+
+# The packages whose versions decide a measurement's numbers (resizes, kernels, the Frechet distance's eigenvalues,
+# the extractors' code), for the rows' protocol.
+PACKAGES = ("pagoda", "torch", "torchvision", "numpy", "scipy", "pillow", "timm", "open_clip_torch")
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    """{package: version} of PACKAGES installed here (a missing one is left out)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def make_row(*, model: str, metric: str, value: float, **fields: Any) -> dict:

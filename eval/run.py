@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from eval.measure import DEFAULT_SAMPLES, Cell, cells_of, worst_classes
+from eval.measure import DEFAULT_SAMPLES, Cell, cells_of, repeat_rows, worst_classes
 from eval.pipeline import is_main
 from eval.registry import (
     DEFAULT_ROLES,
@@ -52,7 +52,7 @@ from eval.registry import (
     estimators_arg,
     metric_list,
 )
-from eval.sources import GeneratorSource, open_source
+from eval.sources import GeneratorSource, Window, open_source
 from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
     ArgumentParser,
@@ -189,7 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "nested seed folders, an ADM npz, a .zip / .tar, webdataset shards a-{000..009}.tar")
     p.add_argument("--ref", action="append", default=[], help="reference statistics (repeatable, see above), or a "
                    "named one: imagenet64|128|256|512, edm2-img64|512 (python -m eval.ref --list)")
-    p.add_argument("--metrics", type=metric_list, default=["fid"], help=f"comma list from {','.join(METRICS)}")
+    p.add_argument("--val-ref", action="append", default=[], help="validation statistics (repeatable, one per "
+                   "space) for metric fdr: eval.ref of held-out images, e.g. photos:heldout:16 (eval.fdr)")
+    p.add_argument("--train-ref", action="append", default=[], help="training statistics for metric fdr (repeatable; "
+                   "default: the --ref files, the field's FID reference being the training set's)")
+    p.add_argument("--fdr-extractors", type=csv_of(str), default=None, help="the spaces fdr averages over (default: "
+                   "the extractors of the --val-ref files; the field's: inception,dinov2,clip)")
+    p.add_argument("--metrics", type=metric_list, default=["fid"],
+                   help=f"comma list from {','.join(METRICS)},fdr (FD to the training set / the validation set's)")
     p.add_argument("--extractor", type=extractor_spec, default=({}, None),
                    help="NAME[,dinov2=NAME][,clip=NAME][,cmmd=NAME][,resize=MODE]: the extractor of fid/sfid/kid/"
                         "is/pr/dc (default inception), of fd_dinov2 (dinov2 = ViT-L/14), clip (clip = ViT-L/14) and "
@@ -202,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dc_k=5,bootstrap=100 (bootstrap rounds of the fid/fd/P-R/D-C CIs; 0 = none)")
     p.add_argument("--per-class", action="store_true",
                    help="also one fid / pr row per class (class-labelled samples, reference with labels)")
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="K",
+                   help="measure K disjoint ranges of --num-samples (seeds seed + k N ..., or images k N ...) and add, "
+                        "per metric, a mean-of-K row (with the std) and a min-of-K row (max-of-K where higher is "
+                        "better), each labelled by extra.selection (default 1: one range)")
     p.add_argument("--prompts", type=prompts_arg, default=None,
                    help="clip: classes:FILE (one class name per line) or captions:FILE (one caption per image)")
     add_common_args(p)
@@ -225,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(args.ref, args.metrics, extractor=roles, resize=resize, estimator=args.estimator,
                    per_class=args.per_class, class_names=lines if kind == "classes" else None,
                    captions=lines if kind == "captions" else None, batch=args.batch, allow_small=args.allow_small,
-                   weights_dir=args.weights_dir, cache=not args.no_cache)
+                   weights_dir=args.weights_dir, cache=not args.no_cache, val_ref=args.val_ref,
+                   train_ref=args.train_ref, fdr_extractors=args.fdr_extractors)
     rows = run(ev, ckpts=args.ckpt, images=args.images, num_samples=args.num_samples, seed=args.seed or 0,
                labels=args.labels or "seed", guidance=args.guidance or [None], samplers=args.sampler or [None],
-               steps=args.steps or [None])
+               steps=args.steps or [None], repeat=args.repeat)
     if is_main():
         append_rows(args.out, rows)
         print(format_table([r for r in rows if not r["metric"].endswith("_class")]))
@@ -240,16 +252,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, seed: int, labels: str,
-        guidance: list, samplers: list, steps: list, dtype: torch.dtype = torch.float32) -> list[dict]:
+        guidance: list, samplers: list, steps: list, dtype: torch.dtype = torch.float32, repeat: int = 1) -> list[dict]:
     """Check every cell with the Evaluator `ev` (eval.api), then measure them in order; the rows of all cells.
     Each checkpoint is loaded once to plan and check its cells (the sampler and steps of a cell change nothing
     that is checked) and once per cell to measure it; each sample set is opened once. dtype: the checkpoints'
-    sampling dtype (autocast)."""
+    sampling dtype (autocast). repeat K > 1: each cell is measured on K disjoint ranges of N samples (seeds
+    seed + kN .. seed + (k+1)N - 1; a sample set's images kN .. (k+1)N - 1, N = num_samples or all // K) and
+    eval.measure.repeat_rows adds the mean-of-K and min-of-K rows."""
     from pagoda.generator import load_generator
 
-    def generator_source(gen, cell: Cell) -> GeneratorSource:
-        return GeneratorSource(gen, num_samples or DEFAULT_SAMPLES, seed=seed, labels=labels, guidance=cell.guidance,
-                               name=cell.spec)
+    n = num_samples or DEFAULT_SAMPLES
+
+    def generator_source(gen, cell: Cell, k: int = 0) -> GeneratorSource:
+        return GeneratorSource(gen, n, seed=seed + k * n, labels=labels, guidance=cell.guidance, name=cell.spec)
+
+    def store_windows(source) -> list:
+        if repeat == 1:
+            return [source.limit(num_samples)]
+        size = num_samples or source.num_samples // repeat
+        if size < 1:
+            raise UserError(f"{source.name} holds {source.num_samples} images: too few for --repeat {repeat}")
+        return [Window(source, k * size, size) for k in range(repeat)]
 
     cells, image_sources = [], {}
     for ckpt in ckpts:
@@ -260,17 +283,18 @@ def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, see
                 ev.check(source, what=ckpt, option="--num-samples")
             cells.append(cell)
     for spec in images:
-        source = open_source(spec, num_samples=num_samples)
-        ev.check(source, what=spec, option="--num-samples (or more images)")
-        image_sources[spec] = source
+        windows = store_windows(open_source(spec))
+        ev.check(windows[0], what=spec, option="--num-samples (or more images)")
+        image_sources[spec] = windows
         cells.append(Cell(spec, images=True))
     rows = []
     for cell in cells:
         if cell.images:  # every cell was checked above
-            rows += ev.measure(image_sources[cell.spec], check=False)
-            continue
-        gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=ev.device, dtype=dtype)
-        rows += ev.measure(generator_source(gen, cell), seed=seed, check=False)
+            runs = [ev.measure(window, check=False) for window in image_sources[cell.spec]]
+        else:
+            gen = load_generator(cell.spec, sampler=cell.sampler, steps=cell.steps, device=ev.device, dtype=dtype)
+            runs = [ev.measure(generator_source(gen, cell, k), seed=seed + k * n, check=False) for k in range(repeat)]
+        rows += runs[0] if repeat == 1 else repeat_rows(runs)
     return rows
 
 

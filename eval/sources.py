@@ -53,6 +53,8 @@ class Source:
     class_names: list[str] | None = None  # where known (photos, class folders)
     image_resize: str | None = None  # how images were brought to `resolution` (Resized), None = as stored
     dtype: str = "float32"  # the dtype the images were made in (a generator's; stored images: float32, as rows say)
+    offset: int = 0  # index of sample 0 in the store it was cut from (Window), for the rows' `seeds`
+    feature_nets: tuple[str, ...] | None = None  # the feature networks the model was trained on (None: unknown)
 
     def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -71,8 +73,10 @@ class Source:
         return dict(model=self.name, method="samples", resolution=self.resolution, num_samples=self.num_samples)
 
     def row_extra(self) -> dict:
-        """Entries of a row's `extra` that say how the samples were made (their labels)."""
-        return {"labels": "given"} if self.num_classes else {}
+        """Entries of a row's `extra` that say how the samples were made (pagoda.rows.PROTOCOL): stored uint8
+        images, which of them (indices, first-last), and their labels when they have any."""
+        extra = {"uint8": "stored", "seeds": seed_range(self.offset, self.num_samples)}
+        return {**extra, "labels": "given"} if self.num_classes else extra
 
     def close(self) -> None:
         """Release what the source holds (hooks, files); the default holds nothing."""
@@ -100,6 +104,36 @@ class Source:
             chunk = torch.arange(start, min(start + batch * world, self.num_samples), world, dtype=torch.int64)
             x, y = self.load(chunk)
             yield check_images(x, self.name), y, chunk
+
+
+def seed_range(start: int, n: int) -> str:
+    """`first-last` (inclusive), the seed notation of EDM2's generate.py (--seeds=0-49999)."""
+    return f"{start}-{start + n - 1}"
+
+
+class Window(Source):
+    """Samples start .. start + num_samples - 1 of a stored source (eval.run --repeat's disjoint ranges)."""
+
+    def __init__(self, base: Source, start: int, num_samples: int):
+        if start + num_samples > base.num_samples:
+            raise UserError(f"{base.name} holds {base.num_samples} images, fewer than the {start + num_samples} that "
+                            "--repeat needs: lower --num-samples or --repeat, or add images")
+        self.base, self.offset, self.num_samples = base, int(start), int(num_samples)
+        self.name, self.resolution, self.image_resize = base.name, base.resolution, base.image_resize
+        self.num_classes, self.class_names, self.dtype = base.num_classes, base.class_names, base.dtype
+
+    def load(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.base.load(index + self.offset)
+
+    def fingerprint(self) -> str:
+        return f"{self.base.fingerprint()}|[{self.offset}:{self.offset + self.num_samples}]"
+
+    def cache_key(self) -> str | None:
+        base = self.base.cache_key()
+        return None if base is None else f"{base}|from({self.offset})"
+
+    def close(self) -> None:
+        self.base.close()
 
 
 class RandomOrder(Source):
@@ -170,7 +204,12 @@ class GeneratorSource(Source):
         if g.guidance_range:
             extra["guidance_range"] = list(g.guidance_range)  # w is an input of the network (one call, nfe 1)
         extra.update(g.training)  # its budget: steps, images seen, displacement in lr units
-        return extra
+        extra.update(seeds=seed_range(self.seed, self.num_samples), guidance_cost=guidance_cost(g, w))
+        return {**extra, **{k: v for k, v in (("uint8", g.uint8), ("space", g.space)) if v is not None}}
+
+    @property
+    def feature_nets(self) -> tuple[str, ...] | None:
+        return self.generator.feature_nets
 
     def _watch(self, module, inputs, output) -> None:
         out = output[0] if isinstance(output, (tuple, list)) else output
@@ -205,6 +244,14 @@ class GeneratorSource(Source):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.name}|{self.seed}|{self.num_samples}|{self.guidance}".encode()).hexdigest()
+
+
+def guidance_cost(g, w: float | None) -> str:
+    """How a generator pays for guidance scale `w`: "none" (w = 1, or no guidance), "in-1" (w is an input of
+    its one network call) or "x2" (classifier-free guidance: a conditional and an unconditional row per step)."""
+    if w in (None, 1, 1.0) or not g.num_classes:
+        return "none"
+    return "in-1" if g.guidance_range else "x2" if g.sampler is not None else "none"
 
 
 class Resized(Source):

@@ -8,6 +8,7 @@ clean-fid / pytorch-fid npz, and EDM2 stats pkl through a restricted unpickler.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -204,6 +205,14 @@ class Reference:
     image_size: int | None = None  # ADM `arr_0`: side of its square images, from the header (no loading)
     mu_s: np.ndarray | None = None  # sFID statistics (Inception mixed_6/conv[..., :7], 2023-d): ADM `mu_s`,
     sigma_s: np.ndarray | None = None  # `sigma_s`, or ours when the extractor has spatial features
+
+    def stats_sha256(self) -> str:
+        """SHA-256 of the statistics a Frechet distance reads: mu then sigma as little-endian float64, C order.
+        The same numbers give the same digest in any file format (our npz, an ADM npz, an EDM2 pkl)."""
+        h = hashlib.sha256()
+        for a in (self.mu, self.sigma):
+            h.update(np.ascontiguousarray(a, dtype="<f8").tobytes())
+        return h.hexdigest()
 
 
 def _validate(ref: Reference, path) -> Reference:

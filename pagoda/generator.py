@@ -93,6 +93,11 @@ class Generator(abc.ABC):
     guidance_range: tuple[float, float] | None = None  # [lo, hi] of a guidance-conditioned one-step G (w is an input)
     # The training budget its file records (train_step, train_images, displacement_lr: TRAINING_KEYS), for rows
     training: dict = {}
+    # Its protocol, for rows (pagoda.rows.PROTOCOL): where it works, how its floats become uint8 (pagoda.data.to_uint8),
+    # and the frozen feature networks its training losses used (None = unknown, () = none)
+    space: str | None = "pixel"
+    uint8: str | None = "round"
+    feature_nets: tuple[str, ...] | None = ()
 
     @abc.abstractmethod
     def sample(self, seeds, labels=None, guidance: float | None = None) -> torch.Tensor:
@@ -401,13 +406,26 @@ def load_generator(path: str | os.PathLike, *, sampler: str | None = None, steps
         raise UserError(f"checkpoint {path} holds kind={kind!r}, which is not an image generator: pass a "
                         f"checkpoint of kind {' or '.join(repr(k) for k in sorted(LOADERS))}")
     gen = LOADERS[kind](str(path), meta, sampler=sampler, steps=steps, device=device, dtype=dtype)
-    gen.training = training_budget(meta)
+    gen.training, gen.feature_nets = training_budget(meta), feature_nets(meta)
     return gen
 
 
 # What a model file says of its training, as row `extra` keys: optimizer steps, images seen, and how far the
 # trainable weights moved from their start in learning-rate units (pagoda.schedule.displacement_lr).
 TRAINING_KEYS = {"step": "train_step", "train_images": "train_images", "displacement_lr": "displacement_lr"}
+
+
+def feature_nets(meta: dict) -> tuple[str, ...]:
+    """The frozen feature networks a model file's own training used (config loss.backbone and disc.backbone,
+    pagoda.networks.features; "paper" = DeiT + EfficientNet-lite0, "random" = none): a metric on one of them is
+    not a held-out test of the model. The stages before it (a grown G's base) are not read."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    names = set()
+    for part in ("loss", "disc"):
+        name = (config.get(part) or {}).get("backbone") if isinstance(config.get(part), dict) else None
+        if isinstance(name, str) and name != "random":
+            names.update(("deit", "efficientnet-lite0") if name == "paper" else (name,))
+    return tuple(sorted(names))
 
 
 def training_budget(meta: dict) -> dict:

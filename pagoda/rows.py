@@ -25,9 +25,11 @@ ROW_KEYS = ("run", "model", "method", "resolution", "guidance", "sampler", "step
 # Keys that say WHAT was measured (two rows with equal keys measure the same thing); eval.gate matches on them.
 MATCH_KEYS = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric")
 # Entries of `extra` that are part of what was measured (the class of a per-class metric; a cost row's scale
-# factor, attention layout, pairs kind, compile flag, device model); the others are
+# factor, attention layout, pairs kind, compile flag, device model; the selection rule and the range index of
+# eval.run --repeat, so a mean-of-3 row never stands in for a single run); the others are
 # estimator parameters (below) or results (e.g. `std`) and never take part in matching.
-MATCH_EXTRA = ("class", "factor", "attention", "guided", "kind", "compile", "device_name", "source")
+MATCH_EXTRA = ("class", "factor", "attention", "guided", "kind", "compile", "device_name", "source", "selection",
+               "repeat")
 # Cost rows (bench) also measure a batch size on a device in a dtype: those are part of what they measure.
 SAMPLING_COST_METRICS = ("nfe", "latency_ms", "img_per_s", "peak_mem_mb", "gflops_per_image", "params")  # bench.compare
 TRAIN_METRICS = ("train_step_ms", "train_step_gflops", "pairs_cost_ratio")  # bench.train_cost
@@ -40,6 +42,48 @@ COUNT_METRICS = ("nfe", "params", "gflops_per_image")
 # them measured the same thing differently, and eval.gate refuses to compare them.
 ESTIMATOR_EXTRA = ("subset_size", "subsets", "kid_seed", "splits", "style", "k", "bootstrap", "resize", "labels",
                    "sigma", "scale", "layer")
+
+# The protocol of a measurement: everything besides the model that moves its number (ISSUE 27; the published
+# rows of reports/paper.py use the same names). Each entry: field -> what it records. A row field when the
+# name is a ROW_KEY, else an `extra` entry; a field a row leaves out is unknown (None), never assumed.
+PROTOCOL = {
+    "reference": "the reference statistics, by name (a catalog name, a data-set spec, or the file's name)",
+    "reference_sha256": "SHA-256 of the reference's float64 mean and covariance (the numbers, not the file)",
+    "extractor": "the feature network",
+    "extractor_sha256": "SHA-256 of its weights file",
+    "resize": "how images are brought to the extractor's input (its image convention)",
+    "uint8": "how float images became uint8: round (EDM), floor (ADM), or stored (given as uint8)",
+    "feature_dtype": "the dtype of the features the statistics are summed from",
+    "num_samples": "N, the number of samples",
+    "seeds": "the seeds of generated samples (or indices of stored ones), first-last inclusive",
+    "labels": "class labels: seed (drawn per sample), balanced (equal counts) or given",
+    "estimator": "the estimator parameters (KID subsets, IS splits and style, k, bootstrap rounds, ...)",
+    "selection": "how the number was chosen: single, min-of-K, mean-of-K, max-of-K or best-checkpoint",
+    "guidance_cost": "how guidance is paid for: none, x2 (CFG: two network rows per step) or in-1 (built into "
+                     "one call)",
+    "space": "where the generator works: pixel or latent",
+    "dtype": "the dtype the samples were made in",
+    "trained_on_evaluator": "the model was trained on this extractor's features (its score is not a held-out test)",
+    "versions": "package versions that decide the numbers",
+}
+# Protocol fields eval.gate reports but does not refuse on: a reference rebuilt on another machine differs in
+# its last bits (the gate's references are rebuilt by the run), and package upgrades are what a gate checks.
+PROTOCOL_NOTES = ("reference_sha256", "versions")
+
+
+# +1: lower is better (a rise is a regression); -1: higher is better.
+LOWER_IS_BETTER = ("fid", "sfid", "kid", "fd_", "fdr", "cmmd", "latency", "memory", "nfe")
+HIGHER_IS_BETTER = ("is", "precision", "recall", "density", "coverage", "clip", "img_per_s", "throughput")
+
+
+def known_direction(metric: str) -> int | None:
+    """+1 if a larger value of `metric` is worse, -1 if a smaller one is worse, None if unknown."""
+    m = metric.lower()
+    if any(m == p or m.startswith(p) for p in LOWER_IS_BETTER):
+        return +1
+    if any(m == p or m.startswith(p + "_") for p in HIGHER_IS_BETTER):
+        return -1
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,10 +107,12 @@ FIELDS = {"model": _STR, "metric": _STR, "value": _NUM, "method": _STR, "sampler
           "ci_high": _NUM, "extra": (lambda v: isinstance(v, dict), "a JSON object")}
 EXTRA_FIELDS = {"p90_ms": _NUM, "reps": _INT, "factor": _NUM, "compile": _BOOL, "samples_png": _STR,
                 "device_name": _STR, "mem_kind": _STR, "kind": _STR, "class_name": _STR,
-                "source": _STR}
+                "source": _STR, "selection": _STR, "repeat": _INT, "seeds": _STR, "uint8": _STR, "space": _STR,
+                "guidance_cost": _STR, "feature_dtype": _STR, "trained_on_evaluator": _BOOL,
+                "versions": (lambda v: isinstance(v, dict), "a JSON object")}
 # Bounds of the numeric fields that have them: a size or count is never negative, a resolution or batch is
 # at least 1 (a row of resolution -8 is a fault, not a measurement).
-LOWER = {"resolution": 1, "batch": 1, "steps": 0, "nfe": 0, "num_samples": 0, "extra.reps": 1}
+LOWER = {"resolution": 1, "batch": 1, "steps": 0, "nfe": 0, "num_samples": 0, "extra.reps": 1, "extra.repeat": 0}
 
 
 def check_row(row, where: str, *, nonfinite: bool = False) -> dict:
@@ -145,8 +191,9 @@ def _text(path: Path, what: str) -> str:
 def row_key(row: dict) -> tuple:
     """What a row measures: the MATCH_KEYS plus the MATCH_EXTRA entries of its `extra`."""
     machine_free = row.get("metric") in COUNT_METRICS
-    extra = json.dumps({k: v for k, v in (row.get("extra") or {}).items()
-                        if k in MATCH_EXTRA and not (machine_free and k == "device_name")}, sort_keys=True)
+    extra = json.dumps({k: v for k, v in (row.get("extra") or {}).items()  # a single run is the default selection
+                        if k in MATCH_EXTRA and not (machine_free and k == "device_name")
+                        and not (k == "selection" and v == "single")}, sort_keys=True)
     cost = tuple(row.get(k) for k in COST_KEYS) if row.get("metric") in COST_METRICS else ()
     return tuple(row.get(k) for k in MATCH_KEYS) + (extra,) + cost
 
@@ -154,6 +201,28 @@ def row_key(row: dict) -> tuple:
 def estimator_params(row: dict) -> dict:
     """The estimator parameters recorded in a row's `extra` (ESTIMATOR_EXTRA entries present)."""
     return {k: v for k, v in (row.get("extra") or {}).items() if k in ESTIMATOR_EXTRA}
+
+
+def protocol(row: dict) -> dict:
+    """The protocol of a row, flat: {PROTOCOL field: value, None where the row does not say}, with the estimator
+    parameters (ESTIMATOR_EXTRA entries other than resize and labels, which are fields of their own) each under
+    its own name in place of `estimator`."""
+    extra = row.get("extra") or {}
+    out = {k: row.get(k) if k in ROW_KEYS else extra.get(k) for k in PROTOCOL if k != "estimator"}
+    return {**out, **{k: v for k, v in estimator_params(row).items() if k not in PROTOCOL}}
+
+
+def protocol_diff(a: dict, b: dict) -> dict[str, tuple]:
+    """{field: (value in a, value in b)} for every protocol field (protocol()) both rows record, with different
+    values; a field one of them leaves out is unknown there and not a difference."""
+    pa, pb = protocol(a), protocol(b)
+    return {k: (pa[k], pb[k]) for k in pa if k in pb and None not in (pa[k], pb[k]) and pa[k] != pb[k]}
+
+
+def protocol_unknown(row: dict) -> list[str]:
+    """The PROTOCOL fields `row` leaves unknown (`estimator` when it records no estimator parameter)."""
+    known = protocol(row)
+    return [k for k in PROTOCOL if (k == "estimator" and not estimator_params(row)) or known.get(k, 0) is None]
 
 
 def _cell(v: Any) -> str:
@@ -175,8 +244,32 @@ def text_table(records: list[dict], columns, cell=None) -> str:
     return "\n".join([fmt.format(*columns), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in cells])
 
 
+def shared_protocol(rows: list[dict]) -> dict:
+    """The protocol fields (protocol()) every row records with one value: what a table of `rows` states once."""
+    if not rows:
+        return {}
+    each = [protocol(r) for r in rows]
+    return {k: v for k, v in each[0].items() if v is not None and all(p.get(k) == v for p in each[1:])}
+
+
+def protocol_text(fields: dict) -> str:
+    """`field value; ...` of protocol fields, digests cut to 12 hex digits and versions as `name version`."""
+    def text(k, v):
+        if k.endswith("sha256") and isinstance(v, str):
+            return v[:12]
+        if isinstance(v, dict):
+            return ", ".join(f"{n} {x}" for n, x in sorted(v.items()))
+        return str(v)
+    return "; ".join(f"{k} {text(k, v)}" for k, v in fields.items())
+
+
 def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "resolution", "guidance", "sampler",
                                                                 "steps", "nfe", "metric", "value", "ci_low",
                                                                 "ci_high", "num_samples", "extra")) -> str:
-    """A plain-text table of rows for stdout (columns with no value in any row are dropped)."""
-    return text_table(rows, [c for c in columns if any(r.get(c) not in (None, {}) for r in rows)])
+    """A plain-text table of rows for stdout (columns with no value in any row are dropped), then the protocol
+    every row shares, once (its fields are left out of the `extra` column)."""
+    shared = shared_protocol(rows)
+    quiet = set(shared) | {"versions", "weights_trust", "reference_trust", "val_reference_sha256"}
+    shown = [dict(r, extra={k: v for k, v in (r.get("extra") or {}).items() if k not in quiet}) for r in rows]
+    table = text_table(shown, [c for c in columns if any(r.get(c) not in (None, {}) for r in shown)])
+    return table + (f"\nprotocol of every row: {protocol_text(shared)}" if shared else "")

@@ -22,6 +22,7 @@ table { font-size: 12px; }
 th, td { padding: 2px 8px; white-space: nowrap; } thead tr:last-child th { border-bottom: 1px solid #222; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } th { text-align: center; }
 tr.section th { text-align: left; font-style: italic; background: #f2f2f2; border-top: 1px solid #999; }
+tr.grey td { color: #888; }
 tbody tr:hover { background: #f7f7ff; } ul.notes { font-size: 12px; color: #555; margin-top: .3em; }
 img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 """
@@ -43,8 +44,9 @@ def table_html(t: Table) -> str:
     body = []
     for name, lines in t.sections:
         body += [f'<tr class="section"><th colspan="{len(t.columns)}">{esc(name)}</th></tr>'] if name else []
-        body += ["<tr>" + "".join(('<td class="num">' if i >= t.label_cols else "<td>") + f"{esc(c)}</td>"
-                                  for i, c in enumerate(line)) + "</tr>" for line in lines]
+        body += [('<tr class="grey">' if (name, j) in t.grey else "<tr>") + "".join(
+            ('<td class="num">' if i >= t.label_cols else "<td>") + f"{esc(c)}</td>" for i, c in enumerate(line))
+            + "</tr>" for j, line in enumerate(lines)]
     notes = "".join(f"<li>{esc(n)}</li>" for n in t.notes)
     return (f'<div class="scroll"><table><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>'
             f'<ul class="notes">{notes}</ul>')

@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from reports.tables import count, label, res_text, setting_of, setting_text, with_cfg
+from reports.protocol import dataset_of, metric_label
+from reports.tables import NAMES, count, label, res_text, setting_of, setting_text, with_cfg
 
 matplotlib.use("Agg")  # no display; pyplot is never used (figures are plain Figure objects)
 
@@ -28,6 +29,20 @@ SERIES = ("model", "method", "sampler", "guidance")  # a curve: one setup, sever
 SOLVERS = ("heun", "ddim", "dpmpp2m", "pd")  # the bars set against the one-step generator's latency
 YLABEL = {"fid": "FID (lower is better)", "is": "IS (higher is better)",
           "precision": "precision (higher is better)", "recall": "recall (higher is better)"}
+
+
+def fd_label(rows: list[dict]) -> str:
+    """The y label of our fid rows: FID for Inception's features, FD-<space> for any other (reports.protocol)."""
+    heads = {metric_label("fid", r.get("extractor"), NAMES).removesuffix(" ↓") for r in rows}
+    return (heads.pop() if len(heads) == 1 else "FD") + " (lower is better)"
+
+
+def comparable(rows: list[dict], paper: list[dict]) -> list[dict]:
+    """The published fid rows that may share axes with our fid `rows`: same feature space and data set (an ImageNet
+    FID never stands on an axis of photos-domain FDs)."""
+    spaces = {(metric_label("fid", r.get("extractor"), NAMES), dataset_of(r)) for r in rows}
+    return [r for r in paper if r["metric"] == "fid" and (metric_label("fid", r.get("extractor"), NAMES),
+                                                          dataset_of(r)) in spaces]
 
 
 class Unavailable(Exception):
@@ -154,12 +169,19 @@ def _logx(ax, label: str) -> None:
     ax.set_xlabel(label)
 
 
+def _not_drawn(ours: list[dict], paper: list[dict]) -> str:
+    """The title line saying published FIDs are left off an axis of FDs in another space or of another data set."""
+    if comparable(ours, paper) or not any(r["metric"] == "fid" for r in paper):
+        return ""
+    return f"published ImageNet FIDs not drawn: ours are {fd_label(ours).split(' (')[0]} on another data set"
+
+
 def _nfe_panel(ax, rows: list[dict], resolution: int) -> None:
     """One resolution's FID-vs-NFE curves (log x) with our Pareto front."""
     _curves(ax, rows, "nfe")
     _front(ax, [(r["nfe"], r["value"]) for r in rows if not r.get("published")])
     _logx(ax, "NFE per image (log scale)")
-    ax.set(ylabel=YLABEL["fid"])
+    ax.set(ylabel=fd_label([r for r in rows if not r.get("published")]))
     _title(ax, res_text(resolution))
     ax.legend(fontsize=6)
 
@@ -167,7 +189,7 @@ def _nfe_panel(ax, rows: list[dict], resolution: int) -> None:
 def fid_vs_nfe(rows: list[dict], paper: list[dict]) -> Figure:
     """FID against NFE (log x), one panel per resolution, published rows beside ours, our Pareto front."""
     fid = [r for r in rows if r["metric"] == "fid" and r.get("nfe")]
-    pub = [r for r in paper if r["metric"] == "fid"]
+    pub = comparable(fid, paper)
     at = {R: [r for r in fid + pub if r.get("resolution") == R] for R in _resolutions(fid)}
     res = [R for R in at if len(at[R]) > 1]
     if not res:
@@ -177,7 +199,8 @@ def fid_vs_nfe(rows: list[dict], paper: list[dict]) -> Figure:
         _nfe_panel(ax, at[R], R)
     single = ", ".join(res_text(R) for R in at if R not in res)
     shown = any(r.get("published") for R in res for r in at[R])
-    _suptitle(fig, "FID vs NFE", n_text(fid), "hollow, dashed: published (ImageNet, n = 50k)" * shown,
+    _suptitle(fig, f"{fd_label(fid).split(' (')[0]} vs NFE", n_text(fid),
+              "hollow, dashed: published (ImageNet, n = 50k)" * shown, _not_drawn(fid, paper),
               "dotted: Pareto front of ours", f"one point only, not drawn: {single}" * bool(single))
     return fig
 
@@ -209,10 +232,11 @@ def fid_vs_latency(rows: list[dict], paper: list[dict]) -> Figure:
         batches = ", ".join(sorted({label(p["lat_batch"]) for p in ps}))
         device = ", ".join(sorted({p["device_name"] for p in ps if p["device_name"]}))
         _logx(ax, f"latency of one call (ms, median, log scale), batch {batches}")
-        ax.set(ylabel=YLABEL["fid"])
+        ax.set(ylabel=fd_label(ps))
         _title(ax, setting_text(setting) + (f"\n{device}" if device else ""), 8)
         ax.legend(fontsize=6)
-    _suptitle(fig, "FID vs latency", n_text(points), "FID sampled in the panel's dtype",
+    fd = fd_label(points).split(" (")[0]
+    _suptitle(fig, f"{fd} vs latency", n_text(points), f"{fd} sampled in the panel's dtype",
               "latency at the smallest batch measured", "numbers at points: sampler steps" * steps,
               "dotted: Pareto front")
     return fig
@@ -237,8 +261,9 @@ def guidance_curves(rows: list[dict], paper: list[dict]) -> Figure:
             ax = axes[i * len(metrics) + j]
             at = [r for r in rs if r.get("resolution") == R and r["metric"] == m]
             _curves(ax, at, "guidance", key[:4])
-            ax.set(xlabel="guidance scale w (1 = no CFG)", ylabel=YLABEL[m])
-            _title(ax, f"{res_text(R)}: {m}")
+            head = fd_label(at) if m == "fid" else YLABEL[m]
+            ax.set(xlabel="guidance scale w (1 = no CFG)", ylabel=head)
+            _title(ax, f"{res_text(R)}: {head.split(' (')[0] if m == 'fid' else m}")
             if j == 0:
                 ax.legend(fontsize=6)
     _suptitle(fig, "Quality vs guidance scale", n_text(rs))
@@ -251,8 +276,9 @@ def fid_vs_resolution(rows: list[dict], paper: list[dict]) -> Figure:
     at each resolution."""
     key = ("method", "sampler", "steps", "guidance", "published")
     series = {}
-    for r in rows + paper:
-        if r["metric"] == "fid" and r.get("resolution"):
+    ours = [r for r in rows if r["metric"] == "fid"]
+    for r in ours + comparable(ours, paper):
+        if r.get("resolution"):
             series.setdefault(tuple(r.get(k) for k in key) + ((r["model"],) if r.get("published") else ()),
                               []).append(r)
     series = {k: v for k, v in series.items() if len({r["resolution"] for r in v}) > 1}
@@ -273,11 +299,11 @@ def fid_vs_resolution(rows: list[dict], paper: list[dict]) -> Figure:
     ticks = sorted({r["resolution"] for v in series.values() for r in v})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set(xlabel="resolution (px, log scale)", ylabel=YLABEL["fid"])
+    drawn = [r for k, v in series.items() if not k[4] for r in v]
+    ax.set(xlabel="resolution (px, log scale)", ylabel=fd_label(drawn))
     ax.legend(fontsize=7)
-    ours = [r for k, v in series.items() if not k[4] for r in v]
-    _suptitle(fig, "FID vs resolution", n_text(ours),
-              "dashed: published (ImageNet, n = 50k)" * any(k[4] for k in series))
+    _suptitle(fig, f"{fd_label(drawn).split(' (')[0]} vs resolution", n_text(drawn),
+              "dashed: published (ImageNet, n = 50k)" * any(k[4] for k in series), _not_drawn(ours, paper))
     return fig
 
 

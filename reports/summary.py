@@ -1,4 +1,4 @@
-"""The demo's summary: up to eight lines of claims, each a like-for-like comparison or saying what differs.
+"""The demo's summary: up to nine lines of claims, each a like-for-like comparison or saying what differs.
 
 Read from result rows only (the models named by their file's stem: rows name them `G16.safetensors`) and a few
 facts of the plan that made them (`Facts`: the budgets, which no row holds whole). bench.demo prints it.
@@ -40,15 +40,17 @@ def _stems(rows: list[dict]) -> list[dict]:
 
 
 def summary(rows: list[dict], facts: Facts) -> list[str]:
-    """Up to eight lines: one-step G vs the teacher at NFE 1 and at its best, vs PD-1 at an equal training budget,
-    growth (with the drift, and without L_rec), guidance curves of the guided G and the teacher's CFG, how far w
-    moves each (bench.moves), how far each model's training moved it (lr units), cost ratio."""
+    """Up to nine lines: one-step G vs the teacher at NFE 1 and at its best, vs PD-1 at an equal training budget,
+    growth (with the drift, and without L_rec), FDr of each G, the teacher's best cell and PD-1, guidance curves of
+    the guided G and the teacher's CFG, how far w moves each (bench.moves), how far each model's training moved it
+    (lr units), cost ratio."""
     rows = _stems(rows)
     fid = [r for r in rows if r.get("metric") == "fid" and r.get("guidance") in (1, 1.0, None)]
     g = f"G{facts.base}"
     gq = _pick(fid, model=g)
     best = min((r for r in fid if r["model"] == "teacher"), key=lambda r: r["value"], default=None)
-    lines = _onestep_lines(fid, facts, gq, best) + _growth_lines(rows, fid, facts) + _guidance_lines(rows, facts)
+    lines = _onestep_lines(fid, facts, gq, best) + _growth_lines(rows, fid, facts) + _fdr_lines(rows, facts, best) \
+        + _guidance_lines(rows, facts)
     moved = [(r["model"], r["extra"]["displacement_lr"], r["extra"].get("train_step")) for r in fid
              if r["model"] != "teacher" and isinstance((r.get("extra") or {}).get("displacement_lr"), (int, float))]
     if moved:  # one entry per model (a model's rows at several resolutions carry the same budget)
@@ -98,6 +100,22 @@ def _growth_lines(rows: list[dict], fid: list[dict], facts: Facts) -> list[str]:
     return ["grown: " + ", ".join(text(r, q) for r, q in grown) + (
         f" (each FD against held-out photos of its own size; the {scored} features see every size at "
         f"{facts.domain_resolution} px)" if scored == "domain" else "")]
+
+
+def _fdr_lines(rows: list[dict], facts: Facts, best: dict | None) -> list[str]:
+    """FDr of every G, the teacher's best FD cell and PD-1 (without CFG), and the validation photos' own."""
+    fdr = [r for r in rows if r.get("metric") == "fdr" and r.get("guidance") in (1, 1.0, None)]
+    picks = [(f"G{r}", _pick(fdr, model=f"G{r}")) for r in facts.resolutions] + [("PD-1", _pick(fdr, model="PD-1"))]
+    if best:
+        cell = f"teacher {best['sampler']}-{best['steps']}"
+        picks.append((cell, _pick(fdr, model="teacher", sampler=best["sampler"], steps=best["steps"])))
+    shown = [f"{name} {r['value']:.2f}" for name, r in picks if r]
+    val = sorted({round(r["value"], 6) for r in fdr if r.get("method") == "samples"})
+    if not shown:
+        return []
+    space = "+".join(sorted({r["extractor"] for name, r in picks if r}))
+    return [f"FDr ({space} features: FD to the training photos in units of the held-out photos' own"
+            + (f", which score {' / '.join(f'{v:g}' for v in val)}" if val else "") + "): " + ", ".join(shown)]
 
 
 def _guidance_lines(rows: list[dict], facts: Facts) -> list[str]:

@@ -11,13 +11,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagoda.rows import SAMPLING_COST_METRICS, TRAIN_METRICS
+from reports.protocol import (
+    FRECHET,
+    dataset_of,
+    differs,
+    metric_label,
+    published_note,
+    space_of,
+    stated,
+    table_protocol,
+)
 
 MISSING = "—"
-QUALITY = ("fid", "is", "precision", "recall")
+QUALITY = ("fid", "fdr", "is", "precision", "recall")
 OTHER_QUALITY = ("sfid", "kid", "density", "coverage", "clip", "cmmd")
 NAMES = {"fid": "FID ↓", "is": "IS ↑", "precision": "Prec. ↑", "recall": "Rec. ↑", "fd_dinov2": "FD-DINOv2 ↓",
          "sfid": "sFID ↓", "kid": "KID ↓", "density": "Dens. ↑", "coverage": "Cov. ↑", "clip": "CLIP ↑",
-         "cmmd": "CMMD ↓", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
+         "cmmd": "CMMD ↓", "fdr": "FDr_k", "nfe": "NFE", "latency_ms": "Latency ms (p90)", "img_per_s": "img/s",
          "params": "Params", "gflops_per_image": "GFLOPs/img", "peak_mem_mb": "Peak MB",
          "drift_rms": "Drift RMS ↓", "drift_psnr_db": "Drift PSNR dB ↑", "frame_rms": "Frame RMS ↓",
          "train_step_ms": "Step ms", "train_step_gflops": "Step GFLOPs/img", "pairs_cost_ratio": "Cost ratio"}
@@ -44,6 +54,7 @@ class Table:
     label_cols: int = 0
     unavailable: str | None = None
     published: int = 0
+    grey: list[tuple[str | None, int]] = field(default_factory=list)  # (section label, line index): greyed lines
 
     def cells(self) -> list[str]:
         """Every body cell (for notes that depend on what the table shows)."""
@@ -129,7 +140,8 @@ def res_text(r) -> str:
 # Quality tables: one line per (model, method, sampler, steps, guidance), metric columns per resolution.
 
 LINE = ("model", "method", "sampler", "steps", "guidance")
-LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "Trained", "n"]
+LINE_COLS = ["Source", "Model", "Method", "Sampler", "Steps", "w", "NFE", "Space", "Guid.", "Sel.", "Trained", "n"]
+TRAINED_ON = "‡"  # a cell whose model was trained on that metric's own features
 
 
 def trained(row: dict) -> str:
@@ -142,48 +154,114 @@ def trained(row: dict) -> str:
     return f"{step:g}" + (f" / {disp:.1f}" if isinstance(disp, (int, float)) else "")
 
 
+@dataclass
+class _Quality:
+    """What quality_table collects while it lays out lines: sections, marks and footnotes."""
+
+    modes: dict
+    val_names: set
+    sections: dict = field(default_factory=dict)
+    grey: list = field(default_factory=list)
+    marks: list = field(default_factory=list)  # our lines' "differs from the table's protocol" notes
+    sources: list = field(default_factory=list)  # published footnotes, deduplicated
+
+
 def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...], title: str) -> Table:
-    """Our rows of `metrics` beside the published rows at the resolutions we measured, split into
-    without / with CFG. Unavailable when no row of ours has one of `metrics`."""
+    """Our rows of `metrics` beside the published rows at the resolutions we measured: one column per (resolution,
+    metric, feature space) headed by the space's name (reports.protocol.metric_label), our lines without / with
+    CFG, the published ones in a section of their own, greyed where their protocol differs from ours. Unavailable
+    when no row of ours has one of `metrics`."""
     ours = [r for r in rows if r["metric"] in metrics]
     if not ours:
         return Table(title, unavailable=f"no {'/'.join(metrics)} rows")
     res = sorted({r.get("resolution") for r in ours}, key=lambda r: (r is None, r or 0))
     pub = [r for r in paper if r["metric"] in metrics and r.get("resolution") in res]
+    cols = list(dict.fromkeys(_column(r) for r in sorted(  # one column per head: an unknown space reads as usual
+        ours + pub, key=lambda r: (metrics.index(r["metric"]), bool(r.get("published"))))))
+    cols += [(m, metric_label(m, None, NAMES)) for m in metrics if m not in {c[0] for c in cols}]  # unmeasured: —
+    cols.sort(key=lambda c: metrics.index(c[0]))
+    q = _Quality(table_protocol(ours), {v for r in ours if r["metric"] == "fdr"
+                                        for v in ((r.get("extra") or {}).get("val_reference") or {}).values()})
     by_line = {}
-    for r in ours + pub:
-        by_line.setdefault((bool(r.get("published")),) + tuple(r.get(k) for k in LINE), []).append(r)
-    lines = sorted(by_line, key=lambda line: _line_order(line, by_line[line]))
-    sources = list(dict.fromkeys(by_line[line][0]["source"] for line in lines if line[0]))
-    sections = {"without CFG": [], "with CFG": []}
-    for line in lines:
-        lr = by_line[line]
-        at = {(r.get("resolution"), r["metric"]): r for r in lr}
-        has = {r.get("resolution") for r in lr}
-        src = f"published [{sources.index(lr[0]['source']) + 1}]" if line[0] else "ours"
-        nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
-        ns = {r.get("num_samples") for r in lr}
-        n = count(next(iter(ns))) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
-        body = [cell(at.get((R, m)), with_n=not n) if R in has else "" for R in res for m in metrics]
-        sections["with CFG" if with_cfg(lr[0]) else "without CFG"].append(
-            [src] + [label(v) for v in line[1:]] + [label(nfe), trained(lr[0]), n] + body)
-    table = Table(title, LINE_COLS + [NAMES.get(m, m) for m in metrics] * len(res),
-                  [(k, v) for k, v in sections.items() if v], groups=[("", len(LINE_COLS))] +
-                  [(res_text(R), len(metrics)) for R in res], label_cols=len(LINE_COLS), published=len(pub))
-    table.notes = _quality_notes(table, ours, pub, sources)
+    for r in ours + pub:  # a published model's NFE variants are lines of their own (no sampler to tell them apart)
+        key = (bool(r.get("published")),) + tuple(r.get(k) for k in LINE)
+        by_line.setdefault(key + ((r.get("nfe") or 0,) if r.get("published") else (0,)), []).append(r)
+    for line in sorted(by_line, key=lambda line: _line_order(line, by_line[line])):
+        _add_line(q, by_line[line], res, cols, _pub_section(ours, pub))
+    table = Table(title, LINE_COLS + [head for _, head in cols] * len(res),
+                  [(k, v) for k, v in q.sections.items() if v], groups=[("", len(LINE_COLS))] +
+                  [(res_text(R), len(cols)) for R in res], label_cols=len(LINE_COLS), published=len(pub),
+                  grey=q.grey)
+    table.notes = _quality_notes(table, ours, pub, q, cols)
     return table
+
+
+def _pub_section(ours: list[dict], pub: list[dict]) -> str:
+    """The published section's label: the data set, and a warning when it is not ours."""
+    theirs, mine = {dataset_of(r) for r in pub}, {dataset_of(r) for r in ours}
+    if theirs <= mine:
+        return "published"
+    return f"published: {', '.join(sorted(theirs))} (another data set than ours: not comparable with the lines above)"
+
+
+def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: str) -> None:
+    """Lay out one table line (the rows `lr` of one model and sampling setup) into q.sections."""
+    first, published = lr[0], bool(lr[0].get("published"))
+    at = {(r.get("resolution"), *_column(r)): r for r in lr}
+    has = {r.get("resolution") for r in lr}
+    if published:
+        note = published_note(first, q.modes)
+        q.sources += [note] if note not in q.sources else []
+        src = f"published [{q.sources.index(note) + 1}]" + (" C" if first["extra"].get("conf") == "C" else "")
+        section = pub_section
+    else:
+        found = {k: v for r in lr for k, v in differs(r, q.modes).items()}
+        src = "validation" if first["model"] in q.val_names else "ours"
+        if found:
+            q.marks.append(", ".join(f"{k} {_short(v)} (table: {_short(t)})" for k, (v, t) in found.items()))
+            src += f" *{len(q.marks)}"
+        section = "with CFG" if with_cfg(first) else "without CFG"
+    nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
+    ns = {r.get("num_samples") for r in lr}
+    n = count(next(iter(ns))) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
+    body = [_cell(at.get((R, m, sp)), not n) if R in has else "" for R in res for m, sp in cols]
+    extra = first.get("extra") or {}
+    line = [src] + [label(first.get(k)) for k in LINE] + [label(nfe), extra.get("space") or "",
+                                                          extra.get("guidance_cost") or "", extra.get("selection") or "",
+                                                          trained(first), n] + body
+    lines = q.sections.setdefault(section, [])
+    if published and any(k in note for k in ("differs from ours",)):
+        q.grey.append((section, len(lines)))
+    lines.append(line)
+
+
+def _column(row: dict) -> tuple[str, str]:
+    """(metric, head) of the column a row's number stands in: its metric named by its feature space."""
+    return row["metric"], metric_label(row["metric"], space_of(row), NAMES)
+
+
+def _cell(row: dict | None, with_n: bool) -> str:
+    """cell(), with TRAINED_ON where the row's model was trained on that metric's features."""
+    text = cell(row, with_n)
+    return text + TRAINED_ON if row is not None and (row.get("extra") or {}).get("trained_on_evaluator") else text
+
+
+def _short(v) -> str:
+    return v[:12] if isinstance(v, str) and len(v) == 64 else str(v)
 
 
 def _line_order(line: tuple, rows: list[dict]) -> tuple:
     """Ours before published, then by method, lowest resolution, model, sampler, steps, guidance."""
     published, model, method, *rest = line
-    return (published,) + sort_key(method, min(r.get("resolution") or 0 for r in rows), model, *rest)
+    return (published,) + sort_key(method, min(r.get("resolution") or 0 for r in rows), model, *rest[:-1], rest[-1])
 
 
-def _quality_notes(table: Table, ours: list[dict], pub: list[dict], sources: list[str]) -> list[str]:
+def _quality_notes(table: Table, ours: list[dict], pub: list[dict], q: _Quality, cols: list) -> list[str]:
     cells, notes = table.cells(), ["n: number of samples behind every number of the line (a line without one "
                                    "gives n= in each cell); [lo, hi]: the row's confidence interval; "
-                                   "↓ lower is better, ↑ higher is better; w: guidance scale"]
+                                   "↓ lower is better, ↑ higher is better; w: guidance scale; Guid.: how guidance "
+                                   "is paid for (x2: CFG, two network rows per step; in-1: inside one call); Sel.: "
+                                   "how the number was chosen (single run, min-of-K, mean-of-K, best-checkpoint)"]
     if MISSING in cells:
         notes.append(NOTE_MISSING)
     if "" in cells:
@@ -191,18 +269,29 @@ def _quality_notes(table: Table, ours: list[dict], pub: list[dict], sources: lis
     if any(trained(r) for r in ours):
         notes.append("Trained: the checkpoint's optimizer steps (a PD student's: its last round's) / how far training "
                      "moved its weights, RMS of (theta - theta_0) / lr in lr units (a model near 0 is barely trained)")
-    for what in ("extractor", "reference"):
-        seen = sorted({r[what] for r in ours if r.get(what)})
-        if seen:
-            notes.append(f"ours: {what} {', '.join(seen)}")
-    if any(r.get("extractor") == "domain" for r in ours) and len({r.get("resolution") for r in ours}) > 1:
+    spaces = sorted({head.removesuffix(" ↓") for m, head in cols if m in FRECHET and head.startswith("FD-")})
+    if spaces:
+        notes.append(f"{', '.join(spaces)}: the Frechet distance in that network's features (FID is Inception's; "
+                     "a number in another space is not an FID)")
+    if any(m == "fdr" for m, _ in cols):
+        notes.append("FDr_k: FD(model, training set) / FD(validation set, training set), averaged over k feature "
+                     "spaces (arXiv 2604.28190); the validation line scores 1; below 1, a model is closer to the "
+                     "training images than unseen real images are")
+    notes.append("protocol of our rows (the value most rows record, per resolution where it varies): "
+                 + stated(q.modes))
+    notes += [f"*{i}: differs from that protocol in {text}" for i, text in enumerate(q.marks, 1)]
+    if TRAINED_ON in "".join(cells):
+        notes.append(f"{TRAINED_ON}: the model was trained on this metric's own features: not a held-out test")
+    if any(r.get("resolution") is not None for r in ours if r.get("extractor") == "domain") and len(
+            {r.get("resolution") for r in ours}) > 1:
         notes.append("the domain extractor resizes every image to its own input size (32 px for the bundled "
-                     "classifier) before featurising: each resolution is scored against held-out photos of its "
-                     "own size, but all of them at that one scoring size")
+                     "classifier) before featurising: each resolution is scored against photos of its own size, "
+                     "but all of them at that one scoring size")
     if pub:
-        notes.append("published: ImageNet, 50k samples, ADM evaluator; shown at the resolutions measured "
-                     "here; ≈ approximate")
-    return notes + [f"[{i}] {s}" for i, s in enumerate(sources, 1)]
+        notes.append("published: shown at the resolutions measured here, in their own section; grey: its protocol "
+                     "differs from ours (the footnote says where); C: unconfirmed from its authors' own text; "
+                     "≈ approximate")
+    return notes + [f"[{i}] {s}" for i, s in enumerate(q.sources, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +411,7 @@ TABLE_METRICS = QUALITY + ("fd_dinov2",) + OTHER_QUALITY + SAMPLING_COST_METRICS
 def all_tables(rows: list[dict], paper: list[dict]) -> list[Table]:
     """Every table of the report, in order (unavailable ones included, so the report says what is absent)."""
     other = tuple(m for m in OTHER_QUALITY if any(r["metric"] == m for r in rows))
-    tables = [quality_table(rows, paper, QUALITY, "Sample quality (FID, IS, precision, recall)"),
+    tables = [quality_table(rows, paper, QUALITY, "Sample quality (FD / FID, FDr, IS, precision, recall)"),
               quality_table(rows, paper, ("fd_dinov2",), "FD-DINOv2")]
     if other:
         tables.append(quality_table(rows, paper, other, "Other quality metrics"))
@@ -342,7 +431,8 @@ def _header(t: Table) -> list[str]:
 
 
 def to_markdown(t: Table) -> str:
-    """One table as Markdown: a heading, a pipe table (section labels as bold lines), notes as a list."""
+    """One table as Markdown: a heading, a pipe table (section labels as bold lines, greyed lines in italics), notes
+    as a list."""
     if t.unavailable:
         return f"### {t.title}\n\n*not available: {t.unavailable}*\n"
 
@@ -353,7 +443,7 @@ def to_markdown(t: Table) -> str:
            "|" + "|".join(":--" if i < t.label_cols else "--:" for i in range(len(t.columns))) + "|"]
     for name, body in t.sections:
         out += [line([f"**{name}**"] + [""] * (len(t.columns) - 1))] if name else []
-        out += [line(c) for c in body]
+        out += [line([f"*{x}*" if x else x for x in c] if (name, i) in t.grey else c) for i, c in enumerate(body)]
     return "\n".join(out + [""] + [f"- {n}" for n in t.notes]) + "\n"
 
 
@@ -370,7 +460,8 @@ def tex(text: str) -> str:
 
 def to_latex(t: Table) -> str:
     """One table as a LaTeX float: booktabs rules, spanning group headers with \\cmidrule, section labels as
-    italic lines, notes below in footnote size; wide tables are scaled to the line width (graphicx)."""
+    italic lines, greyed lines in grey (xcolor), notes below in footnote size; wide tables are scaled to the line
+    width (graphicx)."""
     if t.unavailable:
         return f"\\noindent\\textit{{{tex(t.title)}: not available: {tex(t.unavailable)}.}}\\par\n"
     n = len(t.columns)
@@ -386,7 +477,8 @@ def to_latex(t: Table) -> str:
     for i, (name, body) in enumerate(t.sections):
         out += ["\\midrule"] if i else []
         out += [f"\\multicolumn{{{n}}}{{l}}{{\\textit{{{tex(name)}}}}} \\\\"] if name else []
-        out += [" & ".join(map(tex, c)) + " \\\\" for c in body]
+        out += [" & ".join(f"\\textcolor{{gray}}{{{tex(x)}}}" if (name, j) in t.grey and x else tex(x) for x in c)
+                + " \\\\" for j, c in enumerate(body)]
     out += ["\\bottomrule", "\\end{tabular}"] + (["}"] if wide else [])
     out += ["\\par\\smallskip", "{\\footnotesize"] + [tex(note) + "\\par" for note in t.notes] + ["}"]
     return "\n".join(out + ["\\end{table}"]) + "\n"
@@ -398,7 +490,7 @@ def markdown(tables: list[Table], summary: str) -> str:
 
 
 def latex(tables: list[Table], summary: str) -> str:
-    """tables.tex: to \\input into a document that loads booktabs and graphicx."""
-    head = ("% Report tables, made by `python -m reports.build`; needs \\usepackage{booktabs,graphicx}.\n"
+    """tables.tex: to \\input into a document that loads booktabs, graphicx and xcolor (greyed published lines)."""
+    head = ("% Report tables, made by `python -m reports.build`; needs \\usepackage{booktabs,graphicx,xcolor}.\n"
             f"% {summary}\n")
     return "\n".join([head] + [to_latex(t) for t in tables])

@@ -296,7 +296,8 @@ def test_named_reference_and_weights_fetched_verified_cached_then_offline(publis
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert rows[0]["value"] == rows[1]["value"] > 0 and rows[0]["reference"] == "imagenet64"
     assert rows[0]["extra"]["weights_trust"] == "pinned" and rows[0]["extra"]["reference_trust"] == "first use"
-    assert rows[0]["extra"]["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
+    from eval.stats import load_reference
+    assert rows[0]["extra"]["reference_sha256"] == load_reference(ref).stats_sha256()  # of its numbers
     cached = tmp_path / "cache" / "VIRTUAL_imagenet64_labeled.npz"
     np.savez(cached, arr_0=images[24:], mu=feats.mean(0) + 0.5, sigma=np.cov(feats, rowvar=False))  # still an npz
     assert run_cli(fid.main, argv) == 2  # a reference changed since its first download is refused

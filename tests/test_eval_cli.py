@@ -342,7 +342,7 @@ def test_run_dinov2_and_clip(ckpt, dinov2_weights, clip_weights, extractor_weigh
     rows = {r["metric"]: r for r in read_rows(out)}
     assert rows["fd_dinov2"]["extractor"] == "dinov2-vits14" and rows["fd_dinov2"]["value"] > 0
     assert rows["clip"]["extractor"] == "clip-vitb32" and 0 <= rows["clip"]["value"] <= 100
-    assert rows["fd_dinov2"]["reference"] == str(ref) and rows["clip"]["reference"] is None
+    assert rows["fd_dinov2"]["reference"] == "photos:train:8" and rows["clip"]["reference"] is None
 
 
 def test_run_solvers_grids_and_a_pd_student(ckpt, ref, weights_dir, tmp_path):

@@ -288,7 +288,7 @@ def test_run_per_class_rows(ckpt, ref, weights_dir, tmp_path, capsys):
     assert [r["extra"]["class"] for r in by_metric["recall_class"]] == list(range(8))
     for r in sum(by_metric.values(), []):
         c = r["extra"]["class"]
-        assert set(ROW_KEYS) <= set(r) and math.isfinite(r["value"]) and r["reference"] == ref
+        assert set(ROW_KEYS) <= set(r) and math.isfinite(r["value"]) and r["reference"] == "photos:heldout:8"
         assert r["extra"]["class_name"] == PHOTO_CLASSES[c] and r["extra"]["num_real"] == 64
         assert r["extra"]["num_fake"] == (4 if c < 8 else 3) and r["extra"]["labels"] == "balanced"
     assert all(r["value"] > 0 for r in by_metric["fid_class"])

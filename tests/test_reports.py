@@ -98,7 +98,7 @@ def test_page_is_self_contained(report, rows):
     tables = [t for t in all_tables(rows, paper_rows()) if not t.unavailable]
     assert html.count("<table>") == len(tables) == 7
     for text in ("224 rows read from 1 file", "devices: cpu (AMD EPYC 7B13), cuda:0 (NVIDIA H200)",
-                 "dtypes: bfloat16, float32", "published reference rows: 13 of 20 shown"):
+                 "dtypes: bfloat16, float32", "published reference rows: 28 of 64 shown"):
         assert text in html
 
 
@@ -230,20 +230,21 @@ def test_cost_rows_of_two_devices_are_split(rows, report):
 
 def test_missing_metric_is_a_marked_cell(rows):
     t = quality_table(rows, [], QUALITY, "quality")
-    recall64 = t.columns.index("Rec. ↑", t.columns.index("Rec. ↑") + 1) + 4  # the third resolution group
-    assert t.groups[-1] == ("64 px", 4)
+    rec = "Rec. (domain) ↑"  # recall in the domain net's features, named so (FID-style names are Inception's)
+    recall64 = t.columns.index(rec, t.columns.index(rec) + 1) + 5  # the third resolution group
+    assert t.groups[-1] == ("64 px", 5)  # FD-domain, FDr_k (not measured: —), IS, Prec., Rec.
     assert _line(t, "G_4x")[recall64] == MISSING
-    assert _line(t, "teacher", Sampler="dpmpp2m", Steps="4")[t.columns.index("Rec. ↑")] == MISSING
+    assert _line(t, "teacher", Sampler="dpmpp2m", Steps="4")[t.columns.index(rec)] == MISSING
     assert any(n.startswith(f"{MISSING} not measured") for n in t.notes)
     no_recall = quality_table([r for r in rows if r["metric"] != "recall"], [], QUALITY, "quality")
-    assert _line(no_recall, "G_base")[no_recall.columns.index("Rec. ↑")] == MISSING  # the column stays
+    assert _line(no_recall, "G_base")[no_recall.columns.index("Rec. ↑")] == MISSING  # the column stays (no space)
     cpu = cost_tables(rows)[0]
     assert _line(cpu, "pd_2", Batch="1")[cpu.columns.index("Peak MB")] == MISSING
 
 
 def test_latest_measurement_wins(rows, report):
     t = quality_table(rows, [], QUALITY, "quality")
-    assert _line(t, "G_base")[t.columns.index("FID ↓")] == "11.04 [10.58, 11.52]"
+    assert _line(t, "G_base")[t.columns.index("FD-domain ↓")] == "11.04 [10.58, 11.52]"
     assert "12.77" not in (report / "tables.md").read_text(encoding="utf-8")
     old = dict(GOOD, value=2.0, time="2025-01-02T00:00:00Z")
     new = dict(GOOD, value=1.0, time="2025-01-01T00:00:00Z")
@@ -260,7 +261,8 @@ def test_published_rows():
     assert [fid["PaGoDA", R, 1]["value"] for R in (64, 128, 256, 512)] == [1.21, 1.48, 1.56, 1.80]
     assert fid["EDM teacher", 64, 79]["value"] == 2.44 and fid["PD (EDM teacher)", 64, 2]["value"] == 8.95
     assert [fid["EDM teacher", 64, n]["value"] for n in (10, 5, 3)] == [16.7, 43.8, 83.0]
-    assert all(fid["StyleGAN-XL", R, 1]["extra"]["approx"] for R in (64, 128, 256, 512))
+    assert fid["StyleGAN-XL", 64, 1]["extra"]["approx"] and "approx" not in fid["StyleGAN-XL", 128, 1]["extra"]
+    assert fid["StyleGAN-XL", 128, 1]["value"] == 1.77 and fid["StyleGAN-XL", 128, 1]["extra"]["conf"] == "A"
     assert [r["value"] for r in paper if r["metric"] == "is"] == [259.6]
     t = quality_table([dict(GOOD, resolution=64, nfe=1, num_samples=100)], paper, QUALITY, "q")
     assert _line(t, "StyleGAN-XL")[t.columns.index("FID ↓")] == "≈1.51"
@@ -404,14 +406,14 @@ def test_published_rows_counted_as_shown(rows):
     paper = paper_rows()
     tables = all_tables(rows, paper)
     shown = sum(t.published for t in tables)
-    assert shown == 13  # the 64 px FIDs; IS and the 128-512 px rows have no resolution of ours beside them
-    assert "published reference rows: 13 of 20 shown" in summarize(224, [ROWS], rows, paper, shown)[3]
+    assert shown == 28  # the 64 px FIDs; IS and the 128-512 px rows have no resolution of ours beside them
+    assert "published reference rows: 28 of 64 shown" in summarize(224, [ROWS], rows, paper, shown)[3]
     at16 = [r for r in rows if r.get("resolution") == 16]
     tables = all_tables(at16, paper)
     text = "\n".join(to for t in tables for to in t.cells())
     assert "published" not in text and sum(t.published for t in tables) == 0
     line = summarize(len(at16), [ROWS], at16, paper, 0)[3]
-    assert line.startswith("published reference rows: 20 available, none shown (no matching resolution"), line
+    assert line.startswith("published reference rows: 64 available, none shown (no matching resolution"), line
 
 
 def _report_like(folder: Path) -> None:

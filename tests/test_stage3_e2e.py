@@ -53,7 +53,7 @@ def test_photos_demo_grows_with_less_drift_under_l_rec_and_its_guided_g_follows_
     for model, res in (("G16", 16), ("G32", 32), ("G64", 64), ("G32-norec", 32)):
         fid = [r for r in rows if r["model"] == model and r["metric"] == "fid"]
         assert len(fid) == 1 and fid[0]["resolution"] == res and math.isfinite(fid[0]["value"]), fid
-        assert f"{res}px" in fid[0]["reference"], fid[0]["reference"]  # against the reference of its own resolution
+        assert fid[0]["reference"].endswith(f":{res}"), fid[0]["reference"]  # against the reference of its own resolution
 
     drift, drift_norec = value("G32", "drift_rms"), value("G32-norec", "drift_rms")
     assert drift < drift_norec, (drift, drift_norec)

@@ -1,0 +1,125 @@
+"""What the report says about protocol: metric names by feature space, the data set behind a row, the protocol a
+table's rows share, the rows that differ from it, and the footnote of a published row.
+
+FID is Inception's name: a Frechet distance in another feature space is `FD-<space>` (FD-domain, FD-DINOv2 for
+EDM2's ViT-L/14), and any other metric measured outside its usual network names that network. Columns are keyed by
+(metric, space), so a photos-domain FD never shares a column with an ImageNet FID. Imports only pagoda.rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from pagoda.rows import protocol
+
+# The network each metric is named after when no space is written (METHOD.md section 5).
+USUAL = {"fid": "inception", "sfid": "inception", "kid": "inception", "is": "inception", "precision": "inception",
+         "recall": "inception", "density": "inception", "coverage": "inception", "fd_dinov2": "dinov2",
+         "clip": "clip", "cmmd": "clip-vitl14-336"}
+FRECHET = ("fid", "fd_dinov2")
+# Fields left out of the comparisons that mark a row: they vary from row to row by design or say nothing of
+# how the number was measured.
+NOT_MARKED = ("versions", "trained_on_evaluator")
+NOT_STATED = ("versions",)
+
+
+def space_of(row: dict) -> str | None:
+    """The feature space a row's number lives in: its extractor (`a+b` for FDr over several)."""
+    return row.get("extractor")
+
+
+def metric_label(metric: str, space: str | None, names: dict) -> str:
+    """The column head of `metric` measured in `space`: NAMES' head when the space is the metric's usual network (or
+    unknown), FD-<space> for a Frechet distance elsewhere, else the head with the space in parentheses; FDr_k with
+    its k."""
+    if metric == "fdr":
+        return f"FDr_{len(space.split('+')) if space else 'k'}"
+    head = names.get(metric, metric)
+    if space in (None, USUAL.get(metric)) or (metric == "fid" and space.startswith("inception")):
+        return head
+    arrow = " ↓" if head.endswith("↓") else " ↑" if head.endswith("↑") else ""
+    if metric in FRECHET:
+        return f"FD-{'DINOv2' if space == 'dinov2' else space}{arrow}"
+    return f"{head.removesuffix(arrow)} ({space}){arrow}"
+
+
+def dataset_of(row: dict) -> str:
+    """The data set a row is measured on: a published row's `extra.dataset`, else its reference's (the first part
+    of a data-set spec such as photos:heldout:16; ImageNet for the catalog's ADM and EDM2 references)."""
+    if row.get("published"):
+        return (row.get("extra") or {}).get("dataset") or "?"
+    ref = str(row.get("reference") or "")
+    if ref.startswith(("imagenet", "edm2-img")):
+        return "ImageNet"
+    return ref.split(":")[0] if ref else "?"
+
+
+def table_protocol(rows: list[dict]) -> dict:
+    """{resolution: {field: the value most of `rows` at that resolution record}}: the protocol a table states, from
+    which a row is marked when it differs (ties: the first value met)."""
+    out = {}
+    for r in rows:
+        out.setdefault(r.get("resolution"), []).append(protocol(r))
+    return {res: {k: Counter(_key(p[k]) for p in ps if p.get(k) is not None).most_common(1)[0][0]
+                  for k in {k for p in ps for k, v in p.items() if v is not None}}
+            for res, ps in out.items()}
+
+
+def _key(v):
+    """A hashable form of a protocol value (versions is a dict)."""
+    return tuple(sorted(v.items())) if isinstance(v, dict) else v
+
+
+def differs(row: dict, modes: dict, skip=NOT_MARKED) -> dict:
+    """{field: (the row's value, the table's)} where `row` records another value than its resolution's mode."""
+    mode = modes.get(row.get("resolution"), {})
+    return {k: (v, mode[k]) for k, v in protocol(row).items()
+            if k not in skip and v is not None and k in mode and _key(v) != mode[k]}
+
+
+def stated(modes: dict) -> str:
+    """The table's protocol as one line: each field once if every resolution has one value, else per resolution."""
+    fields = {k for m in modes.values() for k in m if k not in NOT_STATED}
+    parts = []
+    for k in sorted(fields, key=_order):
+        values = {res: m.get(k) for res, m in modes.items()}
+        if len(set(values.values())) == 1:
+            parts.append(f"{k} {_text(k, next(iter(values.values())))}")
+        else:
+            parts.append(f"{k} " + " | ".join(f"{_text(k, v)} ({res} px)" for res, v in sorted(
+                values.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)) if v is not None))
+    return "; ".join(parts)
+
+
+def _order(k: str) -> tuple:
+    from pagoda.rows import PROTOCOL
+    keys = list(PROTOCOL)
+    return (keys.index(k) if k in keys else len(keys), k)
+
+
+def _text(k: str, v) -> str:
+    if k.endswith("sha256") and isinstance(v, str):
+        return v[:12]
+    if isinstance(v, tuple):
+        return ", ".join(f"{a} {b}" for a, b in v)
+    return str(v)
+
+
+def published_note(row: dict, modes: dict) -> str:
+    """A published row's footnote: its source and grade, its note, the protocol fields where it differs from our rows
+    at its resolution (or, where we have none there, at any), and what its source leaves unknown."""
+    extra = row.get("extra") or {}
+    ours = modes.get(row.get("resolution")) or next(iter(modes.values()), {})
+    theirs = protocol(row)
+    diff = [f"{k} {_text(k, v)} (ours {_text(k, ours[k])})" for k, v in theirs.items()
+            if v is not None and k in ours and _key(v) != ours[k] and k not in NOT_MARKED]
+    unknown = [k for k, v in theirs.items() if v is None and k not in NOT_STATED]
+    conf = extra.get("conf")
+    text = f"{row['model']}: {row['source']}; conf {conf}" + (" (unconfirmed)" if conf == "C" else "")
+    if extra.get("note"):
+        text += f"; {extra['note']}"
+    if diff:
+        text += "; differs from ours in " + ", ".join(diff)
+    if unknown:
+        text += "; not stated: " + ", ".join(unknown)
+    return text
