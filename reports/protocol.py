@@ -17,9 +17,11 @@ USUAL = {"fid": "inception", "sfid": "inception", "kid": "inception", "is": "inc
          "recall": "inception", "density": "inception", "coverage": "inception", "fd_dinov2": "dinov2",
          "clip": "clip", "cmmd": "clip-vitl14-336"}
 FRECHET = ("fid", "fd_dinov2")
-# Fields left out of the comparisons that mark a row: they vary from row to row by design or say nothing of
-# how the number was measured.
-NOT_MARKED = ("versions", "trained_on_evaluator")
+# Fields left out of the comparisons that mark a row: they vary from row to row by design, have a column of their
+# own (Guid., Sel., Space) or say nothing of how the number was measured. An FDr row's references are its own
+# (training and validation statistics), stated in the FDr note.
+NOT_MARKED = ("versions", "trained_on_evaluator", "guidance_cost", "selection", "space")
+FDR_OWN = ("reference", "reference_sha256")
 NOT_STATED = ("versions",)
 
 
@@ -56,10 +58,12 @@ def dataset_of(row: dict) -> str:
 
 def table_protocol(rows: list[dict]) -> dict:
     """{resolution: {field: the value most of `rows` at that resolution record}}: the protocol a table states, from
-    which a row is marked when it differs (ties: the first value met)."""
+    which a row is marked when it differs (ties: the first value met). FDr rows do not vote on the reference."""
     out = {}
     for r in rows:
-        out.setdefault(r.get("resolution"), []).append(protocol(r))
+        p = protocol(r)
+        out.setdefault(r.get("resolution"), []).append(
+            {k: v for k, v in p.items() if k not in FDR_OWN} if r["metric"] == "fdr" else p)
     return {res: {k: Counter(_key(p[k]) for p in ps if p.get(k) is not None).most_common(1)[0][0]
                   for k in {k for p in ps for k, v in p.items() if v is not None}}
             for res, ps in out.items()}
@@ -72,7 +76,7 @@ def _key(v):
 
 def differs(row: dict, modes: dict, skip=NOT_MARKED) -> dict:
     """{field: (the row's value, the table's)} where `row` records another value than its resolution's mode."""
-    mode = modes.get(row.get("resolution"), {})
+    mode, skip = modes.get(row.get("resolution"), {}), skip + (FDR_OWN if row.get("metric") == "fdr" else ())
     return {k: (v, mode[k]) for k, v in protocol(row).items()
             if k not in skip and v is not None and k in mode and _key(v) != mode[k]}
 

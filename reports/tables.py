@@ -273,10 +273,14 @@ def _quality_notes(table: Table, ours: list[dict], pub: list[dict], q: _Quality,
     if spaces:
         notes.append(f"{', '.join(spaces)}: the Frechet distance in that network's features (FID is Inception's; "
                      "a number in another space is not an FID)")
-    if any(m == "fdr" for m, _ in cols):
+    fdr = [r for r in ours if r["metric"] == "fdr"]
+    if fdr:
+        train = sorted({r.get("reference") for r in fdr if r.get("reference")})
+        val = sorted({v for r in fdr for v in ((r.get("extra") or {}).get("val_reference") or {}).values()})
         notes.append("FDr_k: FD(model, training set) / FD(validation set, training set), averaged over k feature "
                      "spaces (arXiv 2604.28190); the validation line scores 1; below 1, a model is closer to the "
-                     "training images than unseen real images are")
+                     f"training images than unseen real images are; training statistics {', '.join(train)}, "
+                     f"validation statistics {', '.join(val)}")
     notes.append("protocol of our rows (the value most rows record, per resolution where it varies): "
                  + stated(q.modes))
     notes += [f"*{i}: differs from that protocol in {text}" for i, text in enumerate(q.marks, 1)]

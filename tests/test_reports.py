@@ -460,3 +460,31 @@ def test_trained_column_says_steps_and_displacement():
            "nfe": 1, "num_samples": 500, "extra": {"train_step": 256, "displacement_lr": 29.61}}
     table = quality_table([row], [], ("fid",), "t")
     assert "256 / 29.6" in table.cells() and any(n.startswith("Trained:") for n in table.notes)
+
+
+def test_quality_table_names_spaces_states_protocol_and_greys_published_rows():
+    def row(model, metric, value, res, **kw):
+        extra = {"labels": "seed", "seeds": "0-499", "uint8": "round", "selection": "single", "space": "pixel",
+                 "guidance_cost": "none", **kw.pop("extra", {})}
+        return {"model": model, "method": kw.pop("method", "pagoda"), "resolution": res, "guidance": 1.0,
+                "metric": metric, "value": value, "num_samples": kw.pop("n", 500), "extractor": "domain",
+                "reference": kw.pop("reference", f"photos:heldout:{res}"), "extra": extra, **kw}
+    val = {"val_reference": {"domain": "photos:heldout:64"}}
+    ours = [row("G", "fid", 15.0, 64), row("G", "fdr", 2.9, 64, reference="photos:train:64", extra=val),
+            row("G2", "fid", 16.0, 64, extra={"seeds": "500-999"}),
+            row("photos:heldout:64", "fdr", 1.0, 64, method="samples", n=1024, reference="photos:train:64",
+                extra={**val, "uint8": "stored", "seeds": "0-1023", "labels": "given"}),
+            row("G256", "fid", 3.0, 256, extra={"trained_on_evaluator": True})]
+    t = quality_table(ours, paper_rows(), QUALITY, "q")
+    assert "FD-domain ↓" in t.columns and "FDr_1" in t.columns and "FID ↓" in t.columns  # one column per space
+    assert _line(t, "G")[0] == "ours" and _line(t, "G2")[0] == "ours *1"  # another seed range is marked ...
+    assert _line(t, "photos:heldout:64")[0] == "validation *2"  # ... and so is the validation line's N
+    assert any(n.startswith("*1: differs from that protocol in seeds 500-999 (table: 0-499)") for n in t.notes)
+    assert _line(t, "G256")[t.columns.index("FD-domain ↓", t.columns.index("FD-domain ↓") + 1)].endswith("‡")
+    section = next(name for name, _ in t.sections if name.startswith("published"))
+    assert "another data set" in section and all(name == section for name, _ in t.grey)
+    fd_loss = _line(t, "pMF-H/16 + FD loss (Inception)")
+    assert fd_loss[t.columns.index("FID ↓", t.columns.index("FID ↓") + 1)] == "0.72‡"  # trained on Inception
+    notes = "\n".join(t.notes)
+    assert "training statistics photos:train:64" in notes and "conf C (unconfirmed)" in notes
+    assert "differs from ours in reference edm-imagenet64 (ours photos:heldout:64)" in notes
