@@ -137,9 +137,9 @@ class Evaluator:
         self.val_refs, train_refs = (References([r] if isinstance(r, (str, os.PathLike)) else list(r),
                                                 weights_dir=weights_dir) for r in (val_ref, train_ref))
         fdr = spaces_of(self.val_refs, list(fdr_extractors or ())) if FDR in metrics else ()
-        if (self.val_refs.paths or train_refs.paths) and not fdr:
-            raise UserError("--val-ref and --train-ref are read by metric fdr only: add fdr to the metrics, or drop "
-                            "them")
+        if (self.val_refs.paths or train_refs.paths or fdr_extractors) and not fdr:
+            raise UserError("--val-ref, --train-ref and --fdr-extractors are read by metric fdr only: add fdr to the "
+                            "metrics, or drop them")
         self.plan = Plan(metrics=tuple(m for m in metrics if m != FDR), roles=roles_of(extractor),
                          est=estimators_of(estimator), fdr=fdr,
                          per_class=per_class, class_names=tuple(class_names) if class_names is not None else None,

@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--per-class applies to fid and pr: add one of them to --metrics")
     if not args.ckpt:
         refuse_checkpoint_options(args, "--images")
+    last = (args.seed or 0) + args.repeat * (args.num_samples or DEFAULT_SAMPLES) - 1
+    if args.ckpt and last > 2**63 - 1:  # seeds are int64
+        raise UserError(f"--seed {args.seed} with --repeat {args.repeat} x --num-samples reaches seed {last}, beyond "
+                        "the largest int64 seed (2^63 - 1): use a smaller --seed")
     from eval.api import Evaluator
     roles, resize = args.extractor
     kind, lines = args.prompts or (None, None)

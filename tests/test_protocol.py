@@ -217,7 +217,9 @@ def test_fdr_refusals(ckpt, refs, domain_weights, tmp_path, capsys):
     for extra, needle in ((["--metrics", "fdr"], "--val-ref"),
                           (["--metrics", "fdr", "--val-ref", refs["train"]], "same statistics"),
                           (["--metrics", "fid", "--val-ref", refs["heldout"]], "add fdr"),
-                          (["--metrics", "fid", "--train-ref", refs["train"]], "add fdr")):
+                          (["--metrics", "fid", "--train-ref", refs["train"]], "add fdr"),
+                          (["--metrics", "fid", "--fdr-extractors", "domain"], "add fdr"),
+                          (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed")):
         assert run_cli(run_main, base + extra) == 2
         _one_error_line(capsys, needle)
     assert not (tmp_path / "x.jsonl").exists()
