@@ -238,6 +238,10 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
             raise UserError(f"--measure needs the reference {name!r} a row names: pass its file with --ref (given: "
                             f"{', '.join(sorted(by_name)) or 'none'})")
     base = value_of(sa, samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
+    if abs(base - a["value"]) > 1e-6 * max(1.0, abs(a["value"])):
+        raise UserError(f"--measure {samples} under A's protocol gives {base:.6g}, but A ({a['where']}) says "
+                        f"{a['value']:.6g}: these are not the samples behind A; give the checkpoint or sample set A "
+                        "was measured on")
     gap, cells, total = b["value"] - a["value"], [], 0.0
     for field in diff:
         if field not in MEASURABLE:
@@ -301,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if metric is None:  # the metric of a side that holds one row, else FID
         metric = next((m for m in (_only_metric(spec, args.model) for spec in (args.a, args.b)) if m), "fid")
     a, b = pick(args.a, metric, args.model), pick(args.b, metric, args.model)
+    if a["metric"] != b["metric"]:
+        raise UserError(f"A ({a['where']}) is {a['metric']} but B ({b['where']}) is {b['metric']}: compare rows of one "
+                        "metric (name it with --metric, or pick the lines with FILE:LINE)")
     text, status = report(a, b)
     print(text)
     if args.measure:

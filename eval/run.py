@@ -274,8 +274,9 @@ def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, see
         if repeat == 1:
             return [source.limit(num_samples)]
         size = num_samples or source.num_samples // repeat
-        if size < 1:
-            raise UserError(f"{source.name} holds {source.num_samples} images: too few for --repeat {repeat}")
+        if size < 1 or size * repeat > source.num_samples:
+            raise UserError(f"{source.name} holds {source.num_samples} images, fewer than the {max(size, 1) * repeat} "
+                            f"that --repeat {repeat} needs: lower --num-samples or --repeat, or add images")
         return [Window(source, k * size, size) for k in range(repeat)]
 
     cells, image_sources = [], {}

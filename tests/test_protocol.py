@@ -147,7 +147,7 @@ def test_repeat_on_a_sample_set_takes_disjoint_windows(refs, domain_weights, tmp
     capsys.readouterr()
     assert run_cli(run_main, ["--images", "photos:heldout:8", *common, "--num-samples", "600", "--repeat", "2",
                               "-o", str(tmp_path / "x.jsonl")]) == 2
-    _one_error_line(capsys, "--repeat")
+    _one_error_line(capsys, "fewer than the 1200 that --repeat 2 needs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,12 +277,14 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
 
 
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "bad_line", "published_unknown", "measure_published",
-                                  "measure_without_ref", "measure_aggregate"])
+                                  "measure_without_ref", "measure_aggregate", "two_metrics"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
     two = tmp_path / "two.jsonl"
     two.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kid = tmp_path / "kid.jsonl"
+    kid.write_text(json.dumps(dict(rows[0], metric="kid")) + "\n")
     argv, needle = {"missing": ([str(tmp_path / "nope.jsonl"), str(two)], "not a rows file"),
                     "ambiguous": ([str(two), str(two)], "pick one"),
                     "bad_line": ([f"{two}:9", f"{two}:1"], "no row on line 9"),
@@ -290,7 +292,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "measure_published": (["published:DMD2@64", f"{two}:1", "--measure", "x.npz"],
                                           "is a published row"),
                     "measure_without_ref": ([f"{two}:1", f"{two}:2", "--measure", "x.npz"], "pass its file with --ref"),
-                    "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row")}[case]
+                    "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
+                    "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric")}[case]
     assert run_cli(diff_main, argv) == 2
     _one_error_line(capsys, needle)
 
