@@ -252,15 +252,18 @@ def shared_protocol(rows: list[dict]) -> dict:
     return {k: v for k, v in each[0].items() if v is not None and all(p.get(k) == v for p in each[1:])}
 
 
+def field_text(field: str, value) -> str:
+    """One protocol value as text: a digest cut to 12 hex digits, versions ({name: version}) as `name version, ...`."""
+    if field.endswith("sha256") and isinstance(value, str):
+        return value[:12]
+    if isinstance(value, dict):
+        return ", ".join(f"{n} {x}" for n, x in sorted(value.items()))
+    return str(value)
+
+
 def protocol_text(fields: dict) -> str:
-    """`field value; ...` of protocol fields, digests cut to 12 hex digits and versions as `name version`."""
-    def text(k, v):
-        if k.endswith("sha256") and isinstance(v, str):
-            return v[:12]
-        if isinstance(v, dict):
-            return ", ".join(f"{n} {x}" for n, x in sorted(v.items()))
-        return str(v)
-    return "; ".join(f"{k} {text(k, v)}" for k, v in fields.items())
+    """`field value; ...` of protocol fields (field_text)."""
+    return "; ".join(f"{k} {field_text(k, v)}" for k, v in fields.items())
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = ("model", "resolution", "guidance", "sampler",

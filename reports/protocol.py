@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pagoda.rows import protocol
+from pagoda.rows import PROTOCOL, field_text, protocol
 
 # The network each metric is named after when no space is written (METHOD.md section 5).
 USUAL = {"fid": "inception", "sfid": "inception", "kid": "inception", "is": "inception", "precision": "inception",
@@ -88,25 +88,22 @@ def stated(modes: dict) -> str:
     for k in sorted(fields, key=_order):
         values = {res: m.get(k) for res, m in modes.items()}
         if len(set(values.values())) == 1:
-            parts.append(f"{k} {_text(k, next(iter(values.values())))}")
+            parts.append(f"{k} {value_text(k, next(iter(values.values())))}")
         else:
-            parts.append(f"{k} " + " | ".join(f"{_text(k, v)} ({res} px)" for res, v in sorted(
+            parts.append(f"{k} " + " | ".join(f"{value_text(k, v)} ({res} px)" for res, v in sorted(
                 values.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)) if v is not None))
     return "; ".join(parts)
 
 
 def _order(k: str) -> tuple:
-    from pagoda.rows import PROTOCOL
     keys = list(PROTOCOL)
     return (keys.index(k) if k in keys else len(keys), k)
 
 
-def _text(k: str, v) -> str:
-    if k.endswith("sha256") and isinstance(v, str):
-        return v[:12]
-    if isinstance(v, tuple):
-        return ", ".join(f"{a} {b}" for a, b in v)
-    return str(v)
+def value_text(k: str, v) -> str:
+    """pagoda.rows.field_text of a protocol value, also in the hashable form the modes keep (_key: versions as a
+    tuple of pairs)."""
+    return field_text(k, dict(v) if isinstance(v, tuple) else v)
 
 
 def published_note(row: dict, modes: dict) -> str:
@@ -115,7 +112,7 @@ def published_note(row: dict, modes: dict) -> str:
     extra = row.get("extra") or {}
     ours = modes.get(row.get("resolution")) or next(iter(modes.values()), {})
     theirs = protocol(row)
-    diff = [f"{k} {_text(k, v)} (ours {_text(k, ours[k])})" for k, v in theirs.items()
+    diff = [f"{k} {value_text(k, v)} (ours {value_text(k, ours[k])})" for k, v in theirs.items()
             if v is not None and k in ours and _key(v) != ours[k] and k not in NOT_MARKED]
     unknown = [k for k, v in theirs.items() if v is None and k not in NOT_STATED]
     conf = extra.get("conf")

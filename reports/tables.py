@@ -20,6 +20,7 @@ from reports.protocol import (
     space_of,
     stated,
     table_protocol,
+    value_text,
 )
 
 MISSING = "—"
@@ -218,7 +219,7 @@ def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: s
         found = {k: v for r in lr for k, v in differs(r, q.modes).items()}
         src = "validation" if first["model"] in q.val_names else "ours"
         if found:
-            q.marks.append(", ".join(f"{k} {_short(v)} (table: {_short(t)})" for k, (v, t) in found.items()))
+            q.marks.append(", ".join(f"{k} {value_text(k, v)} (table: {value_text(k, t)})" for k, (v, t) in found.items()))
             src += f" *{len(q.marks)}"
         section = "with CFG" if with_cfg(first) else "without CFG"
     nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
@@ -244,10 +245,6 @@ def _cell(row: dict | None, with_n: bool) -> str:
     """cell(), with TRAINED_ON where the row's model was trained on that metric's features."""
     text = cell(row, with_n)
     return text + TRAINED_ON if row is not None and (row.get("extra") or {}).get("trained_on_evaluator") else text
-
-
-def _short(v) -> str:
-    return v[:12] if isinstance(v, str) and len(v) == 64 else str(v)
 
 
 def _line_order(line: tuple, rows: list[dict]) -> tuple:
