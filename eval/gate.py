@@ -157,8 +157,35 @@ def check_protocol(new: dict[tuple, dict], base: dict[tuple, dict]) -> list[str]
             raise UserError(f"{b['metric']} of {b['model']} was measured under a different protocol ({what}): "
                             "measure both the same way, or update the baseline on purpose")
         notes.update(diff)
+    _check_selection(new, base)
     return [f"note: {k} differs between baseline and results for some rows ({PROTOCOL[k]}); compared anyway"
             for k in sorted(notes)]
+
+
+def _check_selection(new: dict[tuple, dict], base: dict[tuple, dict]) -> None:
+    """UserError when a baseline row has no match in the results only because the two were selected differently
+    (extra.selection: single, mean-of-K, min-of-K, ...; extra.repeat: one range of eval.run --repeat): without it
+    the gate would show the baseline's row MISSING and the results' new, and not say why."""
+    def coarse(key: tuple) -> tuple:
+        extra = {k: v for k, v in json.loads(key[len(MATCH_KEYS)]).items() if k not in ("selection", "repeat")}
+        return key[:len(MATCH_KEYS)] + (json.dumps(extra, sort_keys=True),) + key[len(MATCH_KEYS) + 1:]
+
+    def how(row: dict) -> str:
+        extra = row.get("extra") or {}
+        return repr(extra.get("selection") or "single") + (f" (range {extra['repeat']} of --repeat)"
+                                                            if extra.get("repeat") is not None else "")
+
+    results = {}
+    for key in new.keys() - base.keys():
+        results.setdefault(coarse(key), []).append(new[key])
+    for key in base.keys() - new.keys():
+        theirs = results.get(coarse(key))
+        if theirs:
+            b = base[key]
+            raise UserError(f"{b['metric']} of {b['model']} was selected differently: {how(b)} in the baseline vs "
+                            f"{', '.join(sorted(how(r) for r in theirs))} in the results: measure both the same way "
+                            "(eval.run --repeat K writes the mean-of-K and min-of-K rows), or update the baseline on "
+                            "purpose")
 
 
 def failed(verdicts: list[dict]) -> bool:

@@ -23,6 +23,9 @@ FRECHET = ("fid", "fd_dinov2")
 NOT_MARKED = ("versions", "trained_on_evaluator", "guidance_cost", "selection", "space")
 FDR_OWN = ("reference", "reference_sha256")
 NOT_STATED = ("versions",)
+# Fields that follow from the feature network: a row of another network than the table's stands in a column of its
+# own (headed by its space), so these are no difference of protocol there; within one network they are.
+OF_EXTRACTOR = ("extractor", "extractor_sha256", "resize", "feature_dtype")
 
 
 def space_of(row: dict) -> str | None:
@@ -75,8 +78,11 @@ def _key(v):
 
 
 def differs(row: dict, modes: dict, skip=NOT_MARKED) -> dict:
-    """{field: (the row's value, the table's)} where `row` records another value than its resolution's mode."""
+    """{field: (the row's value, the table's)} where `row` records another value than its resolution's mode; the
+    OF_EXTRACTOR fields only where the row's extractor is the mode's."""
     mode, skip = modes.get(row.get("resolution"), {}), skip + (FDR_OWN if row.get("metric") == "fdr" else ())
+    if row.get("extractor") is not None and mode.get("extractor") not in (None, row.get("extractor")):
+        skip += OF_EXTRACTOR
     return {k: (v, mode[k]) for k, v in protocol(row).items()
             if k not in skip and v is not None and k in mode and _key(v) != mode[k]}
 

@@ -10,12 +10,17 @@ import json
 from pathlib import Path
 
 from pagoda.errors import UserError
-from pagoda.rows import COST_METRICS, MATCH_KEYS, read_rows
+from pagoda.rows import COST_METRICS, MATCH_KEYS, PROTOCOL_NOTES, protocol, read_rows
 
-# What a row measures for the report: two rows with equal keys measure the same thing, and the later one (by
-# `time`) is shown. Coarser than eval.gate's pagoda.rows.row_key: a re-measurement on another device model or
-# with another attention layout replaces the older row here.
-LATEST_EXTRA = ("class", "factor", "kind", "source")
+# What a row measures for the report: two rows with equal keys and the same protocol measure the same thing, and
+# the later one (by `time`) is shown. Coarser than eval.gate's pagoda.rows.row_key: a re-measurement on another
+# device model or with another attention layout replaces the older row here. The selection rule and the range of
+# eval.run --repeat are part of it: a mean-of-3 row, a min-of-3 row and each range's row are all shown.
+LATEST_EXTRA = ("class", "factor", "kind", "source", "selection", "repeat")
+# Protocol fields in which a re-measurement may differ and still replace the older row: the reference's last bits
+# and package versions (as eval.gate notes them), and what the checkpoint itself says of its model (a retrained
+# checkpoint of the same name replaces the old one's rows).
+SAME_MEASUREMENT = PROTOCOL_NOTES + ("trained_on_evaluator", "space", "guidance_cost")
 
 
 def read_file(path: Path) -> list[dict]:
@@ -65,17 +70,34 @@ def latest_key(row: dict) -> tuple:
     """What a row measures for the report: MATCH_KEYS, the LATEST_EXTRA entries of `extra`, whether it is a published row, and
     for a cost row also batch, device, dtype and extra.compile."""
     extra = row.get("extra") or {}
-    key = tuple(row.get(k) for k in MATCH_KEYS) + (json.dumps([extra.get(k) for k in LATEST_EXTRA]),
-                                                   bool(row.get("published")))
+    key = tuple(row.get(k) for k in MATCH_KEYS) + (json.dumps([extra.get(k) for k in LATEST_EXTRA if not (
+        k == "selection" and extra.get(k) == "single")]), bool(row.get("published")))
     if is_cost(row):
         key += (row.get("batch"), row.get("device"), row.get("dtype"), extra.get("compile"))
     return key
 
 
+def other_protocol(a: dict, b: dict) -> bool:
+    """True when rows `a` and `b` record different values of a protocol field (pagoda.rows.protocol) other than
+    SAME_MEASUREMENT: the same model measured another way (labels balanced instead of per seed, another N or seed
+    range, another resize). A field one of them leaves unknown (an older row) is no difference."""
+    pa, pb = protocol(a), protocol(b)
+    return any(k not in SAME_MEASUREMENT and pa[k] is not None and pb.get(k) is not None and pa[k] != pb[k]
+               for k in pa)
+
+
 def latest(rows: list[dict]) -> list[dict]:
-    """One row per latest_key: the one with the latest `time` (ISO 8601 strings; a row without time counts as
-    oldest, and among equal times the later in `rows` wins), in the order of first appearance."""
-    order = {latest_key(r): None for r in rows}
-    for r in sorted(rows, key=lambda r: r.get("time") or ""):  # stable: file order breaks ties
-        order[latest_key(r)] = r
-    return list(order.values())
+    """The rows to show: per latest_key and protocol the one with the latest `time` (ISO 8601 strings; a row
+    without time counts as oldest, and among equal times the later in `rows` wins). A row measured under another
+    protocol than every newer row of its key (other_protocol) is kept beside them: the report shows it on a line
+    of its own, marked. Kept rows come in the order of their key's first appearance, then newest first."""
+    first = {}
+    for r in rows:
+        first.setdefault(latest_key(r), len(first))
+    kept = {}
+    newest = sorted(enumerate(rows), key=lambda ir: (ir[1].get("time") or "", ir[0]), reverse=True)
+    for _, r in newest:  # stable: file order breaks ties
+        same_key = kept.setdefault(latest_key(r), [])
+        if all(other_protocol(r, k) for k in same_key):
+            same_key.append(r)
+    return [r for key in sorted(kept, key=first.get) for r in kept[key]]

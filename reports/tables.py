@@ -186,7 +186,8 @@ def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...],
     by_line = {}
     for r in ours + pub:  # a published model's NFE variants are lines of their own (no sampler to tell them apart)
         key = (bool(r.get("published")),) + tuple(r.get(k) for k in LINE)
-        by_line.setdefault(key + ((r.get("nfe") or 0,) if r.get("published") else (0,)), []).append(r)
+        variant = (r.get("nfe") or 0,) if r.get("published") else _variant(r, q.modes)
+        by_line.setdefault(key + (variant,), []).append(r)
     for line in sorted(by_line, key=lambda line: _line_order(line, by_line[line])):
         _add_line(q, by_line[line], res, cols, _pub_section(ours, pub))
     table = Table(title, LINE_COLS + [head for _, head in cols] * len(res),
@@ -195,6 +196,21 @@ def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...],
                   grey=q.grey)
     table.notes = _quality_notes(table, ours, pub, q, cols)
     return table
+
+
+def _variant(row: dict, modes: dict) -> tuple:
+    """What sets a line of ours apart from another of the same model and sampling setup: the selection rule, the
+    range of eval.run --repeat, and each protocol field in which the row differs from the table's (marked *k)."""
+    extra = row.get("extra") or {}
+    found = differs(row, modes)
+    return (extra.get("selection") not in (None, "single"), str(extra.get("selection")), extra.get("repeat", -1),
+            tuple(sorted((k, value_text(k, v)) for k, (v, _) in found.items())))
+
+
+def _selection(extra: dict) -> str:
+    """The Sel. cell: the selection rule, with the range of eval.run --repeat ("single, range 2")."""
+    sel = extra.get("selection") or ""
+    return sel + (f", range {extra['repeat']}" if extra.get("repeat") is not None else "")
 
 
 def _pub_section(ours: list[dict], pub: list[dict]) -> str:
@@ -228,7 +244,7 @@ def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: s
     body = [_cell(at.get((R, m, sp)), not n) if R in has else "" for R in res for m, sp in cols]
     extra = first.get("extra") or {}
     line = [src] + [label(first.get(k)) for k in LINE] + [label(nfe), extra.get("space") or "",
-                                                          extra.get("guidance_cost") or "", extra.get("selection") or "",
+                                                          extra.get("guidance_cost") or "", _selection(extra),
                                                           trained(first), n] + body
     lines = q.sections.setdefault(section, [])
     if published and any(k in note for k in ("differs from ours",)):
@@ -250,7 +266,7 @@ def _cell(row: dict | None, with_n: bool) -> str:
 def _line_order(line: tuple, rows: list[dict]) -> tuple:
     """Ours before published, then by method, lowest resolution, model, sampler, steps, guidance."""
     published, model, method, *rest = line
-    return (published,) + sort_key(method, min(r.get("resolution") or 0 for r in rows), model, *rest[:-1], rest[-1])
+    return (published,) + sort_key(method, min(r.get("resolution") or 0 for r in rows), model, *rest)
 
 
 def _quality_notes(table: Table, ours: list[dict], pub: list[dict], q: _Quality, cols: list) -> list[str]:

@@ -29,6 +29,8 @@ from pagoda.generator import load_generator
 from pagoda.networks.unet import UNet
 from pagoda.rows import PROTOCOL, protocol, protocol_unknown, read_rows
 from reports.paper import paper_rows, published_key
+from reports.rows import latest
+from reports.tables import MISSING, QUALITY, quality_table
 
 N = 150  # > the domain net's 128 feature dimensions: the covariances are full rank
 
@@ -111,6 +113,12 @@ def test_gate_refuses_another_protocol_and_notes_rebuilt_references(tmp_path, ca
     (tmp_path / "rebuilt.jsonl").write_text(json.dumps(rebuilt) + "\n")
     assert run_cli(gate_main, argv + [str(tmp_path / "rebuilt.jsonl")]) == 0
     assert "note: reference_sha256 differs" in capsys.readouterr().err
+    # A baseline selected otherwise (min-of-3, or one range of --repeat) is refused by name, not shown MISSING + new.
+    for change, needle in (({"selection": "min-of-3"}, "'min-of-3' in the baseline vs 'single'"),
+                           ({"selection": "single", "repeat": 1}, "'single' (range 1 of --repeat) in the baseline")):
+        base.write_text(json.dumps(dict(row, extra={**row["extra"], **change})) + "\n")
+        assert run_cli(gate_main, argv + [str(tmp_path / "rebuilt.jsonl")]) == 2
+        _one_error_line(capsys, "selected differently", needle)
     old = dict(row, extra={})  # a baseline from before the protocol fields: unknown there, so not compared
     base.write_text(json.dumps(old) + "\n")
     assert run_cli(gate_main, argv + [str(tmp_path / "labels.jsonl")]) == 0
@@ -137,6 +145,24 @@ def test_repeat_agrees_with_single_runs(ckpt, refs, domain_weights, tmp_path):
         assert agg["mean-of-3"]["value"] == pytest.approx(float(np.mean(values)), rel=1e-12)
         assert agg["mean-of-3"]["extra"]["repeat_std"] == pytest.approx(float(np.std(values, ddof=1)), rel=1e-12)
         assert agg[worst]["value"] == best(values) and agg[worst]["extra"]["seeds"] == f"0-{3 * N - 1}"
+    # The report keeps every one of them (reports.build showed one range and no mean or min), and a run of the same
+    # model under another label policy on a line of its own, marked with the field that differs.
+    balanced = _eval(tmp_path, "bal", *common, "--labels", "balanced")
+    shown = latest(rows + balanced)
+    assert len(shown) == len(rows) + len(balanced)
+    table = quality_table(shown, [], QUALITY, "quality")
+    lines = [line for _, body in table.sections for line in body]
+    sel, fd = table.columns.index("Sel."), table.columns.index("FD-domain ↓")
+    assert sorted(line[sel] for line in lines) == ["max-of-3", "mean-of-3", "min-of-3", "single", "single, range 0",
+                                                   "single, range 1", "single, range 2"]
+    cells, fids = {line[sel]: line[fd] for line in lines}, [next(r["value"] for r in s if r["metric"] == "fid")
+                                                          for s in singles]
+    assert [cells[f"single, range {k}"] for k in range(3)] == [f"{v:.2f}" for v in fids]
+    assert cells["min-of-3"] == f"{min(fids):.2f}" and cells["mean-of-3"] == f"{np.mean(fids):.2f}"
+    assert cells["max-of-3"] == MISSING  # IS's line: no FD there
+    marked = next(line for line in lines if line[sel] == "single")
+    note = next(n for n in table.notes if n.startswith(marked[0].split()[-1] + ":"))
+    assert "labels balanced (table: seed)" in note
 
 
 def test_repeat_on_a_sample_set_takes_disjoint_windows(refs, domain_weights, tmp_path, capsys):
