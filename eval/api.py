@@ -135,7 +135,8 @@ class Evaluator:
         except argparse.ArgumentTypeError as e:
             raise UserError(f"metrics {metrics!r}: {e}") from None
         self.val_refs, train_refs = (References([r] if isinstance(r, (str, os.PathLike)) else list(r),
-                                                weights_dir=weights_dir) for r in (val_ref, train_ref))
+                                                weights_dir=weights_dir, option=option)
+                                     for r, option in ((val_ref, "--val-ref"), (train_ref, "--train-ref")))
         fdr = spaces_of(self.val_refs, list(fdr_extractors or ())) if FDR in metrics else ()
         if (self.val_refs.paths or train_refs.paths or fdr_extractors) and not fdr:
             raise UserError("--val-ref, --train-ref and --fdr-extractors are read by metric fdr only: add fdr to the "

@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pagoda.errors import ArgumentParser, UserError, positive_int, run_cli
-from pagoda.rows import check_row, protocol, protocol_diff, protocol_unknown, text_table
+from pagoda.rows import check_row, field_text, protocol, protocol_diff, protocol_unknown, text_table
 
 # A row's metric -> the registry metric that makes it.
 MAKER = {"precision": "pr", "recall": "pr", "density": "dc", "coverage": "dc"}
@@ -113,13 +113,20 @@ def pick(spec: str, metric: str | None, model: str | None) -> dict:
 
 
 def _text(v, field: str = "") -> str:
-    if v is None:
-        return "unknown"
-    if field.endswith("sha256") and isinstance(v, str):
-        return v[:16] + "..."
-    if isinstance(v, dict):
-        return ",".join(f"{k}={x}" for k, x in sorted(v.items()))
-    return str(v)
+    """pagoda.rows.field_text of a protocol value; "unknown" for None."""
+    return "unknown" if v is None else field_text(field, v)
+
+
+def _cell_note(a: dict, b: dict) -> list[str]:
+    """Notes on what the two rows measure beside their protocol: another resolution or guidance scale is another
+    model or sampling cell, so the gap is partly that."""
+    out = []
+    for key, unit in (("resolution", " px"), ("guidance", "")):
+        if a.get(key) != b.get(key):
+            show = {k: "unknown" if v is None else f"{v:g}{unit}" for k, v in (("A", a.get(key)), ("B", b.get(key)))}
+            out.append(f"note: the rows are at different {key} (A {show['A']}, B {show['B']}): part of the gap is "
+                       "that, not protocol")
+    return out
 
 
 def differing(a: dict, b: dict) -> tuple[dict, dict]:
@@ -138,8 +145,7 @@ def report(a: dict, b: dict) -> tuple[str, int]:
     lines = [f"A  {a['where']}: {a['model']} {a['metric']} = {a['value']:.6g}",
              f"B  {b['where']}: {b['model']} {b['metric']} = {b['value']:.6g}",
              f"gap B - A: {b['value'] - a['value']:+.6g}"]
-    if a["metric"] != b["metric"]:
-        lines.append(f"note: the rows measure different metrics ({a['metric']} vs {b['metric']})")
+    lines += _cell_note(a, b)
     diff, follows = differing(a, b)
     if diff:
         cells = [dict(field=k, A=_text(va, k), B=_text(vb, k)) for k, (va, vb) in diff.items()]
@@ -150,7 +156,7 @@ def report(a: dict, b: dict) -> tuple[str, int]:
         lines += ["", "the protocol is the same in every field both rows record: the gap is the models' (and the "
                       "samples')"]
     pa, pb = protocol(a), protocol(b)
-    same = [f"{k} {_text(pa[k], k)}" for k in pa if pa[k] is not None and pa[k] == pb.get(k) and k != "versions"]
+    same = [f"{k} {_text(pa[k], k)}" for k in pa if pa[k] is not None and pa[k] == pb.get(k)]
     if same:
         lines += ["", "same: " + "; ".join(same)]
     for side, row in (("A", a), ("B", b)):
@@ -292,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.published and (args.a or args.b):
+        p.error("--published lists the published rows and compares none: drop A B, or drop --published and name "
+                "one as published:NAME")
     if args.published:
         from reports.paper import paper_rows, published_key
         print("\n".join(f"published:{published_key(r)}  {r['value']:g}  conf {r['extra']['conf']}"
@@ -303,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--ref / --val-ref are read by --measure only: add --measure SAMPLES or drop them")
     metric = args.metric
     if metric is None:  # the metric of a side that holds one row, else FID
-        metric = next((m for m in (_only_metric(spec, args.model) for spec in (args.a, args.b)) if m), "fid")
-    a, b = pick(args.a, metric, args.model), pick(args.b, metric, args.model)
+        metric = next((m for m in (_only_metric(spec, args.model) for spec in (args.a, args.b)) if m), None)
+    a, b = pick(args.a, metric or "fid", args.model), pick(args.b, metric or "fid", args.model)
+    if metric is None:  # said once both rows are found (a bad input is one error line)
+        print("note: no --metric, and neither side is a single row: comparing fid (--metric picks another)",
+              file=sys.stderr)
     if a["metric"] != b["metric"]:
         raise UserError(f"A ({a['where']}) is {a['metric']} but B ({b['where']}) is {b['metric']}: compare rows of one "
                         "metric (name it with --metric, or pick the lines with FILE:LINE)")

@@ -49,11 +49,11 @@ def _pair(ex, resolution, refs, val_refs, est):
     """(train path, train Reference, val path, val Reference) of one space, each found as FID finds its --ref."""
     metric = "fd_dinov2" if ex.name.startswith("dinov2") else "fid"  # which statistics of an EDM2 pkl
     try:
-        train = refs.find(ex, resolution, metric, est)
+        train = refs.find(ex, resolution, metric, est, what="fdr")
     except UserError as e:
         raise UserError(f"fdr, training statistics of space {ex.name}: {e}") from None
     try:
-        val = val_refs.find(ex, resolution, metric, est)
+        val = val_refs.find(ex, resolution, metric, est, what="fdr")
     except UserError as e:
         raise UserError(f"fdr, validation statistics (--val-ref) of space {ex.name}: {e}") from None
     return (*train, *val)
@@ -64,7 +64,7 @@ def check_fdr(spaces, extractors: dict, resolution, refs, val_refs, est) -> None
     two are the same statistics (FD(validation, train) = 0: the ratio is undefined)."""
     for name in spaces:
         train_path, train, val_path, val = _pair(extractors[name], resolution, refs, val_refs, est)
-        if train.stats_sha256() == val.stats_sha256():
+        if refs.about(train_path, train)["reference_sha256"] == val_refs.about(val_path, val)["reference_sha256"]:
             raise UserError(f"fdr in space {name}: --val-ref {val_path} holds the same statistics as --ref "
                             f"{train_path}: give statistics of held-out images (e.g. photos:heldout) as --val-ref")
 
@@ -78,8 +78,8 @@ def fdr_row(spaces, outs: dict, extractors: dict, resolution, refs, val_refs, es
         fd_train[name] = frechet_distance(stats.mean(), stats.cov(), train.mu, train.sigma)
         fd_val[name] = frechet_distance(val.mu, val.sigma, train.mu, train.sigma)
         ratios[name] = fd_train[name] / fd_val[name]
-        train_name[name], train_sha[name] = refs.name(train_path), train.stats_sha256()
-        val_name[name], val_sha[name] = val_refs.name(val_path), val.stats_sha256()
+        train_name[name], train_sha[name] = refs.name(train_path), refs.about(train_path, train)["reference_sha256"]
+        val_name[name], val_sha[name] = val_refs.name(val_path), val_refs.about(val_path, val)["reference_sha256"]
     one = len(spaces) == 1
     fields = dict(reference="+".join(dict.fromkeys(train_name.values())), extractor="+".join(spaces),
                   extractor_sha256=extractors[spaces[0]].weights_sha256 if one else None)

@@ -65,8 +65,10 @@ class References:
     name a published reference (eval.catalog: fetched on first use into `weights_dir`, else the cache); rows
     and messages name it as given."""
 
-    def __init__(self, paths: list[str], weights_dir=None):
+    def __init__(self, paths: list[str], weights_dir=None, option: str = "--ref"):
         self.paths, self.prov, self.files, self.trust = list(paths), {}, {}, {}
+        self.option = option  # how messages name these files: --ref, --train-ref or --val-ref
+        self.digests = {}  # id(Reference) -> (Reference, stats_sha256): each loaded reference hashed once
         for p in self.paths:
             self.files[p], self.trust[p] = resolve_ref(p, weights_dir)
         for p in self.paths:  # an ADM batch has no provenance, but its images say their resolution
@@ -94,7 +96,9 @@ class References:
         sigma: eval.stats.Reference.stats_sha256), and how a named one is trusted."""
         if path is None:
             return {}
-        out = {"reference_sha256": ref.stats_sha256()}
+        if id(ref) not in self.digests:
+            self.digests[id(ref)] = (ref, ref.stats_sha256())  # holding ref keeps its id from being reused
+        out = {"reference_sha256": self.digests[id(ref)][1]}
         if self.trust[path] is not None:
             out["reference_trust"] = self.trust[path]
         return out
@@ -114,10 +118,13 @@ class References:
                             f"another one ({given}): pass {role_option(role, built[0])}, or build a reference with "
                             f"python -m eval.ref DATA -o REF.npz --extractor {name}")
 
-    def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False):
+    def find(self, ex, resolution: int | None, metric: str, est: Estimators, *, labels: bool = False,
+             what: str | None = None):
         """(path, Reference) holding what `metric` needs; labels=True (--per-class) also needs stored labels.
         A reference with provenance (extractor, resolution) is preferred to one without; two equally good
-        ones are refused as ambiguous."""
+        ones are refused as ambiguous. `what` names the metric in messages (default `metric`: fdr finds its
+        statistics as fid does)."""
+        what, opt = what or metric, self.option
         ok = [p for p in self.paths if self.prov[p].get("extractor") in (None, ex.name)
               and self.prov[p].get("resolution") in (None, resolution)]
         # refs of both image conventions may be given (eval.diff --measure): take the extractor's; with none of
@@ -130,10 +137,10 @@ class References:
         if not ok:
             given = "; ".join(f"{p} ({self.prov[p].get('extractor') or 'any extractor'}, "
                               f"{self.prov[p].get('resolution') or 'any'} px)" for p in self.paths) or "none"
-            raise UserError(f"no --ref for {metric} at resolution {resolution} with extractor {ex.name} (given: "
+            raise UserError(f"no {opt} for {what} at resolution {resolution} with extractor {ex.name} (given: "
                             f"{given}): build one with python -m eval.ref DATA -o REF.npz --extractor {ex.name}")
         if len(ok) > 1 and rank(ok[0]) == rank(ok[1]):
-            raise UserError(f"--ref {ok[0]} and --ref {ok[1]} both fit {metric} at resolution {resolution} with "
+            raise UserError(f"{opt} {ok[0]} and {opt} {ok[1]} both fit {what} at resolution {resolution} with "
                             f"{ex.name}: give only the one to measure against")
         path, key = ok[0], (ok[0], ex.name)
         if key not in self.loaded:
@@ -145,8 +152,8 @@ class References:
         need = METRICS[metric].ref
         if ((need == "features" or labels) and ref.features is None) or (need == "spatial" and ref.mu_s is None):
             if ref.format != "adm" or ref.n is None:
-                what = "sFID statistics" if need == "spatial" else "features"
-                raise UserError(f"reference {path} stores no {what}, needed by {metric}: rebuild it with "
+                stored = "sFID statistics" if need == "spatial" else "features"
+                raise UserError(f"reference {path} stores no {stored}, needed by {metric}: rebuild it with "
                                 f"python -m eval.ref ... --extractor {ex.name} --store-features N --force")
             self._extract_images(self.files[path], ref, ex)  # an ADM batch: images, no features
         check_reference(metric, ref, path, est)

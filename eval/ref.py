@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 from pathlib import Path
 
 from eval.cache import default_cache
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a DATASET and -o OUT (or --list)")
     apply_offline(args)
     check_output(args.out)
+    if Path(args.out).is_file() and not zipfile.is_zipfile(args.out):  # results, an image: --force must not overwrite
+        raise UserError(f"-o {args.out} exists and is not a reference (an .npz): eval.ref overwrites only a stale "
+                        "reference, never another file: choose another -o")
     if args.store_features < 0:
         raise UserError(f"--store-features={args.store_features} must be >= 0")
     spec = args.dataset

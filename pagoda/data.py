@@ -288,7 +288,8 @@ def check_npz_arrays(path: Path, images: np.ndarray, labels: np.ndarray | None) 
         raise UserError(f"npz file {path}: arr_0 is {images.dtype} {tuple(images.shape)}, expected uint8 (N, H, W, 3): "
                         "convert the samples to uint8 NHWC RGB")
     if len(images) == 0:
-        raise UserError(f"npz file {path}: arr_0 holds no images")
+        raise UserError(f"npz file {path}: arr_0 holds no images (shape {tuple(images.shape)}): give an npz whose "
+                        "arr_0 holds at least one uint8 (H, W, 3) image, or rewrite the file")
     if labels is None:
         return
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) \

@@ -260,6 +260,12 @@ def test_ref_fresh_stale_force(ref, weights_dir, tmp_path, capsys):
     assert path.stat().st_mtime_ns == stamp
     assert run_cli(ref_main, stale + ["--force"]) == 0
     assert load_reference(path).n == 150
+    rows = tmp_path / "results.jsonl"  # not a reference: even --force never overwrites it
+    rows.write_text('{"model": "a", "metric": "fid", "value": 1.0}\n')
+    capsys.readouterr()
+    assert run_cli(ref_main, [argv[0], "-o", str(rows), *argv[3:], "--force"]) == 2
+    _one_error_line(capsys, "is not a reference", "choose another -o")
+    assert rows.read_text() == '{"model": "a", "metric": "fid", "value": 1.0}\n'
 
 
 def test_folder_matches_tensor_pixels(tmp_path):

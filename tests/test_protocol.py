@@ -8,6 +8,7 @@ two rows of one protocol exit 0; a published row's unknown fields are listed.
 
 import json
 import math
+import re
 import shutil
 from dataclasses import replace
 
@@ -49,12 +50,13 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory, domain_weights):
-    """Training (photos:train:8) and validation (photos:heldout:8) statistics in the domain space."""
+    """Training (photos:train:8) and validation (photos:heldout:8) statistics in the domain space, and training
+    statistics at another resolution (photos:train:16)."""
     folder = tmp_path_factory.mktemp("refs")
     out = {}
-    for split in ("train", "heldout"):
+    for split, spec in (("train", "photos:train:8"), ("heldout", "photos:heldout:8"), ("other_res", "photos:train:16")):
         out[split] = str(folder / f"{split}.npz")
-        assert run_cli(ref_main, [f"photos:{split}:8", "-o", out[split], "--extractor", "domain", "--weights-dir",
+        assert run_cli(ref_main, [spec, "-o", out[split], "--extractor", "domain", "--weights-dir",
                                   str(domain_weights), "--store-features", "0"]) == 0
     return out
 
@@ -245,7 +247,9 @@ def test_fdr_refusals(ckpt, refs, domain_weights, tmp_path, capsys):
                           (["--metrics", "fid", "--val-ref", refs["heldout"]], "add fdr"),
                           (["--metrics", "fid", "--train-ref", refs["train"]], "add fdr"),
                           (["--metrics", "fid", "--fdr-extractors", "domain"], "add fdr"),
-                          (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed")):
+                          (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed"),
+                          (["--metrics", "fdr", "--val-ref", refs["heldout"], "--train-ref", refs["other_res"]],
+                           "no --train-ref for fdr at resolution")):
         assert run_cli(run_main, base + extra) == 2
         _one_error_line(capsys, needle)
     assert not (tmp_path / "x.jsonl").exists()
@@ -292,7 +296,13 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
     _eval(tmp_path, "b", *common)
     capsys.readouterr()
     assert run_cli(diff_main, [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 0
-    assert "the protocol is the same" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the protocol is the same" in out and re.search(r"; versions [^;]*pagoda ", out.split("same: ")[1])
+    row = read_rows(tmp_path / "a.jsonl")[0]
+    (tmp_path / "c.jsonl").write_text(json.dumps(dict(row, resolution=2 * row["resolution"])) + "\n")
+    assert run_cli(diff_main, [str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")]) == 0  # the cell, not protocol
+    assert f"note: the rows are at different resolution (A {row['resolution']} px, B {2 * row['resolution']} px)" \
+        in capsys.readouterr().out
     dmd2 = next(published_key(r) for r in paper_rows() if r["model"] == "DMD2")
     assert run_cli(diff_main, [str(tmp_path / "a.jsonl"), f"published:{dmd2}"]) == 1
     out = capsys.readouterr().out
@@ -303,7 +313,8 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
 
 
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "bad_line", "published_unknown", "measure_published",
-                                  "measure_without_ref", "measure_aggregate", "two_metrics"])
+                                  "measure_without_ref", "measure_aggregate", "two_metrics",
+                                  "published_with_rows"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
@@ -319,7 +330,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                                           "is a published row"),
                     "measure_without_ref": ([f"{two}:1", f"{two}:2", "--measure", "x.npz"], "pass its file with --ref"),
                     "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
-                    "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric")}[case]
+                    "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric"),
+                    "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B")}[case]
     assert run_cli(diff_main, argv) == 2
     _one_error_line(capsys, needle)
 
