@@ -251,13 +251,13 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
     gap, cells, total = b["value"] - a["value"], [], 0.0
     for field in diff:
         if field not in MEASURABLE:
-            cells.append(dict(field=field, change=f"{_text(diff[field][0])} -> {_text(diff[field][1])}",
+            cells.append(dict(field=field, change=f"{_text(diff[field][0], field)} -> {_text(diff[field][1], field)}",
                               effect="not measurable here", share="-"))
             continue
         value = value_of(dict(sa, **{field: sb[field]}, start=sb["start"] if field == "seeds" else sa["start"]),
                          samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
         total += value - base
-        cells.append(dict(field=field, change=f"{_text(diff[field][0])} -> {_text(diff[field][1])}",
+        cells.append(dict(field=field, change=f"{_text(diff[field][0], field)} -> {_text(diff[field][1], field)}",
                           effect=f"{value - base:+.6g}", share=_share(value - base, gap)))
     lines = [f"measured on {samples}: A's protocol gives {base:.6g} (the row says {a['value']:.6g})"]
     if cells:

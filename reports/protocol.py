@@ -26,6 +26,13 @@ NOT_STATED = ("versions",)
 # Fields that follow from the feature network: a row of another network than the table's stands in a column of its
 # own (headed by its space), so these are no difference of protocol there; within one network they are.
 OF_EXTRACTOR = ("extractor", "extractor_sha256", "resize", "feature_dtype")
+# A row that aggregates several runs (mean-of-K, min-of-K of eval.run --repeat) records the union of their seed
+# ranges: its Sel. cell says so, and it neither sets the table's seeds nor is marked for them.
+OF_RUNS = ("seeds",)
+
+
+def _aggregate(row: dict) -> bool:
+    return (row.get("extra") or {}).get("selection") not in (None, "single")
 
 
 def space_of(row: dict) -> str | None:
@@ -61,12 +68,12 @@ def dataset_of(row: dict) -> str:
 
 def table_protocol(rows: list[dict]) -> dict:
     """{resolution: {field: the value most of `rows` at that resolution record}}: the protocol a table states, from
-    which a row is marked when it differs (ties: the first value met). FDr rows do not vote on the reference."""
+    which a row is marked when it differs (ties: the first value met). FDr rows do not vote on the reference, nor
+    aggregate rows (mean-of-K, ...) on the seeds."""
     out = {}
     for r in rows:
-        p = protocol(r)
-        out.setdefault(r.get("resolution"), []).append(
-            {k: v for k, v in p.items() if k not in FDR_OWN} if r["metric"] == "fdr" else p)
+        skip = (FDR_OWN if r["metric"] == "fdr" else ()) + (OF_RUNS if _aggregate(r) else ())
+        out.setdefault(r.get("resolution"), []).append({k: v for k, v in protocol(r).items() if k not in skip})
     return {res: {k: Counter(_key(p[k]) for p in ps if p.get(k) is not None).most_common(1)[0][0]
                   for k in {k for p in ps for k, v in p.items() if v is not None}}
             for res, ps in out.items()}
@@ -79,8 +86,9 @@ def _key(v):
 
 def differs(row: dict, modes: dict, skip=NOT_MARKED) -> dict:
     """{field: (the row's value, the table's)} where `row` records another value than its resolution's mode; the
-    OF_EXTRACTOR fields only where the row's extractor is the mode's."""
+    OF_EXTRACTOR fields only where the row's extractor is the mode's, the seeds only of a single run's row."""
     mode, skip = modes.get(row.get("resolution"), {}), skip + (FDR_OWN if row.get("metric") == "fdr" else ())
+    skip += OF_RUNS if _aggregate(row) else ()
     if row.get("extractor") is not None and mode.get("extractor") not in (None, row.get("extractor")):
         skip += OF_EXTRACTOR
     return {k: (v, mode[k]) for k, v in protocol(row).items()

@@ -165,6 +165,8 @@ def test_repeat_agrees_with_single_runs(ckpt, refs, domain_weights, tmp_path):
     marked = next(line for line in lines if line[sel] == "single")
     note = next(n for n in table.notes if n.startswith(marked[0].split()[-1] + ":"))
     assert "labels balanced (table: seed)" in note
+    src = {line[sel]: line[0] for line in lines}  # an aggregate's seeds are the union of its ranges: not marked
+    assert src["mean-of-3"] == src["min-of-3"] == src["single, range 0"] == "ours" and "*" in src["single, range 1"]
 
 
 def test_repeat_on_a_sample_set_takes_disjoint_windows(refs, domain_weights, tmp_path, capsys):
