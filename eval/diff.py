@@ -230,6 +230,10 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
     """The --measure table: A re-measured, then each switchable differing field set to B's value."""
     from eval.measure import References
 
+    if None not in (a.get("resolution"), b.get("resolution")) and a["resolution"] != b["resolution"]:
+        raise UserError(f"--measure scores A's samples under B's protocol, but B ({b['where']}) is at "
+                        f"{b['resolution']} px and A at {a['resolution']} px: B's reference cannot score A's "
+                        "samples; compare rows of one resolution")
     refs = References(ref_files, weights_dir=weights_dir)
     by_name: dict[str, list[str]] = {}
     for path in ref_files:

@@ -316,12 +316,14 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
 
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "bad_line", "published_unknown", "measure_published",
                                   "measure_without_ref", "measure_aggregate", "two_metrics",
-                                  "published_with_rows"])
+                                  "published_with_rows", "measure_two_resolutions"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
     two = tmp_path / "two.jsonl"
     two.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = tmp_path / "res.jsonl"
+    res.write_text("".join(json.dumps(dict(rows[0], resolution=r)) + "\n" for r in (16, 32)))
     kid = tmp_path / "kid.jsonl"
     kid.write_text(json.dumps(dict(rows[0], metric="kid")) + "\n")
     argv, needle = {"missing": ([str(tmp_path / "nope.jsonl"), str(two)], "not a rows file"),
@@ -333,7 +335,9 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "measure_without_ref": ([f"{two}:1", f"{two}:2", "--measure", "x.npz"], "pass its file with --ref"),
                     "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
                     "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric"),
-                    "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B")}[case]
+                    "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B"),
+                    "measure_two_resolutions": ([f"{res}:1", f"{res}:2", "--measure", "x.npz", "--ref", "r.npz"],
+                                                "compare rows of one resolution")}[case]
     assert run_cli(diff_main, argv) == 2
     _one_error_line(capsys, needle)
 
