@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.a is None or args.b is None:
         p.error("give two rows: A B (rows files, FILE:LINE or published:NAME), or --published")
+    if args.measure and args.measure.endswith((".safetensors", ".npz")) and not Path(args.measure).is_file():
+        raise UserError(f"--measure {args.measure} does not exist: give the checkpoint or sample set both rows scored")
     if (args.ref or args.val_ref) and not args.measure:
         p.error("--ref / --val-ref are read by --measure only: add --measure SAMPLES or drop them")
     metric = args.metric

@@ -316,7 +316,8 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
 
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "bad_line", "published_unknown", "measure_published",
                                   "measure_without_ref", "measure_aggregate", "two_metrics",
-                                  "published_with_rows", "measure_two_resolutions"])
+                                  "published_with_rows", "measure_two_resolutions",
+                                  "measure_missing"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
@@ -336,6 +337,7 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
                     "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric"),
                     "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B"),
+                    "measure_missing": ([f"{two}:1", f"{two}:2", "--measure", "nope.safetensors"], "does not exist"),
                     "measure_two_resolutions": ([f"{res}:1", f"{res}:2", "--measure", "x.npz", "--ref", "r.npz"],
                                                 "compare rows of one resolution")}[case]
     assert run_cli(diff_main, argv) == 2
