@@ -247,6 +247,8 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
         if name is not None and name not in by_name:
             raise UserError(f"--measure needs the reference {name!r} a row names: pass its file with --ref (given: "
                             f"{', '.join(sorted(by_name)) or 'none'})")
+    if samples.endswith((".safetensors", ".npz")) and not Path(samples).is_file():  # before any weights load
+        raise UserError(f"--measure {samples} does not exist: give the checkpoint or sample set both rows scored")
     base = value_of(sa, samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
     if abs(base - a["value"]) > 1e-6 * max(1.0, abs(a["value"])):
         raise UserError(f"--measure {samples} under A's protocol gives {base:.6g}, but A ({a['where']}) says "
@@ -312,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.a is None or args.b is None:
         p.error("give two rows: A B (rows files, FILE:LINE or published:NAME), or --published")
-    if args.measure and args.measure.endswith((".safetensors", ".npz")) and not Path(args.measure).is_file():
-        raise UserError(f"--measure {args.measure} does not exist: give the checkpoint or sample set both rows scored")
     if (args.ref or args.val_ref) and not args.measure:
         p.error("--ref / --val-ref are read by --measure only: add --measure SAMPLES or drop them")
     metric = args.metric

@@ -323,6 +323,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
     two = tmp_path / "two.jsonl"
     two.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref = tmp_path / "photos-train-8.npz"  # a reference named as the rows name it
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4), provenance=np.array(json.dumps({"source": "photos:train:8"})))
     res = tmp_path / "res.jsonl"
     res.write_text("".join(json.dumps(dict(rows[0], resolution=r)) + "\n" for r in (16, 32)))
     kid = tmp_path / "kid.jsonl"
@@ -337,7 +339,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
                     "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric"),
                     "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B"),
-                    "measure_missing": ([f"{two}:1", f"{two}:2", "--measure", "nope.safetensors"], "does not exist"),
+                    "measure_missing": ([f"{two}:1", f"{two}:1", "--measure", "nope.safetensors", "--ref", str(ref)],
+                                        "does not exist"),
                     "measure_two_resolutions": ([f"{res}:1", f"{res}:2", "--measure", "x.npz", "--ref", "r.npz"],
                                                 "compare rows of one resolution")}[case]
     assert run_cli(diff_main, argv) == 2
