@@ -38,11 +38,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pagoda.errors import ArgumentParser, UserError, check_output, run_cli, write_atomic
+from pagoda.errors import ArgumentParser, UserError, run_cli, write_atomic
 from pagoda.rows import (
     MATCH_KEYS,
     PROTOCOL,
     PROTOCOL_NOTES,
+    check_rows_output,
     known_direction,
     protocol_diff,
     read_rows,
@@ -88,7 +89,13 @@ def parse_tolerances(text: str) -> dict[str, Tolerance]:
             raise UserError(f"--tolerance item {item!r} does not parse: write metric=+ABS or metric=-REL% "
                             "(e.g. fid=+0.05,is=-1%)")
         metric, sign, num, exp, pct = m.groups()
-        amount = float(num) * 10 ** int(exp or 0)
+        try:
+            amount = float(num) * 10 ** int(exp or 0)
+        except OverflowError:
+            amount = math.inf
+        if not math.isfinite(amount):
+            raise UserError(f"--tolerance item {item!r}: the amount is not a finite number: give one such as "
+                            f"{metric}=+0.05 (or drop the metric from --tolerance)")
         out[metric] = Tolerance(_direction(item, metric, sign, num + pct), amount / 100 if pct else amount, bool(pct))
     return out
 
@@ -220,7 +227,7 @@ def read_all(paths: list[str], what: str) -> list[dict]:
 
 def write_baseline(rows: list[dict], path: str) -> None:
     """`rows` as a JSONL baseline at `path`, written atomically (pagoda.checkpoint.write_atomic)."""
-    check_output(Path(path), "--write-baseline")
+    check_rows_output(path, "--write-baseline")  # never replaces a file that holds anything but rows
     write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 

@@ -55,6 +55,7 @@ from eval.registry import (
 from eval.sources import GeneratorSource, Window, open_source
 from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
+    MAX_SAMPLES,
     ArgumentParser,
     UserError,
     guidance_scale,
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--per-class applies to fid and pr: add one of them to --metrics")
     if not args.ckpt:
         refuse_checkpoint_options(args, "--images")
-    last = (args.seed or 0) + args.repeat * (args.num_samples or DEFAULT_SAMPLES) - 1
+    total = args.repeat * (args.num_samples or DEFAULT_SAMPLES)
+    if total > MAX_SAMPLES:
+        raise UserError(f"--repeat {args.repeat} x --num-samples {args.num_samples or DEFAULT_SAMPLES} is {total:,} "
+                        f"samples, more than {MAX_SAMPLES:,}: lower --repeat or --num-samples")
+    last = (args.seed or 0) + total - 1
     if args.ckpt and last > 2**63 - 1:  # seeds are int64
         raise UserError(f"--seed {args.seed} with --repeat {args.repeat} x --num-samples reaches seed {last}, beyond "
                         "the largest int64 seed (2^63 - 1): use a smaller --seed")

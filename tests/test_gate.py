@@ -29,7 +29,7 @@ def test_parse_tolerances():
     assert t["fid"].direction == 1 and t["fid"].amount == 0.05 and not t["fid"].relative
     assert t["is"].direction == -1 and t["is"].relative and t["is"].bound(50.0) == pytest.approx(49.5)
     assert t["kid"].direction == 1  # sign taken from the metric's known direction
-    for bad in ("fid", "fid=abc", "fid=+1%%", "mystery=0.1"):
+    for bad in ("fid", "fid=abc", "fid=+1%%", "mystery=0.1", "fid=+1e999", "fid=+1e400"):
         with pytest.raises(UserError):
             parse_tolerances(bad)
 
@@ -105,3 +105,17 @@ def test_empty_results_are_bad_input_not_a_table_of_missing_rows(files, tmp_path
     assert run_cli(main, ["--results", str(empty), "--baseline", str(base)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no rows" in err[0]
+
+
+def test_write_baseline_never_replaces_another_file(files, tmp_path, capsys):
+    base, _ = files
+    other = tmp_path / "ref.npz"
+    other.write_bytes(b"PK\x03\x04 not rows")
+    assert run_cli(main, ["--results", str(base), "--write-baseline", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choose another file" in err[0]
+    assert other.read_bytes() == b"PK\x03\x04 not rows"
+    old = tmp_path / "old.jsonl"  # a baseline of rows is replaced, as before
+    append_rows(old, _rows(1.0, 2.0))
+    assert run_cli(main, ["--results", str(base), "--write-baseline", str(old)]) == 0
+    assert [r["value"] for r in read_rows(old)] == [r["value"] for r in read_rows(base)]

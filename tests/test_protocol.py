@@ -250,6 +250,7 @@ def test_fdr_refusals(ckpt, refs, domain_weights, tmp_path, capsys):
                           (["--metrics", "fid", "--train-ref", refs["train"]], "add fdr"),
                           (["--metrics", "fid", "--fdr-extractors", "domain"], "add fdr"),
                           (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed"),
+                          (["--metrics", "fid", "--repeat", "99999999999"], "lower --repeat or --num-samples"),
                           (["--metrics", "fdr", "--val-ref", refs["heldout"], "--train-ref", refs["other_res"]],
                            "no --train-ref for fdr at resolution")):
         assert run_cli(run_main, base + extra) == 2
