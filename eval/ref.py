@@ -49,6 +49,15 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
     return prov
 
 
+def _is_reference(path: Path) -> bool:
+    """Whether an existing -o file is a reference eval.ref may rebuild: an npz holding `mu` (a samples npz, a results
+    file or anything else is the user's, never overwritten)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return "mu.npy" in z.namelist()
+
+
 def stale_reason(path: Path, provenance: dict) -> str | None:
     """None if the reference at `path` was built from exactly `provenance`, else what differs."""
     try:
@@ -108,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a DATASET and -o OUT (or --list)")
     apply_offline(args)
     check_output(args.out)
-    if Path(args.out).is_file() and not zipfile.is_zipfile(args.out):  # results, an image: --force must not overwrite
-        raise UserError(f"-o {args.out} exists and is not a reference (an .npz): eval.ref overwrites only a stale "
+    if Path(args.out).is_file() and not _is_reference(Path(args.out)):  # results, samples: --force never overwrites
+        raise UserError(f"-o {args.out} exists and is not a reference (an .npz of mu and sigma): eval.ref overwrites only a stale "
                         "reference, never another file: choose another -o")
     if args.store_features < 0:
         raise UserError(f"--store-features={args.store_features} must be >= 0")

@@ -266,6 +266,12 @@ def test_ref_fresh_stale_force(ref, weights_dir, tmp_path, capsys):
     assert run_cli(ref_main, [argv[0], "-o", str(rows), *argv[3:], "--force"]) == 2
     _one_error_line(capsys, "is not a reference", "choose another -o")
     assert rows.read_text() == '{"model": "a", "metric": "fid", "value": 1.0}\n'
+    samples = tmp_path / "samples.npz"  # a samples npz is a zip too, but no reference
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    before = samples.read_bytes()
+    assert run_cli(ref_main, [argv[0], "-o", str(samples), *argv[3:], "--force"]) == 2
+    _one_error_line(capsys, "is not a reference")
+    assert samples.read_bytes() == before
 
 
 def test_folder_matches_tensor_pixels(tmp_path):
