@@ -183,9 +183,9 @@ def _check_selection(new: dict[tuple, dict], base: dict[tuple, dict]) -> None:
                                                             if extra.get("repeat") is not None else "")
 
     results = {}
-    for key in new.keys() - base.keys():
+    for key in (k for k in new if k not in base):  # file order, not set order: the same message every run
         results.setdefault(coarse(key), []).append(new[key])
-    for key in base.keys() - new.keys():
+    for key in (k for k in base if k not in new):
         theirs = results.get(coarse(key))
         if theirs:
             b = base[key]
