@@ -99,9 +99,17 @@ def pick(spec: str, metric: str | None, model: str | None) -> dict:
         return dict(found[0], where=f"{path}:{line}")
     hits = [(n, r) for n, r in rows if "class" not in (r.get("extra") or {})
             and (metric is None or r["metric"] == metric) and (model is None or model in str(r["model"]))]
+    if not rows:
+        raise UserError(f"{path} holds no rows: give a rows file that eval.run (or bench) wrote, FILE:LINE or "
+                        "published:NAME")
+    if not hits:
+        have = sorted({f"{r['metric']} of {r['model']}" for _, r in rows if "class" not in (r.get("extra") or {})})
+        raise UserError(f"{path} holds no row{f' of {metric}' if metric else ''}{f' of model {model}' if model else ''}"
+                        f": it holds {', '.join(have[:8]) or 'per-class rows only'}; name one with --metric / "
+                        f"--model or {path}:LINE")
     if len(hits) != 1:
         shown = "; ".join(f"line {n}: {r['model']} {r['metric']} {(r.get('extra') or {}).get('selection', '')}"
-                          for n, r in hits[:8]) or "none"
+                          for n, r in hits[:8])
         raise UserError(f"{path} holds {len(hits)} rows{f' of {metric}' if metric else ''}"
                         f"{f' of model {model}' if model else ''} ({shown}): pick one with {path}:LINE, --metric or "
                         "--model")
@@ -118,15 +126,46 @@ def _text(v, field: str = "") -> str:
 
 
 def _cell_note(a: dict, b: dict) -> list[str]:
-    """Notes on what the two rows measure beside their protocol: another resolution or guidance scale is another
-    model or sampling cell, so the gap is partly that."""
+    """Notes on what the two rows measure beside their protocol: another data set, resolution or guidance scale
+    is another task, model or sampling cell, so the gap is partly that. A side that does not state its guidance
+    (a published row) is said to, not called different."""
     out = []
+    da, db = dataset_of(a), dataset_of(b)
+    if None not in (da, db) and da != db:
+        out.append(f"note: the rows are of different data sets (A {da}, B {db}): the gap is between two tasks, not "
+                   "the protocol's or the models' on one")
     for key, unit in (("resolution", " px"), ("guidance", "")):
-        if a.get(key) != b.get(key):
-            show = {k: "unknown" if v is None else f"{v:g}{unit}" for k, v in (("A", a.get(key)), ("B", b.get(key)))}
-            out.append(f"note: the rows are at different {key} (A {show['A']}, B {show['B']}): part of the gap is "
-                       "that, not protocol")
+        va, vb = a.get(key), b.get(key)
+        if va == vb:
+            continue
+        if None in (va, vb):
+            side, other = ("A", vb) if va is None else ("B", va)
+            out.append(f"note: {side} does not state its {key} (the other is at {other:g}{unit}): if they differ, "
+                       "part of the gap is that")
+        else:
+            out.append(f"note: the rows are at different {key} (A {va:g}{unit}, B {vb:g}{unit}): part of the gap "
+                       "is that, not protocol")
     return out
+
+
+def dataset_of(row: dict) -> str | None:
+    """The data set a row was measured on: what a published row states (extra.dataset), ImageNet for a catalog
+    reference (eval.catalog), photos for the bundled set's (photos:SPLIT:RES), else None (a file of its own)."""
+    from eval.catalog import NAMED
+
+    ref = str(row.get("reference") or "")
+    return (row.get("extra") or {}).get("dataset") or ("ImageNet" if ref in NAMED else
+                                                       "photos" if ref.split(":")[0] == "photos" else None)
+
+
+def unknown_fields(row: dict) -> list[str]:
+    """pagoda.rows.protocol_unknown without the reference fields for a metric that reads no reference (IS, CLIP
+    score: eval.registry)."""
+    from eval.registry import METRICS
+
+    metric = METRICS.get(MAKER.get(row["metric"], row["metric"].removesuffix("_class")))
+    free = metric is not None and metric.ref is None
+    return [k for k in protocol_unknown(row) if not (free and k in ("reference", "reference_sha256"))]
 
 
 def differing(a: dict, b: dict) -> tuple[dict, dict]:
@@ -160,7 +199,7 @@ def report(a: dict, b: dict) -> tuple[str, int]:
     if same:
         lines += ["", "same: " + "; ".join(same)]
     for side, row in (("A", a), ("B", b)):
-        unknown = protocol_unknown(row)
+        unknown = unknown_fields(row)
         if unknown:
             lines.append(f"unknown in {side} ({'its source does not state them' if row.get('published') else 'not recorded'}"
                          f"): {', '.join(unknown)}")
@@ -303,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # A --model X B: options between the two rows
     if args.published and (args.a or args.b):
         p.error("--published lists the published rows and compares none: drop A B, or drop --published and name "
                 "one as published:NAME")

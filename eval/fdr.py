@@ -65,8 +65,11 @@ def check_fdr(spaces, extractors: dict, resolution, refs, val_refs, est) -> None
     for name in spaces:
         train_path, train, val_path, val = _pair(extractors[name], resolution, refs, val_refs, est)
         if refs.about(train_path, train)["reference_sha256"] == val_refs.about(val_path, val)["reference_sha256"]:
-            raise UserError(f"fdr in space {name}: --val-ref {val_path} holds the same statistics as --ref "
-                            f"{train_path}: give statistics of held-out images (e.g. photos:heldout) as --val-ref")
+            given = "--train-ref" if refs.option == "--train-ref" else "--ref (the training statistics without " \
+                "--train-ref)"
+            raise UserError(f"fdr in space {name}: --val-ref {val_path} holds the same statistics as {given} "
+                            f"{train_path}, so FD(validation, train) is 0: give the training images' statistics as "
+                            "--train-ref and held-out images' (e.g. photos:heldout) as --val-ref")
 
 
 def fdr_row(spaces, outs: dict, extractors: dict, resolution, refs, val_refs, est) -> tuple[float, dict, dict]:

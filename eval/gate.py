@@ -89,6 +89,8 @@ def parse_tolerances(text: str) -> dict[str, Tolerance]:
             raise UserError(f"--tolerance item {item!r} does not parse: write metric=+ABS or metric=-REL% "
                             "(e.g. fid=+0.05,is=-1%)")
         metric, sign, num, exp, pct = m.groups()
+        if metric in out:
+            raise UserError(f"--tolerance names {metric} twice ({text!r}): give one tolerance per metric")
         try:
             amount = float(num) * 10 ** int(exp or 0)
         except OverflowError:
@@ -214,14 +216,26 @@ def format_diff(verdicts: list[dict]) -> str:
 
 
 def read_all(paths: list[str], what: str) -> list[dict]:
-    """The rows of every file named, and of every *.jsonl in every folder named (sorted), in that order."""
+    """The rows of every file named, and of every *.jsonl in every folder named (sorted), in that order. A NaN or
+    infinite value passes (a failed measurement in the results is a regression; `finite` refuses it elsewhere)."""
     rows = []
     for path in paths:
         files = sorted(Path(path).glob("*.jsonl")) if Path(path).is_dir() else [path]
         if not files:
             raise UserError(f"{what} {path} is a folder without .jsonl files: give a file or folder of result rows")
         for f in files:
-            rows += read_rows(f, what, nonfinite=True)  # a failed (NaN) measurement is a regression
+            rows += read_rows(f, what, nonfinite=True)
+    return rows
+
+
+def finite(rows: list[dict], what: str) -> list[dict]:
+    """`rows` if every value is finite, else a UserError naming the first row that is not: a baseline of inf would let
+    every result pass, one of NaN fail them all."""
+    for r in rows:
+        if not math.isfinite(r["value"]):
+            at = f" at {r['resolution']} px" if r.get("resolution") is not None else ""
+            raise UserError(f"{what}: the {r['metric']} row of {r['model']}{at} has value {r['value']}: a failed "
+                            "measurement is no baseline; write the baseline from a run whose values are all finite")
     return rows
 
 
@@ -261,13 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_baseline is not None:
         if not results:
             raise no_rows
-        latest = list(_latest(results).values())
+        latest = finite(list(_latest(results).values()), f"--write-baseline from {', '.join(args.results)}")
         write_baseline(latest, args.write_baseline)
         print(f"gate: wrote {len(latest)} baseline rows to {args.write_baseline}")
         return 0
     baseline = read_all(args.baseline, "--baseline")
     if keep is not None:
         baseline = [r for r in baseline if r["metric"] in keep]
+    finite(baseline, f"--baseline {', '.join(args.baseline)}")
     if not baseline:
         raise UserError(f"--baseline {', '.join(args.baseline)} holds no rows{' of --metrics' if keep else ''}: "
                         "nothing to compare against; give the rows of a reference measurement")

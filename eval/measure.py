@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from eval.catalog import refetch_hint, resolve_ref
@@ -32,7 +31,6 @@ from eval.rows import make_row, versions
 from eval.sources import TensorSource
 from eval.stats import load_reference
 from pagoda.errors import UserError
-from pagoda.rows import known_direction
 
 DEFAULT_SAMPLES = 50_000
 
@@ -327,31 +325,6 @@ def protocol_extra(source, ex, spaces: tuple[str, ...] = ()) -> dict:
     if source.feature_nets is not None:
         extra["trained_on_evaluator"] = any(name in source.feature_nets for name in spaces or (ex.name,))
     return extra
-
-
-def repeat_rows(runs: list[list[dict]]) -> list[dict]:
-    """eval.run --repeat K: the rows of K disjoint seed ranges (`runs`, one list of rows per range, in range order,
-    each from score_cell), each marked with its range (extra.repeat), then per metric of the cell a mean-of-K row
-    (extra.repeat_std: sample std, ddof 1; extra.repeat_values) and a min-of-K row (max-of-K where higher is
-    better), labelled by extra.selection, as EDM2 reports the minimum over 3 seed ranges and SiD the mean of 10
-    trials. Per-class rows stay in their range's rows only. A metric of unknown direction gets no min row."""
-    k, out = len(runs), []
-    for i, rows in enumerate(runs):
-        out += [dict(r, extra=dict(r["extra"], repeat=i)) for r in rows]
-    for group in zip(*([r for r in rows if "class" not in r["extra"]] for rows in runs)):
-        first, values = group[0], [r["value"] for r in group]
-        if len({(r["metric"], r["extractor"]) for r in group}) != 1:
-            raise AssertionError("--repeat ranges made different rows")  # score_cell makes one order
-        extra = {key: v for key, v in first["extra"].items() if key not in ("std", "repeat")}
-        extra.update(seeds=f"{first['extra']['seeds'].split('-')[0]}-{group[-1]['extra']['seeds'].split('-')[1]}",
-                     repeat_values=values, repeat_std=float(np.std(values, ddof=1)) if k > 1 else 0.0)
-        base = dict(first, ci_low=None, ci_high=None)
-        out.append(dict(base, value=float(np.mean(values)), extra=dict(extra, selection=f"mean-of-{k}")))
-        direction = known_direction(first["metric"])
-        if direction is not None:
-            best = min(values) if direction > 0 else max(values)
-            out.append(dict(base, value=best, extra=dict(extra, selection=f"{'min' if direction > 0 else 'max'}-of-{k}")))
-    return out
 
 
 def worst_classes(rows: list[dict], n: int = 5) -> list[dict]:

@@ -35,13 +35,15 @@ models at equal sample counts, never with published FIDs. The table shows the 5 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from eval.measure import DEFAULT_SAMPLES, Cell, cells_of, repeat_rows, worst_classes
+from eval.measure import DEFAULT_SAMPLES, Cell, cells_of, worst_classes
 from eval.pipeline import is_main
 from eval.registry import (
     DEFAULT_ROLES,
@@ -52,6 +54,7 @@ from eval.registry import (
     estimators_arg,
     metric_list,
 )
+from eval.repeat import repeat_rows
 from eval.sources import GeneratorSource, Window, open_source
 from pagoda.config import SAMPLER_HELP, sampler_spec
 from pagoda.errors import (
@@ -267,7 +270,7 @@ def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, see
     that is checked) and once per cell to measure it; each sample set is opened once. dtype: the checkpoints'
     sampling dtype (autocast). repeat K > 1: each cell is measured on K disjoint ranges of N samples (seeds
     seed + kN .. seed + (k+1)N - 1; a sample set's images kN .. (k+1)N - 1, N = num_samples or all // K) and
-    eval.measure.repeat_rows adds the mean-of-K and min-of-K rows."""
+    eval.repeat.repeat_rows adds the mean-of-K and min-of-K rows."""
     from pagoda.generator import load_generator
 
     n = num_samples or DEFAULT_SAMPLES
@@ -284,19 +287,21 @@ def run(ev, *, ckpts: list[str], images: list[str], num_samples: int | None, see
                             f"that --repeat {repeat} needs: lower --num-samples or --repeat, or add images")
         return [Window(source, k * size, size) for k in range(repeat)]
 
-    cells, image_sources = [], {}
-    for ckpt in ckpts:
-        gen = load_generator(ckpt, device=ev.device)
-        for cell in cells_of(ckpt, gen, guidance, samplers, steps):  # every refusal before any image is made
-            gen.check_guidance(cell.guidance)  # e.g. a w outside a guidance-conditioned G's trained range
-            with generator_source(gen, cell) as source:
-                ev.check(source, what=ckpt, option="--num-samples")
-            cells.append(cell)
-    for spec in images:
-        windows = store_windows(open_source(spec))
-        ev.check(windows[0], what=spec, option="--num-samples (or more images)")
-        image_sources[spec] = windows
-        cells.append(Cell(spec, images=True))
+    cells, image_sources, said = [], {}, io.StringIO()
+    with contextlib.redirect_stderr(said):  # the checks' notes and warnings are shown only if every check passes
+        for ckpt in ckpts:
+            gen = load_generator(ckpt, device=ev.device)
+            for cell in cells_of(ckpt, gen, guidance, samplers, steps):  # every refusal before any image is made
+                gen.check_guidance(cell.guidance)  # e.g. a w outside a guidance-conditioned G's trained range
+                with generator_source(gen, cell) as source:
+                    ev.check(source, what=ckpt, option="--num-samples")
+                cells.append(cell)
+        for spec in images:
+            windows = store_windows(open_source(spec))
+            ev.check(windows[0], what=spec, option="--num-samples (or more images)")
+            image_sources[spec] = windows
+            cells.append(Cell(spec, images=True))
+    sys.stderr.write(said.getvalue())
     rows = []
     for cell in cells:
         if cell.images:  # every cell was checked above

@@ -98,8 +98,15 @@ def cell(row: dict | None, with_n: bool = True) -> str:
         text += f" ({num(extra['p90_ms'])})"
     if row.get("ci_low") is not None and row.get("ci_high") is not None:
         text += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"
-    n = sample_count(row)
-    return text + (f" n={count(n)}" if n and with_n else "")
+    return text + (f" n={n_text(row)}" if sample_count(row) and with_n else "")
+
+
+def n_text(row: dict) -> str:
+    """sample_count in short form; for a row aggregated over K ranges (eval.run --repeat: selection mean-of-K,
+    min-of-K, max-of-K) "Kx" before it, so 3x200 says 600 samples stand behind one value of 200 each."""
+    n, selection = sample_count(row), (row.get("extra") or {}).get("selection") or ""
+    k = selection.rsplit("-of-", 1)[-1] if "-of-" in selection else ""
+    return (f"{k}x" if k.isdigit() else "") + count(n) if n else ""
 
 
 def sample_count(row: dict) -> int | None:
@@ -239,8 +246,8 @@ def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: s
             src += f" *{len(q.marks)}"
         section = "with CFG" if with_cfg(first) else "without CFG"
     nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
-    ns = {r.get("num_samples") for r in lr}
-    n = count(next(iter(ns))) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
+    ns = {n_text(r) if r.get("num_samples") else None for r in lr}
+    n = next(iter(ns)) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
     body = [_cell(at.get((R, m, sp)), not n) if R in has else "" for R in res for m, sp in cols]
     extra = first.get("extra") or {}
     line = [src] + [label(first.get(k)) for k in LINE] + [label(nfe), extra.get("space") or "",

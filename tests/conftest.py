@@ -5,7 +5,9 @@ random weights (seeded) and saves it under the official file name in a weights f
 is cached across runs in pytest's cache directory (delete `.pytest_cache` to rebuild).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from pagoda.checkpoint import write_atomic
 # for its loopback server alone). tox sets it for every environment too.
 os.environ["PAGODA_OFFLINE"] = "1"
 # The feature cache (eval.cache) of everything the tests measure lives in one temporary folder per session.
+# It is removed when the session ends (it was left behind, ~10 MB a run).
 os.environ["PAGODA_FEATURES"] = tempfile.mkdtemp(prefix="pagoda-test-features-")
+atexit.register(shutil.rmtree, os.environ["PAGODA_FEATURES"], ignore_errors=True)
 
 WEIGHTS_VERSION = "v2"  # bump when the way test weights are made changes
 

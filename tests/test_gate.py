@@ -29,7 +29,7 @@ def test_parse_tolerances():
     assert t["fid"].direction == 1 and t["fid"].amount == 0.05 and not t["fid"].relative
     assert t["is"].direction == -1 and t["is"].relative and t["is"].bound(50.0) == pytest.approx(49.5)
     assert t["kid"].direction == 1  # sign taken from the metric's known direction
-    for bad in ("fid", "fid=abc", "fid=+1%%", "mystery=0.1", "fid=+1e999", "fid=+1e400"):
+    for bad in ("fid", "fid=abc", "fid=+1%%", "mystery=0.1", "fid=+1e999", "fid=+1e400", "fid=+5,fid=+6"):
         with pytest.raises(UserError):
             parse_tolerances(bad)
 
@@ -71,6 +71,22 @@ def test_nan_is_regression(files):
     base, new = files
     append_rows(new, _rows(float("nan"), 50.0))
     assert run_cli(main, ["--results", str(new), "--baseline", str(base), "--tolerance", "fid=+100"]) == 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_nonfinite_baseline_refused(tmp_path, capsys, value):
+    """An inf baseline used to let every result pass and a NaN one to fail them all: both are refused (exit 2,
+    one line naming the row), and --write-baseline never writes one."""
+    base, new = tmp_path / "base.jsonl", tmp_path / "new.jsonl"
+    append_rows(base, _rows(value, 50.0))
+    append_rows(new, _rows(1e6, 50.0))
+    assert run_cli(main, ["--results", str(new), "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fid row of g16 at 16 px" in err and "no baseline" in err
+    # Filtered to another metric, the failed fid row is not compared, so it is not refused.
+    assert run_cli(main, ["--results", str(new), "--baseline", str(base), "--metrics", "is"]) == 0
+    out = tmp_path / "written.jsonl"
+    assert run_cli(main, ["--results", str(base), "--write-baseline", str(out)]) == 2 and not out.exists()
 
 
 @pytest.mark.parametrize("case", ["bad_json", "bad_tol", "absent_metric", "no_value"])

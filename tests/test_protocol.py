@@ -162,6 +162,8 @@ def test_repeat_agrees_with_single_runs(ckpt, refs, domain_weights, tmp_path):
     assert [cells[f"single, range {k}"] for k in range(3)] == [f"{v:.2f}" for v in fids]
     assert cells["min-of-3"] == f"{min(fids):.2f}" and cells["mean-of-3"] == f"{np.mean(fids):.2f}"
     assert cells["max-of-3"] == MISSING  # IS's line: no FD there
+    n = {line[sel]: line[table.columns.index("n")] for line in lines}  # an aggregate counts its K ranges
+    assert n["mean-of-3"] == n["min-of-3"] == f"3x{N}" and n["single, range 1"] == f"{N:g}"
     marked = next(line for line in lines if line[sel] == "single")
     note = next(n for n in table.notes if n.startswith(marked[0].split()[-1] + ":"))
     assert "labels balanced (table: seed)" in note
@@ -178,6 +180,28 @@ def test_repeat_on_a_sample_set_takes_disjoint_windows(refs, domain_weights, tmp
     assert run_cli(run_main, ["--images", "photos:heldout:8", *common, "--num-samples", "600", "--repeat", "2",
                               "-o", str(tmp_path / "x.jsonl")]) == 2
     _one_error_line(capsys, "fewer than the 1200 that --repeat 2 needs")
+
+
+def test_repeat_aggregates_average_or_select_the_per_range_extras():
+    """A mean-of-K fdr row holds the mean of the ranges' fdr_spaces / fd_train, a min-of-K row the selected
+    range's (it used to copy range 0's into both); entries equal in every range are kept as they are."""
+    from eval.repeat import repeat_rows
+    from eval.rows import make_row
+
+    def fdr(i, value, ratio, fd):
+        return [make_row(model="g", metric="fdr", value=value, extractor="domain", resolution=8,
+                         extra=dict(seeds=f"{10 * i}-{10 * i + 9}", fdr_spaces={"domain": ratio},
+                                    fd_train={"domain": fd}, fd_val={"domain": 2.0}, labels="seed"))]
+    out = repeat_rows([fdr(0, 3.0, 3.0, 6.0), fdr(1, 1.0, 1.0, 2.0), fdr(2, 2.0, 2.0, 4.0)])
+    mean = next(r for r in out if r["extra"].get("selection") == "mean-of-3")
+    low = next(r for r in out if r["extra"].get("selection") == "min-of-3")
+    assert mean["value"] == 2.0 and mean["extra"]["fdr_spaces"] == {"domain": 2.0}
+    assert mean["extra"]["fd_train"] == {"domain": 4.0} and "repeat_best" not in mean["extra"]
+    assert low["value"] == 1.0 and low["extra"]["fdr_spaces"] == {"domain": 1.0} and low["extra"]["repeat_best"] == 1
+    assert low["extra"]["fd_train"] == {"domain": 2.0}
+    for r in (mean, low):
+        assert r["extra"]["fd_val"] == {"domain": 2.0} and r["extra"]["labels"] == "seed"
+        assert r["extra"]["seeds"] == "0-29" and r["extra"]["repeat_values"] == [3.0, 1.0, 2.0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +269,17 @@ def test_fdr_refusals(ckpt, refs, domain_weights, tmp_path, capsys):
     base = ["--ckpt", ckpt, "--ref", refs["train"], "--extractor", "domain", "--weights-dir", str(domain_weights),
             "--num-samples", str(N), "-o", str(tmp_path / "x.jsonl")]
     for extra, needle in ((["--metrics", "fdr"], "--val-ref"),
-                          (["--metrics", "fdr", "--val-ref", refs["train"]], "same statistics"),
+                          (["--metrics", "fdr", "--val-ref", refs["train"]], "same statistics as --ref (the"),
+                          (["--metrics", "fdr", "--val-ref", refs["heldout"], "--train-ref", refs["heldout"]],
+                           "same statistics as --train-ref"),
                           (["--metrics", "fid", "--val-ref", refs["heldout"]], "add fdr"),
                           (["--metrics", "fid", "--train-ref", refs["train"]], "add fdr"),
                           (["--metrics", "fid", "--fdr-extractors", "domain"], "add fdr"),
                           (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed"),
                           (["--metrics", "fid", "--repeat", "99999999999"], "lower --repeat or --num-samples"),
+                          # the checkpoint's small-N warning is not printed before the sample set's refusal
+                          (["--metrics", "fid", "--images", "photos:heldout:8", "--num-samples", "100",
+                            "--allow-small", "--repeat", "12"], "that --repeat 12 needs"),
                           (["--metrics", "fdr", "--val-ref", refs["heldout"], "--train-ref", refs["other_res"]],
                            "no --train-ref for fdr at resolution")):
         assert run_cli(run_main, base + extra) == 2
@@ -313,9 +342,27 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
     for field in ("seeds", "labels", "uint8", "extractor_sha256", "reference_sha256", "versions"):
         assert field in unknown
     assert "selection" in out.split("differ:")[1] and "best-checkpoint" in out
+    assert "note: the rows are of different data sets (A photos, B ImageNet)" in out
+    assert f"note: B does not state its guidance (the other is at {row['guidance']:g})" in out
 
 
-@pytest.mark.parametrize("case", ["missing", "ambiguous", "bad_line", "published_unknown", "measure_published",
+def test_diff_reads_options_between_the_rows_and_no_reference_of_is(tmp_path, capsys):
+    """`A --model X B` parses (the second row was refused as an unrecognised argument); an IS row, which reads no
+    reference, is not said to leave its reference unknown; a file without the metric names what it holds."""
+    rows = [{"model": m, "metric": metric, "value": v, "reference": ref, "extra": {"labels": "seed"}}
+            for m, metric, v, ref in (("g16", "is", 3.0, None), ("g32", "is", 4.0, None), ("g16", "fid", 9.0, "r"))]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli(diff_main, [f"{f}:1", "--model", "g32", str(f), "--metric", "is"]) == 0
+    out = capsys.readouterr().out
+    assert "B  " in out and "g32 is = 4" in out
+    unknown = [line for line in out.splitlines() if line.startswith("unknown in")]
+    assert unknown and not any("reference" in line for line in unknown)
+    assert run_cli(diff_main, [f"{f}:3", "--model", "g16", str(f), "--metric", "kid"]) == 2
+    _one_error_line(capsys, "holds no row of kid of model g16", "it holds fid of g16, is of g16, is of g32")
+
+
+@pytest.mark.parametrize("case", ["missing", "ambiguous", "empty", "bad_line", "published_unknown", "measure_published",
                                   "measure_without_ref", "measure_aggregate", "two_metrics",
                                   "published_with_rows", "measure_two_resolutions",
                                   "measure_missing"])
@@ -328,10 +375,13 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     np.savez(ref, mu=np.zeros(4), sigma=np.eye(4), provenance=np.array(json.dumps({"source": "photos:train:8"})))
     res = tmp_path / "res.jsonl"
     res.write_text("".join(json.dumps(dict(rows[0], resolution=r)) + "\n" for r in (16, 32)))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
     kid = tmp_path / "kid.jsonl"
     kid.write_text(json.dumps(dict(rows[0], metric="kid")) + "\n")
     argv, needle = {"missing": ([str(tmp_path / "nope.jsonl"), str(two)], "not a rows file"),
                     "ambiguous": ([str(two), str(two)], "pick one"),
+                    "empty": ([str(empty), f"{two}:1"], "holds no rows: give a rows file"),
                     "bad_line": ([f"{two}:9", f"{two}:1"], "no row on line 9"),
                     "published_unknown": ([f"{two}:1", "published:NoSuchModel"], "matches 0 published rows"),
                     "measure_published": (["published:DMD2@64", f"{two}:1", "--measure", "x.npz"],
