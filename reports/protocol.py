@@ -68,15 +68,22 @@ def dataset_of(row: dict) -> str:
 
 def table_protocol(rows: list[dict]) -> dict:
     """{resolution: {field: the value most of `rows` at that resolution record}}: the protocol a table states, from
-    which a row is marked when it differs (ties: the first value met). FDr rows do not vote on the reference, nor
+    which a row is marked when it differs (ties: _mode). FDr rows do not vote on the reference, nor
     aggregate rows (mean-of-K, ...) on the seeds."""
     out = {}
     for r in rows:
         skip = (FDR_OWN if r["metric"] == "fdr" else ()) + (OF_RUNS if _aggregate(r) else ())
         out.setdefault(r.get("resolution"), []).append({k: v for k, v in protocol(r).items() if k not in skip})
-    return {res: {k: Counter(_key(p[k]) for p in ps if p.get(k) is not None).most_common(1)[0][0]
+    return {res: {k: _mode(Counter(_key(p[k]) for p in ps if p.get(k) is not None))
                   for k in {k for p in ps for k, v in p.items() if v is not None}}
             for res, ps in out.items()}
+
+
+def _mode(counts: Counter):
+    """The most frequent value; of several as frequent, the first in sorted text order (not the first met: the
+    table states the same protocol whatever order its files were read in)."""
+    top = max(counts.values())
+    return min((v for v, c in counts.items() if c == top), key=str)
 
 
 def _key(v):

@@ -38,6 +38,7 @@ TIMED_IMAGES = ("latency_ms", "img_per_s")  # timed rows whose num_samples = ima
 NOTE_IMAGES = "n= images timed for the latency and img/s (batch × timed repetitions)"
 NOTE_STEPS = "n= timed training steps (each of `batch` images)"
 NOTE_MISSING = f"{MISSING} not measured (published rows: not reported)"
+NOTE_UNMEASURED = f"{MISSING} not measured"  # a table without published rows
 
 
 @dataclass
@@ -283,7 +284,7 @@ def _quality_notes(table: Table, ours: list[dict], pub: list[dict], q: _Quality,
                                    "is paid for (x2: CFG, two network rows per step; in-1: inside one call); Sel.: "
                                    "how the number was chosen (single run, min-of-K, mean-of-K, best-checkpoint)"]
     if MISSING in cells:
-        notes.append(NOTE_MISSING)
+        notes.append(NOTE_MISSING if pub else NOTE_UNMEASURED)
     if "" in cells:
         notes.append("blank: the model has no rows at that resolution")
     if any(trained(r) for r in ours):
@@ -379,7 +380,7 @@ def split_tables(rows: list[dict], line_of: tuple[str, ...], metrics: tuple[str,
         n = len(groups)
         t.notes = [f"split by device/dtype/compile: {n} group{'s' * (n > 1)}; this is group {i} of {n}"
                    + (f" ({', '.join(names)})" if names else "")] + notes(groups[setting])
-        t.notes += [NOTE_MISSING] if MISSING in t.cells() else []
+        t.notes += [NOTE_UNMEASURED] if MISSING in t.cells() else []
         tables.append(t)
     return tables
 

@@ -409,6 +409,16 @@ def test_published_rows_carry_their_protocol():
     assert {r["extra"]["conf"] for r in rows if r["model"] == "PaGoDA"} == {"C"}  # not re-read in the paper
 
 
+def test_table_protocol_does_not_depend_on_row_order():
+    """A tie between two label policies states the same one whichever file was read first (it was the first met)."""
+    from reports.protocol import table_protocol
+
+    rows = [{"model": m, "metric": "fid", "value": 1.0, "resolution": 16, "extra": {"labels": lab}}
+            for m, lab in (("a", "seed"), ("b", "balanced"))]
+    assert table_protocol(rows)[16]["labels"] == table_protocol(rows[::-1])[16]["labels"] == "balanced"
+    assert table_protocol(rows + rows[:1])[16]["labels"] == "seed"  # the most frequent wins
+
+
 def test_trained_on_the_evaluator_is_read_from_the_config():
     from types import SimpleNamespace
 
