@@ -99,10 +99,10 @@ def cell(row: dict | None, with_n: bool = True) -> str:
         text += f" ({num(extra['p90_ms'])})"
     if row.get("ci_low") is not None and row.get("ci_high") is not None:
         text += f" [{num(row['ci_low'])}, {num(row['ci_high'])}]"
-    return text + (f" n={n_text(row)}" if sample_count(row) and with_n else "")
+    return text + (f" n={n_cell(row)}" if sample_count(row) and with_n else "")
 
 
-def n_text(row: dict) -> str:
+def n_cell(row: dict) -> str:
     """sample_count in short form; for a row aggregated over K ranges (eval.run --repeat: selection mean-of-K,
     min-of-K, max-of-K) "Kx" before it, so 3x200 says 600 samples stand behind one value of 200 each."""
     n, selection = sample_count(row), (row.get("extra") or {}).get("selection") or ""
@@ -196,11 +196,15 @@ def quality_table(rows: list[dict], paper: list[dict], metrics: tuple[str, ...],
         key = (bool(r.get("published")),) + tuple(r.get(k) for k in LINE)
         variant = (r.get("nfe") or 0,) if r.get("published") else _variant(r, q.modes)
         by_line.setdefault(key + (variant,), []).append(r)
+    # A resolution shows the heads some row has there, and a metric no row has there (as —): the published
+    # ImageNet FID column stands at 64 px only, where published rows are, not empty beside a 16 px FD-domain.
+    shown = {R: {_column(r) for r in ours + pub if r.get("resolution") == R} for R in res}
+    cols_at = {R: [c for c in cols if c in shown[R] or c[0] not in {m for m, _ in shown[R]}] for R in res}
     for line in sorted(by_line, key=lambda line: _line_order(line, by_line[line])):
-        _add_line(q, by_line[line], res, cols, _pub_section(ours, pub))
-    table = Table(title, LINE_COLS + [head for _, head in cols] * len(res),
+        _add_line(q, by_line[line], res, cols_at, _pub_section(ours, pub))
+    table = Table(title, LINE_COLS + [head for R in res for _, head in cols_at[R]],
                   [(k, v) for k, v in q.sections.items() if v], groups=[("", len(LINE_COLS))] +
-                  [(res_text(R), len(cols)) for R in res], label_cols=len(LINE_COLS), published=len(pub),
+                  [(res_text(R), len(cols_at[R])) for R in res], label_cols=len(LINE_COLS), published=len(pub),
                   grey=q.grey)
     table.notes = _quality_notes(table, ours, pub, q, cols)
     return table
@@ -229,8 +233,9 @@ def _pub_section(ours: list[dict], pub: list[dict]) -> str:
     return f"published: {', '.join(sorted(theirs))} (another data set than ours: not comparable with the lines above)"
 
 
-def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: str) -> None:
-    """Lay out one table line (the rows `lr` of one model and sampling setup) into q.sections."""
+def _add_line(q: _Quality, lr: list[dict], res: list, cols_at: dict, pub_section: str) -> None:
+    """Lay out one table line (the rows `lr` of one model and sampling setup) into q.sections, under the columns
+    `cols_at` {resolution: [(metric, head)]}."""
     first, published = lr[0], bool(lr[0].get("published"))
     at = {(r.get("resolution"), *_column(r)): r for r in lr}
     has = {r.get("resolution") for r in lr}
@@ -247,9 +252,9 @@ def _add_line(q: _Quality, lr: list[dict], res: list, cols: list, pub_section: s
             src += f" *{len(q.marks)}"
         section = "with CFG" if with_cfg(first) else "without CFG"
     nfe = next((r["nfe"] for r in lr if r.get("nfe") is not None), None)
-    ns = {n_text(r) if r.get("num_samples") else None for r in lr}
+    ns = {n_cell(r) if r.get("num_samples") else None for r in lr}
     n = next(iter(ns)) if len(ns) == 1 and None not in ns else ""  # one n per line, else per cell
-    body = [_cell(at.get((R, m, sp)), not n) if R in has else "" for R in res for m, sp in cols]
+    body = [_cell(at.get((R, m, sp)), not n) if R in has else "" for R in res for m, sp in cols_at[R]]
     extra = first.get("extra") or {}
     line = [src] + [label(first.get(k)) for k in LINE] + [label(nfe), extra.get("space") or "",
                                                           extra.get("guidance_cost") or "", _selection(extra),
