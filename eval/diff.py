@@ -130,6 +130,9 @@ def _cell_note(a: dict, b: dict) -> list[str]:
     is another task, model or sampling cell, so the gap is partly that. A side that does not state its guidance
     (a published row) is said to, not called different."""
     out = []
+    if None not in (a.get("extractor"), b.get("extractor")) and named(a) != named(b):
+        out.append(f"note: the numbers are in different feature spaces (A {named(a)}, B {named(b)}): not on one "
+                   "scale, so the gap is not a difference in quality")
     da, db = dataset_of(a), dataset_of(b)
     if None not in (da, db) and da != db:
         out.append(f"note: the rows are of different data sets (A {da}, B {db}): the gap is between two tasks, not "
@@ -146,6 +149,18 @@ def _cell_note(a: dict, b: dict) -> list[str]:
             out.append(f"note: the rows are at different {key} (A {va:g}{unit}, B {vb:g}{unit}): part of the gap "
                        "is that, not protocol")
     return out
+
+
+def named(row: dict) -> str:
+    """The row's metric with the name of its feature space where that differs (`fid (FD-domain)`; reports.protocol:
+    FID is Inception's)."""
+    from reports.protocol import metric_label
+    from reports.tables import NAMES
+
+    label = metric_label(row["metric"], row.get("extractor"), NAMES)
+    if label == metric_label(row["metric"], None, NAMES):  # the metric's usual network
+        return row["metric"]
+    return f"{row['metric']} ({label.removesuffix(' ↓').removesuffix(' ↑')})"
 
 
 def dataset_of(row: dict) -> str | None:
@@ -181,8 +196,8 @@ def differing(a: dict, b: dict) -> tuple[dict, dict]:
 
 def report(a: dict, b: dict) -> tuple[str, int]:
     """The printed comparison of rows a and b, and the exit status (0: same protocol, 1: a field differs)."""
-    lines = [f"A  {a['where']}: {a['model']} {a['metric']} = {a['value']:.6g}",
-             f"B  {b['where']}: {b['model']} {b['metric']} = {b['value']:.6g}",
+    lines = [f"A  {a['where']}: {a['model']} {named(a)} = {a['value']:.6g}",
+             f"B  {b['where']}: {b['model']} {named(b)} = {b['value']:.6g}",
              f"gap B - A: {b['value'] - a['value']:+.6g}"]
     lines += _cell_note(a, b)
     diff, follows = differing(a, b)
@@ -288,6 +303,13 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
                             f"{', '.join(sorted(by_name)) or 'none'})")
     if samples.endswith((".safetensors", ".npz")) and not Path(samples).is_file():  # before any weights load
         raise UserError(f"--measure {samples} does not exist: give the checkpoint or sample set both rows scored")
+    if samples.endswith(".safetensors") and a.get("resolution") is not None:
+        from pagoda.checkpoint import read_meta  # the header only
+
+        made = read_meta(samples).get("resolution")
+        if made is not None and made != a["resolution"]:
+            raise UserError(f"--measure {samples} makes {made} px images, but A ({a['where']}) is at "
+                            f"{a['resolution']} px: give the checkpoint A was measured on")
     base = value_of(sa, samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
     if abs(base - a["value"]) > 1e-6 * max(1.0, abs(a["value"])):
         raise UserError(f"--measure {samples} under A's protocol gives {base:.6g}, but A ({a['where']}) says "

@@ -268,8 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics is not None:
         keep = {m.strip() for m in args.metrics.split(",") if m.strip()}
         unknown = sorted(keep - {r["metric"] for r in results})
-        if not keep or unknown:
-            raise UserError(f"--metrics {args.metrics!r}: {unknown or 'nothing'} not in the results; metrics present: "
+        if not keep:
+            raise UserError(f"--metrics {args.metrics!r} names no metric: give a comma list such as fid,is (metrics "
+                            f"present: {sorted({r['metric'] for r in results})})")
+        if unknown:
+            raise UserError(f"--metrics {args.metrics!r}: {unknown} not in the results; metrics present: "
                             f"{sorted({r['metric'] for r in results})}")
         results = [r for r in results if r["metric"] in keep]
     if args.write_baseline is not None:

@@ -85,6 +85,8 @@ def test_nonfinite_baseline_refused(tmp_path, capsys, value):
     assert len(err.splitlines()) == 1 and "fid row of g16 at 16 px" in err and "no baseline" in err
     # Filtered to another metric, the failed fid row is not compared, so it is not refused.
     assert run_cli(main, ["--results", str(new), "--baseline", str(base), "--metrics", "is"]) == 0
+    assert run_cli(main, ["--results", str(new), "--baseline", str(base), "--metrics", ","]) == 2
+    assert "names no metric" in capsys.readouterr().err
     out = tmp_path / "written.jsonl"
     assert run_cli(main, ["--results", str(base), "--write-baseline", str(out)]) == 2 and not out.exists()
 

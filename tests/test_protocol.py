@@ -343,6 +343,8 @@ def test_diff_same_protocol_exits_0_and_lists_what_a_published_row_leaves_unknow
         assert field in unknown
     assert "selection" in out.split("differ:")[1] and "best-checkpoint" in out
     assert "note: the rows are of different data sets (A photos, B ImageNet)" in out
+    assert "note: the numbers are in different feature spaces (A fid (FD-domain), B fid)" in out
+    assert re.search(r"^A  .* fid \(FD-domain\) = ", out, re.M) and re.search(r"^B  .*: DMD2 fid = ", out, re.M)
     assert f"note: B does not state its guidance (the other is at {row['guidance']:g})" in out
 
 
@@ -396,6 +398,19 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                                                 "compare rows of one resolution")}[case]
     assert run_cli(diff_main, argv) == 2
     _one_error_line(capsys, needle)
+
+
+def test_diff_measure_refuses_a_checkpoint_of_another_resolution(ckpt, tmp_path, capsys):
+    """A --measure checkpoint that cannot have made A (its header says another resolution) is named as such, before
+    any weights load (it ended on a missing reference of that resolution)."""
+    row = {"model": "g", "metric": "fid", "value": 1.0, "resolution": 16, "reference": "photos:train:16",
+           "extra": {"selection": "single", "labels": "seed"}}
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, value=2.0, extra={"labels": "balanced"})) + "\n")
+    ref = tmp_path / "photos-train-16.npz"
+    np.savez(ref, mu=np.zeros(4), sigma=np.eye(4), provenance=np.array(json.dumps({"source": "photos:train:16"})))
+    assert run_cli(diff_main, [f"{f}:1", f"{f}:2", "--measure", ckpt, "--ref", str(ref)]) == 2
+    _one_error_line(capsys, "makes 8 px images, but A", "at 16 px")
 
 
 def test_published_rows_carry_their_protocol():
