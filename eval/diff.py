@@ -95,7 +95,10 @@ def pick(spec: str, metric: str | None, model: str | None) -> dict:
     if line is not None:
         found = [r for n, r in rows if n == line]
         if not found:
-            raise UserError(f"{path} has no row on line {line}: it has rows on lines {[n for n, _ in rows][:20]}")
+            lines = [n for n, _ in rows]
+            shown = ", ".join(map(str, lines[:20])) + (f", ... ({len(lines)} rows, the last on line {lines[-1]})"
+                                                       if len(lines) > 20 else "")
+            raise UserError(f"{path} has no row on line {line}: it has rows on lines {shown or 'none'}")
         return dict(found[0], where=f"{path}:{line}")
     hits = [(n, r) for n, r in rows if "class" not in (r.get("extra") or {})
             and (metric is None or r["metric"] == metric) and (model is None or model in str(r["model"]))]
@@ -109,10 +112,13 @@ def pick(spec: str, metric: str | None, model: str | None) -> dict:
                         f"--model or {path}:LINE")
     if len(hits) != 1:
         shown = "; ".join(f"line {n}: {r['model']} {r['metric']} {(r.get('extra') or {}).get('selection', '')}"
-                          for n, r in hits[:8])
+                          + (f" range {r['extra']['repeat']}" if (r.get("extra") or {}).get("repeat") is not None
+                             else "") for n, r in hits[:8])
+        narrow = " or ".join(o for o, v in (("--metric", metric), ("--model (it applies to both sides)", model))
+                             if v is None)
         raise UserError(f"{path} holds {len(hits)} rows{f' of {metric}' if metric else ''}"
-                        f"{f' of model {model}' if model else ''} ({shown}): pick one with {path}:LINE, --metric or "
-                        "--model")
+                        f"{f' of model {model}' if model else ''} ({shown}): pick one with {path}:LINE"
+                        + (f" or narrow with {narrow}" if narrow else ""))
     return dict(hits[0][1], where=f"{path}:{hits[0][0]}")
 
 
@@ -275,7 +281,11 @@ def value_of(s: dict, samples: str, refs: dict, val_refs: list[str], *, weights_
                    steps=[s["steps"]], dtype=getattr(torch, s.get("dtype") or "float32"))
     else:
         store = open_source(samples)
-        rows = ev.measure(Window(store, s["start"], s["num_samples"] or store.num_samples))
+        n = s["num_samples"] or store.num_samples
+        if s["start"] + n > store.num_samples:
+            raise UserError(f"--measure {samples} holds {store.num_samples} images, fewer than the {s['start'] + n} "
+                            f"that N = {n} from image {s['start']} needs: give the sample set behind the rows")
+        rows = ev.measure(Window(store, s["start"], n))
     return next(r["value"] for r in rows if r["metric"] == s["metric"] and "class" not in r["extra"])
 
 
@@ -303,6 +313,17 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
                             f"{', '.join(sorted(by_name)) or 'none'})")
     if samples.endswith((".safetensors", ".npz")) and not Path(samples).is_file():  # before any weights load
         raise UserError(f"--measure {samples} does not exist: give the checkpoint or sample set both rows scored")
+    if not samples.endswith(".safetensors"):  # a sample set must hold what A and B's N and seeds ask of it
+        from eval.sources import open_source
+
+        held = open_source(samples).num_samples
+        need = {side: s["start"] + s["num_samples"] for side, s in (("A", setting_of(a)), ("B", setting_of(b)))
+                if s.get("num_samples")}
+        short = {side: n for side, n in need.items() if n > held}
+        if short:
+            raise UserError(f"--measure {samples} holds {held} images, but "
+                            + " and ".join(f"{side}'s N and seeds need {n}" for side, n in short.items())
+                            + ": give the sample set behind the rows")
     if samples.endswith(".safetensors") and a.get("resolution") is not None:
         from pagoda.checkpoint import read_meta  # the header only
 

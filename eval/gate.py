@@ -125,12 +125,16 @@ def compare(results: list[dict], baseline: list[dict], tolerances: dict[str, Tol
             allow_missing: bool = False) -> list[dict]:
     """One verdict per key of either file: baseline, new, delta, allowed bound and status."""
     new, base = _latest(results), _latest(baseline)
+    for what, rows, kept in (("--results", results, new), ("--baseline", baseline, base)):
+        if len(rows) > len(kept):  # eval.run -o appends: a file may hold several runs of one setting
+            print(f"note: {what} holds {len(rows) - len(kept)} row(s) measured again by a later row of the same "
+                  "setting: the last of each is compared", file=sys.stderr)
     for note in check_protocol(new, base):
         print(note, file=sys.stderr)
     verdicts = []
     for key in list(base) + [k for k in new if k not in base]:
         b, n = base.get(key), new.get(key)
-        row = dict(zip(MATCH_KEYS, key), extra=key[-1])
+        row = dict(zip(MATCH_KEYS, key), setting=",".join(f"{k}={v}" for k, v in json.loads(key[len(MATCH_KEYS)]).items()))
         metric = row["metric"]
         tol = tolerances.get(metric)
         if tol is None and known_direction(metric) is not None:
@@ -212,6 +216,8 @@ def format_diff(verdicts: list[dict]) -> str:
     """The diff table: which cell, baseline, new, delta, allowed bound, tolerance, status."""
     cols = ("model", "method", "resolution", "guidance", "sampler", "steps", "metric", "baseline", "new",
             "delta", "allowed", "tolerance", "status")
+    if any(v["setting"] for v in verdicts):  # what else tells rows apart: --repeat range, selection, class, ...
+        cols = cols[:7] + ("setting",) + cols[7:]
     return text_table(verdicts, cols, _fmt)
 
 

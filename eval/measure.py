@@ -203,6 +203,9 @@ def cells_of(ckpt: str, gen, guidance: list, samplers: list, steps: list) -> lis
                         f"is 1: add 1 to --guidance or evaluate it in a separate run")
     if not conditional and len(asked) > 1:
         print(f"note: {ckpt} has no classifier-free guidance: measured at guidance 1 only", file=sys.stderr)
+    given = [o for o, v in (("--sampler", samplers), ("--steps", steps)) if any(x is not None for x in v)]
+    if given and not diffusion:  # a sweep may hold a teacher they apply to: said, not refused
+        print(f"note: {ckpt} samples in one network call: {' and '.join(given)} do not apply to it", file=sys.stderr)
     return [Cell(ckpt, w, s, n) for w in (guidance if conditional else [None]) or [None]
             for s in (samplers if diffusion else [None]) or [None]
             for n in (steps if diffusion else [None]) or [None]]

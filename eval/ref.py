@@ -50,8 +50,11 @@ def provenance_of(spec: str, source, ex, store: int = 0) -> dict:
 
 
 def _is_reference(path: Path) -> bool:
-    """Whether an existing -o file is a reference eval.ref may rebuild: an npz holding `mu` (a samples npz, a results
-    file or anything else is the user's, never overwritten)."""
+    """Whether an existing -o file is a reference eval.ref may rebuild: an npz holding `mu`, or an empty file (what an
+    interrupted copy leaves: nothing to lose); a samples npz, a results file or anything else is the user's, never
+    overwritten."""
+    if path.stat().st_size == 0:
+        return True
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                             resize=args.resize).values()
     if min(args.max_samples or source.num_samples, args.store_features) < source.num_samples:
         source = RandomOrder(source, seed=0)  # a subset is kept: make it a random one, not the first classes
-    source = source.limit(args.max_samples)
+    source = source.limit(args.max_samples, "--max-samples")
     provenance = provenance_of(spec, source, ex, args.store_features)
     out = Path(args.out)
     if out.exists():

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if total > MAX_SAMPLES:
         raise UserError(f"--repeat {args.repeat} x --num-samples {args.num_samples or DEFAULT_SAMPLES} is {total:,} "
                         f"samples, more than {MAX_SAMPLES:,}: lower --repeat or --num-samples")
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed {args.seed} is negative: seeds are integers >= 0")
     last = (args.seed or 0) + total - 1
     if args.ckpt and last > 2**63 - 1:  # seeds are int64
         raise UserError(f"--seed {args.seed} with --repeat {args.repeat} x --num-samples reaches seed {last}, beyond "

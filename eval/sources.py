@@ -87,12 +87,12 @@ class Source:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def limit(self, num_samples: int | None) -> Source:
-        """Use only the first `num_samples` samples (None = all)."""
+    def limit(self, num_samples: int | None, option: str = "--num-samples") -> Source:
+        """Use only the first `num_samples` samples (None = all); `option` names what set the count in messages."""
         if num_samples is not None:
             if num_samples > self.num_samples:
                 raise UserError(f"{self.name} holds {self.num_samples} images, fewer than the {num_samples} "
-                                "asked for: lower --num-samples/--max-samples or add images")
+                                f"asked for: lower {option} or add images")
             self.num_samples = num_samples
         return self
 

@@ -304,7 +304,8 @@ def _quality_notes(table: Table, ours: list[dict], pub: list[dict], q: _Quality,
         train = sorted({r.get("reference") for r in fdr if r.get("reference")})
         val = sorted({v for r in fdr for v in ((r.get("extra") or {}).get("val_reference") or {}).values()})
         notes.append("FDr_k: FD(model, training set) / FD(validation set, training set), averaged over k feature "
-                     "spaces (arXiv 2604.28190); the validation line scores 1; below 1, a model is closer to the "
+                     f"spaces (arXiv 2604.28190); {'the validation line' if any(r['model'] in q.val_names for r in ours) else 'the validation set'} "
+                     "scores 1; below 1, a model is closer to the "
                      f"training images than unseen real images are; training statistics {', '.join(train)}, "
                      f"validation statistics {', '.join(val)}")
     notes.append("protocol of our rows (the value most rows record, per resolution where it varies): "

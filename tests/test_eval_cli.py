@@ -272,6 +272,9 @@ def test_ref_fresh_stale_force(ref, weights_dir, tmp_path, capsys):
     assert run_cli(ref_main, [argv[0], "-o", str(samples), *argv[3:], "--force"]) == 2
     _one_error_line(capsys, "is not a reference")
     assert samples.read_bytes() == before
+    empty = tmp_path / "empty.npz"  # what an interrupted copy leaves: the advice "rebuild it with --force" works
+    empty.write_bytes(b"")
+    assert run_cli(ref_main, [argv[0], "-o", str(empty), *argv[3:], "--force"]) == 0 and load_reference(empty).n == 200
 
 
 def test_folder_matches_tensor_pixels(tmp_path):

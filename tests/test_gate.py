@@ -67,6 +67,20 @@ def test_missing_row(files, capsys):
     assert run_cli(main, args + ["--allow-missing"]) == 0
 
 
+def test_appended_runs_are_noted_and_rows_told_apart(files, capsys):
+    """A file holding two runs of one setting is gated on the last, and says so; rows that differ only in `extra`
+    (a --repeat range, the selection) show a setting column."""
+    base, new = files
+    append_rows(new, _rows(99.0, 50.0) + _rows(10.0, 50.0))
+    assert run_cli(main, ["--results", str(new), "--baseline", str(base)]) == 0
+    assert "note: --results holds 3 row(s) measured again by a later row" in capsys.readouterr().err
+    rep = [dict(r, extra=dict(r["extra"], repeat=k)) for k in (0, 1) for r in _rows(10.0, 50.0)]
+    (base.parent / "rep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rep))
+    assert run_cli(main, ["--results", str(base.parent / "rep.jsonl"), "--baseline", str(base.parent / "rep.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "setting" in out.splitlines()[0] and "repeat=0" in out and "repeat=1" in out
+
+
 def test_nan_is_regression(files):
     base, new = files
     append_rows(new, _rows(float("nan"), 50.0))

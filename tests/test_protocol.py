@@ -277,6 +277,8 @@ def test_fdr_refusals(ckpt, refs, domain_weights, tmp_path, capsys):
                           (["--metrics", "fid", "--fdr-extractors", "domain"], "add fdr"),
                           (["--metrics", "fid", "--seed", str(2**63 - 100), "--repeat", "3"], "largest int64 seed"),
                           (["--metrics", "fid", "--repeat", "99999999999"], "lower --repeat or --num-samples"),
+                          (["--metrics", "fid", "--num-samples", "100", "--allow-small", "--seed", "-5"],
+                           "--seed -5 is negative"),  # refused before the small-N warning, not after sampling
                           # the checkpoint's small-N warning is not printed before the sample set's refusal
                           (["--metrics", "fid", "--images", "photos:heldout:8", "--num-samples", "100",
                             "--allow-small", "--repeat", "12"], "that --repeat 12 needs"),
@@ -367,7 +369,7 @@ def test_diff_reads_options_between_the_rows_and_no_reference_of_is(tmp_path, ca
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "empty", "bad_line", "published_unknown", "measure_published",
                                   "measure_without_ref", "measure_aggregate", "two_metrics",
                                   "published_with_rows", "measure_two_resolutions",
-                                  "measure_missing"])
+                                  "measure_missing", "measure_small_set"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
@@ -379,6 +381,11 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     res.write_text("".join(json.dumps(dict(rows[0], resolution=r)) + "\n" for r in (16, 32)))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    small = tmp_path / "small.npz"  # 3 images: not the samples behind rows of N = 500
+    np.savez(small, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    n500 = tmp_path / "n500.jsonl"
+    n500.write_text("".join(json.dumps(dict(rows[0], num_samples=500, extra={"seeds": s, "selection": "single"}))
+                            + "\n" for s in ("0-499", "500-999")))
     kid = tmp_path / "kid.jsonl"
     kid.write_text(json.dumps(dict(rows[0], metric="kid")) + "\n")
     argv, needle = {"missing": ([str(tmp_path / "nope.jsonl"), str(two)], "not a rows file"),
@@ -392,6 +399,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "measure_aggregate": ([f"{two}:2", f"{two}:1", "--measure", "x.npz"], "is a mean-of-3 row"),
                     "two_metrics": ([f"{kid}:1", f"{two}:1"], "compare rows of one metric"),
                     "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B"),
+                    "measure_small_set": ([f"{n500}:1", f"{n500}:2", "--measure", str(small), "--ref", str(ref)],
+                                          "holds 3 images, but A's N and seeds need 500 and B's N and seeds need"),
                     "measure_missing": ([f"{two}:1", f"{two}:1", "--measure", "nope.safetensors", "--ref", str(ref)],
                                         "does not exist"),
                     "measure_two_resolutions": ([f"{res}:1", f"{res}:2", "--measure", "x.npz", "--ref", "r.npz"],
@@ -432,6 +441,20 @@ def test_table_protocol_does_not_depend_on_row_order():
             for m, lab in (("a", "seed"), ("b", "balanced"))]
     assert table_protocol(rows)[16]["labels"] == table_protocol(rows[::-1])[16]["labels"] == "balanced"
     assert table_protocol(rows + rows[:1])[16]["labels"] == "seed"  # the most frequent wins
+
+
+def test_sampler_and_steps_on_a_one_step_generator_are_noted(capsys):
+    """--sampler / --steps do not apply to a one-step G: one cell, and a note (they were dropped silently)."""
+    from types import SimpleNamespace
+
+    from eval.measure import cells_of
+
+    g = SimpleNamespace(sweepable=False, num_classes=0, supports_guidance=False)
+    assert len(cells_of("G.safetensors", g, [None], ["heun"], [4])) == 1
+    assert "note: G.safetensors samples in one network call: --sampler and --steps do not apply" in \
+        capsys.readouterr().err
+    cells_of("G.safetensors", g, [None], [None], [None])
+    assert capsys.readouterr().err == ""
 
 
 def test_trained_on_the_evaluator_is_read_from_the_config():
