@@ -40,7 +40,6 @@ from pagoda.rows import check_row, field_text, protocol, protocol_diff, protocol
 MAKER = {"precision": "pr", "recall": "pr", "density": "dc", "coverage": "dc"}
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Reading the two rows.
 
@@ -133,6 +132,8 @@ def _cell_note(a: dict, b: dict) -> list[str]:
     if None not in (a.get("extractor"), b.get("extractor")) and named(a) != named(b):
         out.append(f"note: the numbers are in different feature spaces (A {named(a)}, B {named(b)}): not on one "
                    "scale, so the gap is not a difference in quality")
+    from reports.protocol import dataset_of
+
     da, db = dataset_of(a), dataset_of(b)
     if None not in (da, db) and da != db:
         out.append(f"note: the rows are of different data sets (A {da}, B {db}): the gap is between two tasks, not "
@@ -161,16 +162,6 @@ def named(row: dict) -> str:
     if label == metric_label(row["metric"], None, NAMES):  # the metric's usual network
         return row["metric"]
     return f"{row['metric']} ({label.removesuffix(' ↓').removesuffix(' ↑')})"
-
-
-def dataset_of(row: dict) -> str | None:
-    """The data set a row was measured on: what a published row states (extra.dataset), ImageNet for a catalog
-    reference (eval.catalog), photos for the bundled set's (photos:SPLIT:RES), else None (a file of its own)."""
-    from eval.catalog import NAMED
-
-    ref = str(row.get("reference") or "")
-    return (row.get("extra") or {}).get("dataset") or ("ImageNet" if ref in NAMED else
-                                                       "photos" if ref.split(":")[0] == "photos" else None)
 
 
 def unknown_fields(row: dict) -> list[str]:

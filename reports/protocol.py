@@ -55,15 +55,16 @@ def metric_label(metric: str, space: str | None, names: dict) -> str:
     return f"{head.removesuffix(arrow)} ({space}){arrow}"
 
 
-def dataset_of(row: dict) -> str:
+def dataset_of(row: dict) -> str | None:
     """The data set a row is measured on: a published row's `extra.dataset`, else its reference's (the first part
-    of a data-set spec such as photos:heldout:16; ImageNet for the catalog's ADM and EDM2 references)."""
+    of a data-set spec such as photos:heldout:16; ImageNet for the catalog's ADM and EDM2 references); None for a
+    reference file of the user's own, whose data set is not known (eval.diff says nothing of it)."""
     if row.get("published"):
         return (row.get("extra") or {}).get("dataset") or "?"
     ref = str(row.get("reference") or "")
     if ref.startswith(("imagenet", "edm2-img")):
         return "ImageNet"
-    return ref.split(":")[0] if ref else "?"
+    return ref.split(":")[0] if ":" in ref else None
 
 
 def table_protocol(rows: list[dict]) -> dict:
