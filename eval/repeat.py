@@ -26,7 +26,7 @@ def repeat_rows(runs: list[list[dict]]) -> list[dict]:
         first, values = group[0], [r["value"] for r in group]
         if len({(r["metric"], r["extractor"]) for r in group}) != 1:
             raise AssertionError("--repeat ranges made different rows")  # score_cell makes one order
-        same, mean, varies = {}, {}, set()
+        same, mean, varies = {}, {}, []  # varies: a list, so the rows' keys keep one order
         for key, v in first["extra"].items():
             if key in ("std", "repeat", "seeds"):
                 continue
@@ -34,7 +34,7 @@ def repeat_rows(runs: list[list[dict]]) -> list[dict]:
             if all(e == v for e in each):
                 same[key] = v
             else:
-                varies.add(key)
+                varies.append(key)
                 avg = _mean_of(each)
                 if avg is not None:
                     mean[key] = avg
