@@ -39,6 +39,14 @@ def _estimators(s: dict):
     return replace(est, **values)
 
 
+def switched(a: dict, b: dict) -> dict[str, dict | None]:
+    """{field: A's setting with that field set to B's value} for each protocol field the rows differ in (None where
+    it cannot be switched on the same samples); the seeds bring B's first seed."""
+    sa, sb = setting_of(a), setting_of(b)
+    return {field: dict(sa, **{field: sb[field]}, start=sb["start"] if field == "seeds" else sa["start"])
+            if field in MEASURABLE else None for field in differing(a, b)[0]}
+
+
 def value_of(s: dict, samples: str, refs: dict, val_refs: list[str], *, weights_dir, batch: int) -> float:
     """The row metric of `samples` measured under setting `s` (setting_of, a field possibly switched)."""
     import torch
@@ -63,13 +71,9 @@ def value_of(s: dict, samples: str, refs: dict, val_refs: list[str], *, weights_
         rows = run(ev, ckpts=[samples], images=[], num_samples=s["num_samples"], seed=s["start"],
                    labels=s.get("labels") or "seed", guidance=[s["guidance"]], samplers=[s["sampler"]],
                    steps=[s["steps"]], dtype=getattr(torch, s.get("dtype") or "float32"))
-    else:
+    else:  # check_measure saw that the set holds what every setting asks of it
         store = open_source(samples)
-        n = s["num_samples"] or store.num_samples
-        if s["start"] + n > store.num_samples:
-            raise UserError(f"--measure {samples} holds {store.num_samples} images, fewer than the {s['start'] + n} "
-                            f"that N = {n} from image {s['start']} needs: give the sample set behind the rows")
-        rows = ev.measure(Window(store, s["start"], n))
+        rows = ev.measure(Window(store, s["start"], s["num_samples"] or store.num_samples))
     return next(r["value"] for r in rows if r["metric"] == s["metric"] and "class" not in r["extra"])
 
 
@@ -108,6 +112,10 @@ def check_measure(a: dict, b: dict, samples: str, ref_files: list[str], *, weigh
             raise UserError(f"--measure {samples} holds {held} images, but "
                             + " and ".join(f"{side}'s N and seeds need {n}" for side, n in short.items())
                             + ": give the sample set behind the rows")
+        for field, s in switched(a, b).items():  # A's first image with B's N, say, may reach further than either
+            if s is not None and s["num_samples"] and s["start"] + s["num_samples"] > held:
+                raise UserError(f"--measure {samples} holds {held} images, but A's protocol with B's {field} needs "
+                                f"{s['start'] + s['num_samples']}: give a sample set that holds them")
     if samples.endswith(".safetensors") and a.get("resolution") is not None:
         from pagoda.checkpoint import read_meta  # the header only
 
@@ -123,20 +131,19 @@ def measure(a: dict, b: dict, samples: str, ref_files: list[str], val_refs: list
     """The --measure table: A re-measured, then each switchable differing field set to B's value."""
     by_name = check_measure(a, b, samples, ref_files, weights_dir=weights_dir)
     diff, _ = differing(a, b)
-    sa, sb = setting_of(a), setting_of(b)
+    sa = setting_of(a)
     base = value_of(sa, samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
     if abs(base - a["value"]) > 1e-6 * max(1.0, abs(a["value"])):
         raise UserError(f"--measure {samples} under A's protocol gives {base:.6g}, but A ({a['where']}) says "
                         f"{a['value']:.6g}: these are not the samples behind A; give the checkpoint or sample set A "
                         "was measured on")
     gap, cells, total = b["value"] - a["value"], [], 0.0
-    for field in diff:
+    for field, setting in switched(a, b).items():
         change = f"{field_value(diff[field][0], field)} -> {field_value(diff[field][1], field)}"
-        if field not in MEASURABLE:
+        if setting is None:
             cells.append(dict(field=field, change=change, effect="not measurable here", share="-"))
             continue
-        value = value_of(dict(sa, **{field: sb[field]}, start=sb["start"] if field == "seeds" else sa["start"]),
-                         samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
+        value = value_of(setting, samples, by_name, val_refs, weights_dir=weights_dir, batch=batch)
         total += value - base
         cells.append(dict(field=field, change=change, effect=f"{value - base:+.6g}", share=_share(value - base, gap)))
     lines = [f"measured on {samples}: A's protocol gives {base:.6g} (the row says {a['value']:.6g})"]

@@ -369,7 +369,7 @@ def test_diff_reads_options_between_the_rows_and_no_reference_of_is(tmp_path, ca
 @pytest.mark.parametrize("case", ["missing", "ambiguous", "empty", "bad_line", "published_unknown", "measure_published",
                                   "measure_without_ref", "measure_aggregate", "two_metrics",
                                   "published_with_rows", "measure_two_resolutions",
-                                  "measure_missing", "measure_small_set"])
+                                  "measure_missing", "measure_small_set", "measure_combined"])
 def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     rows = [{"model": m, "metric": "fid", "value": v, "reference": "photos:train:8", "extra": {"selection": sel}}
             for m, v, sel in (("a", 1.0, "single"), ("b", 2.0, "mean-of-3"))]
@@ -383,6 +383,11 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
     empty.write_text("")
     small = tmp_path / "small.npz"  # 3 images: not the samples behind rows of N = 500
     np.savez(small, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
+    mid = tmp_path / "mid.npz"  # A (images 500-999) and B (0-999) fit, A's first image with B's N does not
+    np.savez(mid, arr_0=np.zeros((1200, 8, 8, 3), np.uint8))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(dict(rows[0], num_samples=n, extra={"seeds": s, "selection": "single"}))
+                             + "\n" for n, s in ((500, "500-999"), (1000, "0-999"))))
     n500 = tmp_path / "n500.jsonl"
     n500.write_text("".join(json.dumps(dict(rows[0], num_samples=500, extra={"seeds": s, "selection": "single"}))
                             + "\n" for s in ("0-499", "500-999")))
@@ -401,6 +406,8 @@ def test_diff_bad_input_is_one_line(case, tmp_path, capsys):
                     "published_with_rows": (["--published", f"{two}:1", f"{two}:2"], "drop A B"),
                     "measure_small_set": ([f"{n500}:1", f"{n500}:2", "--measure", str(small), "--ref", str(ref)],
                                           "holds 3 images, but A's N and seeds need 500 and B's N and seeds need"),
+                    "measure_combined": ([f"{mixed}:1", f"{mixed}:2", "--measure", str(mid), "--ref", str(ref)],
+                                         "holds 1200 images, but A's protocol with B's num_samples needs 1500"),
                     "measure_missing": ([f"{two}:1", f"{two}:1", "--measure", "nope.safetensors", "--ref", str(ref)],
                                         "does not exist"),
                     "measure_two_resolutions": ([f"{res}:1", f"{res}:2", "--measure", "x.npz", "--ref", "r.npz"],
